@@ -1,0 +1,322 @@
+//! Streamable HTTP backends: POST per message (JSON or SSE answers), the standalone GET
+//! stream, `Mcp-Session-Id`, `MCP-Protocol-Version`, `retry` + `Last-Event-ID` resumption,
+//! and re-initialization when the server forgets our session (404).
+
+use super::Backend;
+use crate::session::ReqCtx;
+use eventsource_stream::Eventsource;
+use futures::StreamExt;
+use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio_util::sync::CancellationToken;
+
+const SESSION: &str = "mcp-session-id";
+const VERSION: &str = "mcp-protocol-version";
+/// Reconnections of one interrupted response stream before its request fails.
+const MAX_RESUMES: usize = 10;
+
+/// A Streamable HTTP connection.
+pub struct Http {
+    client: reqwest::Client,
+    url: String,
+    headers: HeaderMap,
+    session: Mutex<Option<String>>,
+    /// Bumped whenever the session id changes, so one 404 triggers one re-initialization.
+    generation: AtomicU64,
+    /// Never fires on its own: HTTP has no connection to lose; set on shutdown.
+    pub closed: CancellationToken,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// The HTTP client every remote backend uses: `TCP_NODELAY`, pooled connections.
+pub fn client(timeout: Duration) -> Result<reqwest::Client, String> {
+    reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .connect_timeout(timeout.min(Duration::from_secs(30)))
+        .pool_max_idle_per_host(256)
+        .build()
+        .map_err(|e| format!("cannot build the HTTP client: {e}"))
+}
+
+/// Configured headers, validated (values are never logged).
+pub fn header_map(headers: &BTreeMap<String, String>) -> Result<HeaderMap, String> {
+    let mut map = HeaderMap::new();
+    for (k, v) in headers {
+        let name = HeaderName::from_bytes(k.as_bytes())
+            .map_err(|_| format!("header name `{k}` is not valid"))?;
+        let value = HeaderValue::from_str(v)
+            .map_err(|_| format!("the value of header `{k}` is not a valid header value"))?;
+        map.insert(name, value);
+    }
+    Ok(map)
+}
+
+impl Http {
+    pub fn new(
+        url: &str,
+        headers: &BTreeMap<String, String>,
+        timeout: Duration,
+    ) -> Result<Arc<Http>, String> {
+        Ok(Arc::new(Http {
+            client: client(timeout)?,
+            url: url.to_owned(),
+            headers: header_map(headers)?,
+            session: Mutex::new(None),
+            generation: AtomicU64::new(0),
+            closed: CancellationToken::new(),
+        }))
+    }
+
+    fn request(&self, b: &Backend, method: reqwest::Method) -> (reqwest::RequestBuilder, u64) {
+        let mut r = self
+            .client
+            .request(method, &self.url)
+            .headers(self.headers.clone());
+        let generation = self.generation.load(Ordering::Acquire);
+        if let Some(s) = lock(&self.session).as_deref() {
+            r = r.header(SESSION, s);
+        }
+        let version = b.info().protocol_version;
+        if !version.is_empty() {
+            r = r.header(VERSION, version);
+        }
+        (r, generation)
+    }
+
+    /// Sends one message. Notifications and responses are awaited (they are quick and their
+    /// order matters); requests are answered in the background.
+    pub async fn send(
+        self: &Arc<Self>,
+        b: &Arc<Backend>,
+        msg: String,
+        related: Option<ReqCtx>,
+        expect: Option<u64>,
+    ) -> Result<(), String> {
+        if expect.is_none() {
+            return self.post(b, msg, related, None).await;
+        }
+        let me = self.clone();
+        let b = b.clone();
+        tokio::spawn(async move {
+            if let (Err(e), Some(id)) = (me.post(&b, msg, related, expect).await, expect) {
+                b.fail(id, e);
+            }
+        });
+        Ok(())
+    }
+
+    async fn post(
+        self: &Arc<Self>,
+        b: &Arc<Backend>,
+        msg: String,
+        related: Option<ReqCtx>,
+        expect: Option<u64>,
+    ) -> Result<(), String> {
+        let is_initialize = msg.contains("\"method\":\"initialize\"") && expect.is_some();
+        for attempt in 0..2 {
+            let (req, generation) = self.request(b, reqwest::Method::POST);
+            let had_session = lock(&self.session).is_some() && !is_initialize;
+            let req = if is_initialize {
+                // A new handshake starts a new session.
+                self.client.post(&self.url).headers(self.headers.clone())
+            } else {
+                req
+            };
+            let resp = req
+                .header(ACCEPT, "application/json, text/event-stream")
+                .header(CONTENT_TYPE, "application/json")
+                .body(msg.clone())
+                .send()
+                .await
+                .map_err(|e| format!("cannot reach {}: {}", self.url, without_url(&e)))?;
+            let status = resp.status();
+            if let Some(sid) = resp.headers().get(SESSION).and_then(|v| v.to_str().ok()) {
+                let mut s = lock(&self.session);
+                if s.as_deref() != Some(sid) {
+                    *s = Some(sid.to_owned());
+                    self.generation.fetch_add(1, Ordering::AcqRel);
+                }
+            }
+            if status == reqwest::StatusCode::NOT_FOUND && had_session && attempt == 0 {
+                // The server forgot our session: re-initialize once, then resend.
+                if self.generation.load(Ordering::Acquire) == generation {
+                    lock(&self.session).take();
+                    self.generation.fetch_add(1, Ordering::AcqRel);
+                    b.reinitialize().await?;
+                }
+                continue;
+            }
+            if status == reqwest::StatusCode::ACCEPTED || status == reqwest::StatusCode::NO_CONTENT
+            {
+                return Ok(());
+            }
+            if status == reqwest::StatusCode::UNAUTHORIZED
+                || status == reqwest::StatusCode::FORBIDDEN
+            {
+                return Err(format!(
+                    "the server answered HTTP {status}: check the credentials in its `headers`"
+                ));
+            }
+            if !status.is_success() {
+                let body = resp.text().await.unwrap_or_default();
+                let snippet: String = body.chars().take(200).collect();
+                return Err(format!("the server answered HTTP {status}: {snippet}"));
+            }
+            let ctype = resp
+                .headers()
+                .get(CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .unwrap_or("")
+                .to_ascii_lowercase();
+            if ctype.starts_with("text/event-stream") {
+                return self.read_stream(b, resp, related, expect).await;
+            }
+            let bytes = resp
+                .bytes()
+                .await
+                .map_err(|e| format!("reading the answer failed: {}", without_url(&e)))?;
+            if !bytes.iter().all(u8::is_ascii_whitespace) {
+                b.on_message(&bytes, related.as_ref());
+            }
+            return Ok(());
+        }
+        Err("the server kept answering 404 after re-initialization".to_owned())
+    }
+
+    /// Reads an SSE response; if it ends before our request's answer, resumes with GET +
+    /// `Last-Event-ID` after the server's `retry` delay.
+    async fn read_stream(
+        self: &Arc<Self>,
+        b: &Arc<Backend>,
+        resp: reqwest::Response,
+        related: Option<ReqCtx>,
+        expect: Option<u64>,
+    ) -> Result<(), String> {
+        let mut last_id: Option<String> = None;
+        let mut retry = Duration::from_millis(1000);
+        let mut resp = resp;
+        for _ in 0..=MAX_RESUMES {
+            let mut events = resp.bytes_stream().eventsource();
+            while let Some(ev) = events.next().await {
+                let Ok(ev) = ev else { break };
+                if !ev.id.is_empty() {
+                    last_id = Some(ev.id.clone());
+                }
+                if let Some(r) = ev.retry {
+                    retry = r;
+                }
+                if !ev.data.trim().is_empty() && (ev.event.is_empty() || ev.event == "message") {
+                    b.on_message(ev.data.as_bytes(), related.as_ref());
+                }
+            }
+            let waiting = expect.is_some_and(|id| b.is_pending(id));
+            let Some(from) = last_id.clone().filter(|_| waiting) else {
+                return Ok(());
+            };
+            tokio::time::sleep(retry).await;
+            let (req, _) = self.request(b, reqwest::Method::GET);
+            resp = req
+                .header(ACCEPT, "text/event-stream")
+                .header("last-event-id", from)
+                .send()
+                .await
+                .map_err(|e| format!("resuming the stream failed: {}", without_url(&e)))?;
+            if !resp.status().is_success() {
+                return Err(format!("resuming the stream got HTTP {}", resp.status()));
+            }
+        }
+        Err("the answer stream broke too many times".to_owned())
+    }
+
+    /// Keeps the standalone GET stream open for server-initiated messages.
+    pub fn listen(self: Arc<Self>, b: Arc<Backend>) {
+        tokio::spawn(async move {
+            let mut last_id: Option<String> = None;
+            let mut delay = Duration::from_millis(500);
+            while !self.closed.is_cancelled() && b.state() != super::State::Stopped {
+                let (mut req, _) = self.request(&b, reqwest::Method::GET);
+                req = req.header(ACCEPT, "text/event-stream");
+                if let Some(id) = &last_id {
+                    req = req.header("last-event-id", id);
+                }
+                let resp = tokio::select! {
+                    r = req.send() => r,
+                    () = self.closed.cancelled() => return,
+                };
+                match resp {
+                    Ok(r) if r.status().is_success() => {
+                        delay = Duration::from_millis(500);
+                        let mut events = r.bytes_stream().eventsource();
+                        loop {
+                            let ev = tokio::select! {
+                                e = events.next() => e,
+                                () = self.closed.cancelled() => return,
+                            };
+                            let Some(Ok(ev)) = ev else { break };
+                            if !ev.id.is_empty() {
+                                last_id = Some(ev.id.clone());
+                            }
+                            if let Some(r) = ev.retry {
+                                delay = r;
+                            }
+                            if !ev.data.trim().is_empty()
+                                && (ev.event.is_empty() || ev.event == "message")
+                            {
+                                b.on_message(ev.data.as_bytes(), None);
+                            }
+                        }
+                    }
+                    // No standalone stream offered (405) or not this session: stop asking.
+                    Ok(r) if r.status() == reqwest::StatusCode::METHOD_NOT_ALLOWED => return,
+                    Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => {
+                        last_id = None;
+                        delay = (delay * 2).min(Duration::from_secs(30));
+                    }
+                    _ => delay = (delay * 2).min(Duration::from_secs(30)),
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {},
+                    () = self.closed.cancelled() => return,
+                }
+            }
+        });
+    }
+
+    /// Ends the session politely (DELETE) and stops the GET stream.
+    pub async fn shutdown(&self) {
+        self.closed.cancel();
+        let sid = lock(&self.session).take();
+        if let Some(sid) = sid {
+            let _ = tokio::time::timeout(
+                Duration::from_secs(2),
+                self.client
+                    .delete(&self.url)
+                    .headers(self.headers.clone())
+                    .header(SESSION, sid)
+                    .send(),
+            )
+            .await;
+        }
+    }
+}
+
+/// A reqwest error without the URL's query (which may hold credentials).
+pub fn without_url(e: &reqwest::Error) -> String {
+    let mut s = e.to_string();
+    if let Some(u) = e.url() {
+        s = s.replace(u.as_str(), "the server");
+    }
+    let mut src = std::error::Error::source(e);
+    while let Some(inner) = src {
+        s.push_str(": ");
+        s.push_str(&inner.to_string());
+        src = inner.source();
+    }
+    s
+}

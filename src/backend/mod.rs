@@ -1,0 +1,882 @@
+//! Backends: one MCP server each, reached over a transport (stdio child, Streamable HTTP,
+//! legacy HTTP+SSE), with the relay acting as a full MCP client toward it.
+//!
+//! A [`Backend`] owns its connection, the table of requests in flight on it (relay-side ids,
+//! progress tokens, the client context each belongs to), its capabilities and its lists. It
+//! restarts its connection with backoff when it drops. It never decides what a client sees:
+//! list changes go to the [`Hub`] (the relay), which rebuilds the catalog.
+
+pub mod http;
+pub mod sse;
+pub mod stdio;
+
+use crate::catalog::{self, Lists};
+use crate::config::{ServerConfig, TransportConfig};
+use crate::protocol::{self, Kind, Message, RawMap, method};
+use crate::session::ReqCtx;
+use serde_json::value::RawValue;
+use std::collections::{HashMap, VecDeque};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::time::{Duration, Instant};
+use tokio::sync::{oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+/// What the relay offers backends to call back into.
+pub trait Hub: Send + Sync + 'static {
+    /// A backend's lists changed (or it came up or went down).
+    fn lists_changed(&self, server: &str);
+    /// `notifications/resources/updated` for a URI; `msg` is the serialized notification.
+    fn resource_updated(&self, server: &str, uri: &str, msg: String);
+    /// A notification with no session to attribute it to: every session gets it.
+    fn broadcast(&self, server: &str, msg: String);
+    /// The only live session, when there is exactly one (stdio front).
+    fn sole_session(&self) -> Option<ReqCtx>;
+}
+
+/// Settings every backend shares.
+#[derive(Debug, Clone)]
+pub struct Settings {
+    pub request_timeout: Duration,
+    pub max_message_bytes: usize,
+}
+
+/// A backend's visible state.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum State {
+    Starting,
+    Ready,
+    /// The connection dropped; another attempt follows.
+    Restarting {
+        attempt: u32,
+        last_error: String,
+    },
+    /// Gave up (restart limit); holds the last error.
+    Failed(String),
+    Stopped,
+}
+
+impl State {
+    pub fn label(&self) -> &'static str {
+        match self {
+            State::Starting => "starting",
+            State::Ready => "ready",
+            State::Restarting { .. } => "restarting",
+            State::Failed(_) => "failed",
+            State::Stopped => "stopped",
+        }
+    }
+}
+
+/// Why a request to a backend failed; messages name the server and what to do.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("server `{server}` is not available ({state}): {reason}")]
+    Unavailable {
+        server: String,
+        state: &'static str,
+        reason: String,
+    },
+    #[error(
+        "server `{server}` did not answer `{method}` within {ms} ms; the request was cancelled"
+    )]
+    Timeout {
+        server: String,
+        method: String,
+        ms: u128,
+    },
+    #[error("server `{server}` stopped while handling `{method}`: {reason}")]
+    Lost {
+        server: String,
+        method: String,
+        reason: String,
+    },
+    #[error("the request was cancelled by the client")]
+    Cancelled,
+}
+
+/// What `initialize` told us about the server.
+#[derive(Debug, Clone, Default)]
+pub struct Info {
+    pub protocol_version: String,
+    pub capabilities: Option<Box<RawValue>>,
+    pub server_info: Option<Box<RawValue>>,
+    pub instructions: Option<String>,
+}
+
+impl Info {
+    pub fn has(&self, capability: &str) -> bool {
+        self.capabilities
+            .as_deref()
+            .and_then(|c| RawMap::parse(c.get()).ok())
+            .is_some_and(|m| m.get(capability).is_some_and(|v| v.get() != "null"))
+    }
+}
+
+type Reply = Result<Message, String>;
+
+struct Pending {
+    tx: oneshot::Sender<Reply>,
+    ctx: Option<ReqCtx>,
+    /// The client's own progress token, restored on the way back.
+    progress: Option<Box<RawValue>>,
+}
+
+/// A live connection, one variant per transport.
+#[derive(Clone)]
+pub(crate) enum Conn {
+    Stdio(Arc<stdio::Stdio>),
+    Http(Arc<http::Http>),
+    Sse(Arc<sse::Sse>),
+}
+
+impl Conn {
+    async fn send(
+        &self,
+        b: &Arc<Backend>,
+        msg: String,
+        related: Option<ReqCtx>,
+        expect: Option<u64>,
+    ) -> Result<(), String> {
+        match self {
+            Conn::Stdio(s) => s.send(msg),
+            Conn::Http(h) => h.send(b, msg, related, expect).await,
+            Conn::Sse(s) => s.send(msg).await,
+        }
+    }
+
+    fn closed(&self) -> CancellationToken {
+        match self {
+            Conn::Stdio(s) => s.closed.clone(),
+            Conn::Http(h) => h.closed.clone(),
+            Conn::Sse(s) => s.closed.clone(),
+        }
+    }
+
+    async fn shutdown(&self) {
+        match self {
+            Conn::Stdio(s) => s.shutdown(Duration::from_secs(2)).await,
+            Conn::Http(h) => h.shutdown().await,
+            Conn::Sse(s) => s.closed.cancel(),
+        }
+    }
+}
+
+/// Restart policy: at most this many starts within the window, then `failed`.
+const START_LIMIT_BURST: usize = 5;
+const START_LIMIT_WINDOW: Duration = Duration::from_secs(60);
+
+/// One backend server.
+pub struct Backend {
+    pub name: String,
+    pub config: ServerConfig,
+    settings: Settings,
+    hub: Arc<dyn Hub>,
+    state: watch::Sender<State>,
+    conn: RwLock<Option<Conn>>,
+    pending: Mutex<HashMap<u64, Pending>>,
+    next_id: AtomicU64,
+    lists: RwLock<Lists>,
+    info: RwLock<Info>,
+    /// Client capabilities the relay declares toward this backend.
+    client_capabilities: RwLock<String>,
+    stop: CancellationToken,
+    reinit: tokio::sync::Mutex<()>,
+    restarts: AtomicU64,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+/// Client capabilities the relay can route, declared to backends.
+pub const RELAY_CLIENT_CAPABILITIES: &str =
+    r#"{"roots":{"listChanged":true},"sampling":{},"elicitation":{"form":{},"url":{}}}"#;
+
+impl Backend {
+    /// Creates the backend and starts connecting in the background.
+    pub fn start(config: ServerConfig, settings: Settings, hub: Arc<dyn Hub>) -> Arc<Backend> {
+        let b = Arc::new(Backend {
+            name: config.name.clone(),
+            config,
+            settings,
+            hub,
+            state: watch::Sender::new(State::Starting),
+            conn: RwLock::new(None),
+            pending: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(1),
+            lists: RwLock::new(Lists::default()),
+            info: RwLock::new(Info::default()),
+            client_capabilities: RwLock::new(RELAY_CLIENT_CAPABILITIES.to_owned()),
+            stop: CancellationToken::new(),
+            reinit: tokio::sync::Mutex::new(()),
+            restarts: AtomicU64::new(0),
+        });
+        tokio::spawn(b.clone().supervise());
+        b
+    }
+
+    pub fn state(&self) -> State {
+        self.state.borrow().clone()
+    }
+
+    pub fn info(&self) -> Info {
+        read(&self.info).clone()
+    }
+
+    pub fn lists(&self) -> Lists {
+        read(&self.lists).clone()
+    }
+
+    pub fn restarts(&self) -> u64 {
+        self.restarts.load(Ordering::Relaxed)
+    }
+
+    pub(crate) fn settings(&self) -> &Settings {
+        &self.settings
+    }
+
+    /// Waits until the backend is past `starting`, or `deadline` passes.
+    pub async fn settled(&self, deadline: tokio::time::Instant) {
+        let mut rx = self.state.subscribe();
+        let _ = tokio::time::timeout_at(deadline, rx.wait_for(|s| *s != State::Starting)).await;
+    }
+
+    /// Stops the backend: its connection closes and its children exit.
+    pub async fn stop(&self) {
+        self.stop.cancel();
+        let conn = write(&self.conn).take();
+        if let Some(c) = conn {
+            c.shutdown().await;
+        }
+        self.fail_all("the relay is stopping this server");
+        self.state.send_replace(State::Stopped);
+    }
+
+    async fn supervise(self: Arc<Self>) {
+        let mut starts: VecDeque<Instant> = VecDeque::new();
+        let mut backoff = Duration::from_millis(250);
+        loop {
+            starts.push_back(Instant::now());
+            while starts.len() > START_LIMIT_BURST {
+                starts.pop_front();
+            }
+            let outcome = tokio::select! {
+                r = self.connect() => r,
+                () = self.stop.cancelled() => return,
+            };
+            let reason = match outcome {
+                Ok(conn) => {
+                    backoff = Duration::from_millis(250);
+                    self.state.send_replace(State::Ready);
+                    tracing::info!(server = %self.name, "Backend ready.");
+                    self.hub.lists_changed(&self.name);
+                    let closed = conn.closed();
+                    tokio::select! {
+                        () = closed.cancelled() => {},
+                        () = self.stop.cancelled() => return,
+                    }
+                    let reason = match &conn {
+                        Conn::Stdio(s) => s.exit_reason(),
+                        Conn::Sse(_) => "the SSE connection closed".to_owned(),
+                        Conn::Http(_) => "the connection closed".to_owned(),
+                    };
+                    write(&self.conn).take();
+                    self.fail_all(&reason);
+                    *write(&self.lists) = Lists::default();
+                    self.hub.lists_changed(&self.name);
+                    reason
+                }
+                Err(reason) => {
+                    let conn = write(&self.conn).take();
+                    if let Some(c) = conn {
+                        c.shutdown().await;
+                    }
+                    self.fail_all(&reason);
+                    reason
+                }
+            };
+            if self.stop.is_cancelled() {
+                return;
+            }
+            let burst = starts.len() >= START_LIMIT_BURST
+                && starts
+                    .front()
+                    .is_some_and(|t| t.elapsed() < START_LIMIT_WINDOW);
+            if burst {
+                tracing::error!(server = %self.name, error = %reason, "Backend failed too often; giving up until reload.");
+                self.state.send_replace(State::Failed(reason));
+                return;
+            }
+            let attempt = self.restarts.fetch_add(1, Ordering::Relaxed) + 1;
+            tracing::warn!(server = %self.name, error = %reason, attempt, "Backend down; restarting.");
+            self.state.send_replace(State::Restarting {
+                attempt: u32::try_from(attempt).unwrap_or(u32::MAX),
+                last_error: reason,
+            });
+            let jitter = Duration::from_millis(rand::random::<u64>() % 100);
+            tokio::select! {
+                () = tokio::time::sleep(backoff + jitter) => {},
+                () = self.stop.cancelled() => return,
+            }
+            backoff = (backoff * 2).min(Duration::from_secs(30));
+        }
+    }
+
+    /// Opens the transport, runs the handshake and fetches the lists.
+    async fn connect(self: &Arc<Self>) -> Result<Conn, String> {
+        let conn = match &self.config.transport {
+            TransportConfig::Stdio {
+                command,
+                args,
+                env,
+                cwd,
+            } => Conn::Stdio(stdio::Stdio::spawn(
+                self,
+                command,
+                args,
+                env,
+                cwd.as_deref(),
+            )?),
+            TransportConfig::Http { url, headers } => Conn::Http(http::Http::new(
+                url,
+                headers,
+                self.settings.request_timeout,
+            )?),
+            TransportConfig::Sse { url, headers } => {
+                Conn::Sse(sse::Sse::connect(self, url, headers).await?)
+            }
+        };
+        *write(&self.conn) = Some(conn.clone());
+        self.handshake().await?;
+        if let Conn::Http(h) = &conn {
+            h.clone().listen(self.clone());
+        }
+        self.refresh_lists().await;
+        Ok(conn)
+    }
+
+    /// `initialize` + `notifications/initialized`.
+    pub(crate) async fn handshake(self: &Arc<Self>) -> Result<(), String> {
+        let params = format!(
+            r#"{{"protocolVersion":"{}","capabilities":{},"clientInfo":{{"name":"mcp-relay","version":"{}"}}}}"#,
+            protocol::LATEST_LEGACY,
+            read(&self.client_capabilities),
+            env!("CARGO_PKG_VERSION")
+        );
+        let reply = self
+            .internal(
+                method::INITIALIZE,
+                Some(RawMap::parse(&params).map_err(|e| e.to_string())?),
+            )
+            .await?;
+        let result =
+            RawMap::parse(reply.get()).map_err(|e| format!("bad initialize result: {e}"))?;
+        let version = result.get_str("protocolVersion").unwrap_or_default();
+        if !protocol::is_supported_version(&version) {
+            return Err(format!(
+                "the server answered initialize with protocol version `{version}`, which the relay does not speak"
+            ));
+        }
+        *write(&self.info) = Info {
+            protocol_version: version,
+            capabilities: result.get("capabilities").map(|c| protocol::raw(c.get())),
+            server_info: result.get("serverInfo").map(|c| protocol::raw(c.get())),
+            instructions: result.get_str("instructions"),
+        };
+        self.send_raw(
+            protocol::notification(method::INITIALIZED, None),
+            None,
+            None,
+        )
+        .await?;
+        Ok(())
+    }
+
+    /// Re-runs the handshake after the server forgot our session (HTTP 404).
+    /// Boxed: the handshake sends through the same transport that calls this.
+    pub(crate) fn reinitialize(
+        self: &Arc<Self>,
+    ) -> futures::future::BoxFuture<'static, Result<(), String>> {
+        let me = self.clone();
+        Box::pin(async move {
+            let _g = me.reinit.lock().await;
+            tracing::info!(server = %me.name, "Backend session expired; re-initializing.");
+            me.handshake().await
+        })
+    }
+
+    /// Re-reads every list the server offers and tells the hub.
+    pub async fn refresh_lists(self: &Arc<Self>) {
+        let info = self.info();
+        let mut lists = Lists::default();
+        if info.has("tools") {
+            lists.tools = self.list_all(method::TOOLS_LIST, "tools", "name").await;
+        }
+        if info.has("prompts") {
+            lists.prompts = self.list_all(method::PROMPTS_LIST, "prompts", "name").await;
+        }
+        if info.has("resources") {
+            lists.resources = self
+                .list_all(method::RESOURCES_LIST, "resources", "uri")
+                .await;
+            lists.templates = self
+                .list_all(
+                    method::RESOURCES_TEMPLATES_LIST,
+                    "resourceTemplates",
+                    "uriTemplate",
+                )
+                .await;
+        }
+        *write(&self.lists) = lists;
+    }
+
+    async fn refresh_one(self: &Arc<Self>, which: &str) {
+        let items = match which {
+            method::TOOLS_CHANGED => self.list_all(method::TOOLS_LIST, "tools", "name").await,
+            method::PROMPTS_CHANGED => self.list_all(method::PROMPTS_LIST, "prompts", "name").await,
+            _ => {
+                self.list_all(method::RESOURCES_LIST, "resources", "uri")
+                    .await
+            }
+        };
+        let templates = if which == method::RESOURCES_CHANGED {
+            Some(
+                self.list_all(
+                    method::RESOURCES_TEMPLATES_LIST,
+                    "resourceTemplates",
+                    "uriTemplate",
+                )
+                .await,
+            )
+        } else {
+            None
+        };
+        {
+            let mut l = write(&self.lists);
+            match which {
+                method::TOOLS_CHANGED => l.tools = items,
+                method::PROMPTS_CHANGED => l.prompts = items,
+                _ => {
+                    l.resources = items;
+                    if let Some(t) = templates {
+                        l.templates = t;
+                    }
+                }
+            }
+        }
+        self.hub.lists_changed(&self.name);
+    }
+
+    /// Fetches a whole list, following `nextCursor` (bounded).
+    async fn list_all(self: &Arc<Self>, m: &str, field: &str, key: &str) -> Vec<catalog::Item> {
+        let mut out = Vec::new();
+        let mut cursor: Option<String> = None;
+        for _ in 0..10_000 {
+            let params = cursor.as_ref().map(|c| {
+                let mut p = RawMap::default();
+                p.set_str("cursor", c);
+                p
+            });
+            let reply = match self.internal(m, params).await {
+                Ok(r) => r,
+                Err(e) => {
+                    tracing::warn!(server = %self.name, method = m, error = %e, "Listing failed.");
+                    break;
+                }
+            };
+            let Ok(map) = RawMap::parse(reply.get()) else {
+                break;
+            };
+            if let Some(list) = map.get(field) {
+                out.extend(catalog::items(list, key));
+            }
+            match map.get_str("nextCursor") {
+                Some(c) if !c.is_empty() => cursor = Some(c),
+                _ => break,
+            }
+        }
+        out
+    }
+
+    /// A request of the relay's own, with the request timeout; returns the raw result.
+    async fn internal(
+        self: &Arc<Self>,
+        m: &str,
+        params: Option<RawMap>,
+    ) -> Result<Box<RawValue>, String> {
+        let (id, rx) = self.dispatch(m, params, None).await?;
+        let reply = match tokio::time::timeout(self.settings.request_timeout, rx).await {
+            Ok(Ok(r)) => r?,
+            Ok(Err(_)) => return Err("the connection closed".to_owned()),
+            Err(_) => {
+                self.abandon(id, "timeout").await;
+                return Err(format!(
+                    "no answer to `{m}` within {} ms",
+                    self.settings.request_timeout.as_millis()
+                ));
+            }
+        };
+        match (reply.result, reply.error) {
+            (Some(r), _) => Ok(r),
+            (None, Some(e)) => Err(format!("`{m}` failed: {}", e.get())),
+            (None, None) => Err(format!("`{m}` got an empty answer")),
+        }
+    }
+
+    /// Sends a request on the current connection; the receiver yields the reply.
+    /// A progress token in `params` is replaced by the relay-side id and restored on the way
+    /// back to `ctx`.
+    async fn dispatch(
+        self: &Arc<Self>,
+        m: &str,
+        params: Option<RawMap>,
+        ctx: Option<ReqCtx>,
+    ) -> Result<(u64, oneshot::Receiver<Reply>), String> {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let mut progress = None;
+        let body = params.map(|mut p| {
+            if let Some(t) = protocol::progress_token(&p) {
+                progress = Some(t);
+                protocol::set_progress_token(&mut p, protocol::raw(&id.to_string()));
+            }
+            p.to_raw()
+        });
+        let (tx, rx) = oneshot::channel();
+        let related = ctx.clone();
+        lock(&self.pending).insert(id, Pending { tx, ctx, progress });
+        let msg = protocol::request(&id.to_string(), m, body.as_deref());
+        if let Err(e) = self.send_raw(msg, related, Some(id)).await {
+            lock(&self.pending).remove(&id);
+            return Err(e);
+        }
+        Ok((id, rx))
+    }
+
+    pub(crate) async fn send_raw(
+        self: &Arc<Self>,
+        msg: String,
+        related: Option<ReqCtx>,
+        expect: Option<u64>,
+    ) -> Result<(), String> {
+        if msg.len() > self.settings.max_message_bytes {
+            return Err(format!(
+                "the message is {} bytes, over maxMessageBytes ({})",
+                msg.len(),
+                self.settings.max_message_bytes
+            ));
+        }
+        let conn = read(&self.conn).clone();
+        match conn {
+            Some(c) => c.send(self, msg, related, expect).await,
+            None => Err("not connected".to_owned()),
+        }
+    }
+
+    fn unavailable(&self, state: &State) -> Error {
+        let reason = match state {
+            State::Restarting {
+                attempt,
+                last_error,
+            } => {
+                format!("{last_error} (restart attempt {attempt} under way; retry shortly)")
+            }
+            State::Failed(e) => format!("{e} (fix the server or its config, then reload)"),
+            State::Stopped => "the server was stopped".to_owned(),
+            State::Starting => "the server is still starting; retry shortly".to_owned(),
+            State::Ready => "not connected".to_owned(),
+        };
+        Error::Unavailable {
+            server: self.name.clone(),
+            state: state.label(),
+            reason,
+        }
+    }
+
+    /// Forwards a client request: waits for readiness (bounded), remaps the progress token,
+    /// and waits for the reply under the request timeout and the client's cancellation.
+    pub async fn call(
+        self: &Arc<Self>,
+        m: &str,
+        params: RawMap,
+        ctx: ReqCtx,
+        cancel: &CancellationToken,
+    ) -> Result<Message, Error> {
+        let deadline = tokio::time::Instant::now() + self.settings.request_timeout;
+        let state = self.state();
+        if state == State::Starting {
+            self.settled(deadline).await;
+        }
+        let state = self.state();
+        if state != State::Ready {
+            return Err(self.unavailable(&state));
+        }
+        let (id, rx) = self
+            .dispatch(m, Some(params), Some(ctx))
+            .await
+            .map_err(|reason| Error::Lost {
+                server: self.name.clone(),
+                method: m.to_owned(),
+                reason,
+            })?;
+        tokio::select! {
+            r = rx => match r {
+                Ok(Ok(msg)) => Ok(msg),
+                Ok(Err(reason)) => Err(Error::Lost { server: self.name.clone(), method: m.to_owned(), reason }),
+                Err(_) => Err(Error::Lost { server: self.name.clone(), method: m.to_owned(), reason: "the connection closed".to_owned() }),
+            },
+            () = tokio::time::sleep_until(deadline) => {
+                self.abandon(id, "request timed out in the relay").await;
+                Err(Error::Timeout { server: self.name.clone(), method: m.to_owned(), ms: self.settings.request_timeout.as_millis() })
+            }
+            () = cancel.cancelled() => {
+                self.abandon(id, "cancelled by the client").await;
+                Err(Error::Cancelled)
+            }
+        }
+    }
+
+    /// Forwards a notification from a client (cancellations excepted).
+    pub async fn notify(self: &Arc<Self>, m: &str, params: Option<&RawValue>) {
+        if self.state() != State::Ready {
+            return;
+        }
+        if let Err(e) = self
+            .send_raw(protocol::notification(m, params), None, None)
+            .await
+        {
+            tracing::debug!(server = %self.name, method = m, error = %e, "Notification not delivered.");
+        }
+    }
+
+    /// Sends a request of the relay's own in the background (e.g. a last unsubscribe).
+    pub fn request_detached(self: &Arc<Self>, m: &str, params: RawMap) {
+        let me = self.clone();
+        let m = m.to_owned();
+        tokio::spawn(async move {
+            if let Err(e) = me.internal(&m, Some(params)).await {
+                tracing::debug!(server = %me.name, method = %m, error = %e, "Background request failed.");
+            }
+        });
+    }
+
+    /// Gives up on a request and tells the server with `notifications/cancelled`.
+    async fn abandon(self: &Arc<Self>, id: u64, reason: &str) {
+        if lock(&self.pending).remove(&id).is_some() {
+            let params = format!(
+                r#"{{"requestId":{id},"reason":{}}}"#,
+                protocol::raw_string(reason).get()
+            );
+            let _ = self
+                .send_raw(
+                    protocol::notification(method::CANCELLED, Some(&protocol::raw(&params))),
+                    None,
+                    None,
+                )
+                .await;
+        }
+    }
+
+    pub(crate) fn is_pending(&self, id: u64) -> bool {
+        lock(&self.pending).contains_key(&id)
+    }
+
+    /// Fails one request (transport error specific to it).
+    pub(crate) fn fail(&self, id: u64, reason: String) {
+        if let Some(p) = lock(&self.pending).remove(&id) {
+            let _ = p.tx.send(Err(reason));
+        }
+    }
+
+    fn fail_all(&self, reason: &str) {
+        let drained: Vec<Pending> = lock(&self.pending).drain().map(|(_, p)| p).collect();
+        for p in drained {
+            let _ = p.tx.send(Err(reason.to_owned()));
+        }
+    }
+
+    /// Entry point for every message the server sends; `related` is the client context of the
+    /// HTTP stream it arrived on, if any.
+    pub(crate) fn on_message(self: &Arc<Self>, bytes: &[u8], related: Option<&ReqCtx>) {
+        let first = bytes.iter().find(|b| !b.is_ascii_whitespace());
+        if first == Some(&b'[') {
+            match serde_json::from_slice::<Vec<Box<RawValue>>>(bytes) {
+                Ok(items) => items
+                    .iter()
+                    .for_each(|i| self.on_message(i.get().as_bytes(), related)),
+                Err(e) => {
+                    tracing::warn!(server = %self.name, error = %e, "Unparsable batch from backend.")
+                }
+            }
+            return;
+        }
+        let msg = match Message::parse(bytes) {
+            Ok(m) => m,
+            Err(e) => {
+                tracing::warn!(server = %self.name, error = %e, "Unparsable message from backend; dropped.");
+                return;
+            }
+        };
+        match msg.kind() {
+            Kind::Response => {
+                let Some(id) = msg.id.as_deref().and_then(|i| i.get().parse::<u64>().ok()) else {
+                    tracing::debug!(server = %self.name, id = msg.id_text(), "Response with an id the relay never sent.");
+                    return;
+                };
+                if let Some(p) = lock(&self.pending).remove(&id) {
+                    let _ = p.tx.send(Ok(msg));
+                }
+            }
+            Kind::Request => self.on_request(msg, related),
+            Kind::Notification => self.on_notification(msg, related),
+        }
+    }
+
+    /// The session a server-initiated message belongs to: the stream it came on, else the
+    /// session of the newest request in flight, else the only session.
+    fn attribute(&self, related: Option<&ReqCtx>, newest_ok: bool) -> Option<ReqCtx> {
+        if let Some(r) = related {
+            return Some(r.clone());
+        }
+        {
+            let pending = lock(&self.pending);
+            let mut with_ctx = pending
+                .iter()
+                .filter_map(|(id, p)| p.ctx.as_ref().map(|c| (*id, c)));
+            if let Some(first) = with_ctx.next() {
+                let mut newest = first;
+                let mut one_session = true;
+                for (id, c) in with_ctx {
+                    if !Arc::ptr_eq(&c.session, &newest.1.session) {
+                        one_session = false;
+                    }
+                    if id > newest.0 {
+                        newest = (id, c);
+                    }
+                }
+                if one_session || newest_ok {
+                    return Some(newest.1.clone());
+                }
+                return None;
+            }
+        }
+        self.hub.sole_session()
+    }
+
+    fn on_request(self: &Arc<Self>, msg: Message, related: Option<&ReqCtx>) {
+        let id = msg.id_text().to_owned();
+        if msg.method() == method::PING {
+            let me = self.clone();
+            tokio::spawn(async move {
+                let _ = me
+                    .send_raw(protocol::response(&id, &protocol::raw("{}")), None, None)
+                    .await;
+            });
+            return;
+        }
+        let target = self.attribute(related, true);
+        let me = self.clone();
+        let timeout = self.settings.request_timeout;
+        tokio::spawn(async move {
+            let m = msg.method().to_owned();
+            let reply = match target {
+                None => protocol::error_response(
+                    &id,
+                    protocol::code::INTERNAL_ERROR,
+                    &format!("mcp-relay has no client session to forward `{m}` to"),
+                    None,
+                ),
+                Some(ctx) => match ctx
+                    .session
+                    .request(&ctx.stream, &m, msg.params.as_deref(), timeout)
+                    .await
+                {
+                    Ok(answer) => match (answer.result, answer.error) {
+                        (Some(r), _) => protocol::response(&id, &r),
+                        (None, Some(e)) => protocol::error_response_raw(&id, &e),
+                        (None, None) => protocol::response(&id, &protocol::raw("{}")),
+                    },
+                    Err(e) => protocol::error_response(
+                        &id,
+                        protocol::code::METHOD_NOT_FOUND,
+                        &e.to_string(),
+                        None,
+                    ),
+                },
+            };
+            let _ = me.send_raw(reply, None, None).await;
+        });
+    }
+
+    fn on_notification(self: &Arc<Self>, msg: Message, related: Option<&ReqCtx>) {
+        match msg.method() {
+            method::PROGRESS => self.on_progress(&msg, related),
+            m @ (method::TOOLS_CHANGED | method::PROMPTS_CHANGED | method::RESOURCES_CHANGED) => {
+                let me = self.clone();
+                let which = m.to_owned();
+                tokio::spawn(async move { me.refresh_one(&which).await });
+            }
+            method::RESOURCE_UPDATED => {
+                let uri = msg
+                    .params_map()
+                    .ok()
+                    .and_then(|p| p.get_str("uri"))
+                    .unwrap_or_default();
+                self.hub
+                    .resource_updated(&self.name, &uri, reserialize(&msg));
+            }
+            method::CANCELLED => {
+                tracing::debug!(server = %self.name, "Backend cancelled one of its requests.");
+            }
+            _ => match self.attribute(related, false) {
+                Some(ctx) => {
+                    let _ = ctx.stream.send(reserialize(&msg));
+                }
+                None => self.hub.broadcast(&self.name, reserialize(&msg)),
+            },
+        }
+    }
+
+    fn on_progress(&self, msg: &Message, related: Option<&ReqCtx>) {
+        let Ok(mut params) = msg.params_map() else {
+            return;
+        };
+        let token = params.get("progressToken").map(|t| t.get().to_owned());
+        let id = token.as_deref().and_then(|t| t.parse::<u64>().ok());
+        let route = id.and_then(|id| {
+            let pending = lock(&self.pending);
+            let p = pending.get(&id)?;
+            Some((
+                p.ctx.clone()?,
+                p.progress.as_deref().map(|t| protocol::raw(t.get()))?,
+            ))
+        });
+        match route {
+            Some((ctx, original)) => {
+                params.set_raw("progressToken", original);
+                let body = params.to_raw();
+                let _ = ctx
+                    .stream
+                    .send(protocol::notification(method::PROGRESS, Some(&body)));
+            }
+            None => {
+                if let Some(ctx) = related {
+                    let _ = ctx.stream.send(reserialize(msg));
+                }
+            }
+        }
+    }
+}
+
+/// The message as text again (the envelope is rebuilt; payloads stay raw).
+fn reserialize(msg: &Message) -> String {
+    serde_json::to_string(msg).unwrap_or_default()
+}

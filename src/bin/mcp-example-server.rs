@@ -1,0 +1,382 @@
+//! A tiny MCP server shipped with mcp-relay: for the bundled example config, the tests and the
+//! benchmark. Speaks MCP over stdio (default) or Streamable HTTP (`--http 127.0.0.1:0`, JSON
+//! answers only), and deliberately returns fields a lossy proxy would drop.
+//!
+//! Tools: `echo`, `add`, `slow` (progress), `lossless`, `sample`, `elicit`, `roots`, `log`,
+//! `add_tool` (list_changed), `touch` (resources/updated), `crash` (exits at once).
+
+use serde_json::{Value, json};
+use std::collections::HashMap;
+use std::io::Write as _;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::sync::{mpsc, oneshot};
+
+struct Server {
+    name: String,
+    extra_tools: Mutex<Vec<String>>,
+    out: Option<mpsc::UnboundedSender<String>>,
+    next_id: AtomicU64,
+    waiting: Mutex<HashMap<u64, oneshot::Sender<Value>>>,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn tools(extra: &[String]) -> Value {
+    let mut list = vec![
+        json!({"name":"echo","description":"Echoes the message back.","inputSchema":{"type":"object","properties":{"message":{"type":"string","description":"Text to echo"}},"required":["message"]}}),
+        json!({"name":"add","description":"Adds two numbers.","inputSchema":{"type":"object","properties":{"a":{"type":"number"},"b":{"type":"number"}},"required":["a","b"]}}),
+        json!({"name":"slow","description":"Waits, reporting progress.","inputSchema":{"type":"object","properties":{"steps":{"type":"integer"},"ms":{"type":"integer"}}}}),
+        json!({"name":"lossless","description":"Returns fields a lossy proxy would drop.",
+               "inputSchema":{"type":"object","properties":{}},
+               "outputSchema":{"type":"object","properties":{"n":{"type":"number"}}},
+               "execution":{"taskSupport":"optional"},
+               "annotations":{"readOnlyHint":true,"x-hint":"custom"},
+               "icons":[{"src":"data:image/png;base64,AA==","mimeType":"image/png"}],
+               "x-vendor":{"deep":[1,2.50,{"k":null}]},
+               "_meta":{"example.com/meta":"kept"}}),
+        json!({"name":"sample","description":"Asks the client's model (sampling).","inputSchema":{"type":"object","properties":{"prompt":{"type":"string"}}}}),
+        json!({"name":"elicit","description":"Asks the user (elicitation).","inputSchema":{"type":"object","properties":{}}}),
+        json!({"name":"roots","description":"Lists the client's roots.","inputSchema":{"type":"object","properties":{}}}),
+        json!({"name":"log","description":"Sends a log message, then answers.","inputSchema":{"type":"object","properties":{"text":{"type":"string"}}}}),
+        json!({"name":"add_tool","description":"Adds a tool named by `name` and announces list_changed.","inputSchema":{"type":"object","properties":{"name":{"type":"string"}},"required":["name"]}}),
+        json!({"name":"touch","description":"Announces that a resource changed.","inputSchema":{"type":"object","properties":{"uri":{"type":"string"}},"required":["uri"]}}),
+        json!({"name":"crash","description":"Exits the server process at once.","inputSchema":{"type":"object","properties":{}}}),
+    ];
+    for name in extra {
+        list.push(json!({"name": name, "description":"Added at run time.","inputSchema":{"type":"object","properties":{}}}));
+    }
+    json!({ "tools": list })
+}
+
+fn text(s: impl Into<String>) -> Value {
+    json!({"content":[{"type":"text","text":s.into()}]})
+}
+
+impl Server {
+    fn notify(&self, method: &str, params: Value) {
+        if let Some(out) = &self.out {
+            let _ = out.send(json!({"jsonrpc":"2.0","method":method,"params":params}).to_string());
+        }
+    }
+
+    async fn ask(&self, method: &str, params: Value) -> Value {
+        let Some(out) = &self.out else {
+            return json!({"error":"server-to-client requests need the stdio transport"});
+        };
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.waiting).insert(id, tx);
+        let _ =
+            out.send(json!({"jsonrpc":"2.0","id":id,"method":method,"params":params}).to_string());
+        match tokio::time::timeout(Duration::from_secs(60), rx).await {
+            Ok(Ok(v)) => v,
+            _ => json!({"error":"no answer"}),
+        }
+    }
+
+    async fn call(&self, params: &Value) -> Result<Value, (i64, String)> {
+        let name = params["name"].as_str().unwrap_or_default();
+        let args = &params["arguments"];
+        let token = params["_meta"]["progressToken"].clone();
+        Ok(match name {
+            "echo" => text(format!(
+                "Echo: {}",
+                args["message"].as_str().unwrap_or_default()
+            )),
+            "add" => {
+                let sum = args["a"].as_f64().unwrap_or(0.0) + args["b"].as_f64().unwrap_or(0.0);
+                text(format!("{sum}"))
+            }
+            "slow" => {
+                let steps = args["steps"].as_u64().unwrap_or(3).min(1000);
+                let ms = args["ms"].as_u64().unwrap_or(50).min(60_000);
+                for i in 1..=steps {
+                    tokio::time::sleep(Duration::from_millis(ms)).await;
+                    if !token.is_null() {
+                        self.notify("notifications/progress", json!({"progressToken": token, "progress": i, "total": steps, "message": format!("step {i}")}));
+                    }
+                }
+                text(format!("done after {steps} steps"))
+            }
+            "lossless" => json!({
+                "content":[{"type":"text","text":"ok","x-c":1,"annotations":{"audience":["user"],"x-a":true}}],
+                "structuredContent":{"n":1.50,"big":123456789012345678901234567890_u128.to_string()},
+                "x-r":{"deep":[1,2,{"k":null}]},
+                "_meta":{"example.com/x":true}
+            }),
+            "sample" => {
+                let r = self.ask("sampling/createMessage", json!({"messages":[{"role":"user","content":{"type":"text","text": args["prompt"].as_str().unwrap_or("hi")}}],"maxTokens":50})).await;
+                text(format!(
+                    "sampled: {}",
+                    r["content"]["text"].as_str().unwrap_or(&r.to_string())
+                ))
+            }
+            "elicit" => {
+                let r = self.ask("elicitation/create", json!({"message":"Your name?","requestedSchema":{"type":"object","properties":{"name":{"type":"string"}}}})).await;
+                text(format!("elicited: {r}"))
+            }
+            "roots" => {
+                let r = self.ask("roots/list", json!({})).await;
+                text(format!("roots: {r}"))
+            }
+            "log" => {
+                self.notify("notifications/message", json!({"level":"info","logger":self.name,"data": args["text"].as_str().unwrap_or("log")}));
+                text("logged")
+            }
+            "add_tool" => {
+                let n = args["name"].as_str().unwrap_or("extra").to_owned();
+                lock(&self.extra_tools).push(n.clone());
+                self.notify("notifications/tools/list_changed", json!({}));
+                text(format!("added {n}"))
+            }
+            "touch" => {
+                self.notify(
+                    "notifications/resources/updated",
+                    json!({"uri": args["uri"]}),
+                );
+                text("touched")
+            }
+            "crash" => std::process::exit(3),
+            other => {
+                if lock(&self.extra_tools).iter().any(|t| t == other) {
+                    text(format!("{other} ran"))
+                } else {
+                    return Err((-32602, format!("unknown tool {other}")));
+                }
+            }
+        })
+    }
+
+    async fn handle(&self, msg: Value) -> Option<Value> {
+        let id = msg.get("id").cloned();
+        let Some(method) = msg.get("method").and_then(Value::as_str) else {
+            // A response to one of our requests.
+            if let Some(n) = id.as_ref().and_then(Value::as_u64)
+                && let Some(tx) = lock(&self.waiting).remove(&n)
+            {
+                let _ = tx.send(
+                    msg.get("result")
+                        .cloned()
+                        .unwrap_or(msg.get("error").cloned().unwrap_or(Value::Null)),
+                );
+            }
+            return None;
+        };
+        let id = id?;
+        let params = msg.get("params").cloned().unwrap_or(Value::Null);
+        let result: Result<Value, (i64, String)> = match method {
+            "initialize" => {
+                let v = params["protocolVersion"].as_str().unwrap_or("2025-11-25");
+                let v = if ["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"].contains(&v) {
+                    v
+                } else {
+                    "2025-11-25"
+                };
+                Ok(json!({"protocolVersion": v,
+                    "capabilities":{"tools":{"listChanged":true},"prompts":{},"resources":{"subscribe":true},"logging":{},"completions":{}},
+                    "serverInfo":{"name": self.name, "version":"1.0.0"},
+                    "instructions": format!("{} is the example server.", self.name)}))
+            }
+            "ping" => Ok(json!({})),
+            "tools/list" => Ok(tools(&lock(&self.extra_tools))),
+            "tools/call" => self.call(&params).await,
+            "prompts/list" => Ok(
+                json!({"prompts":[{"name":"greet","description":"Greets someone.","arguments":[{"name":"name","required":true}]}]}),
+            ),
+            "prompts/get" => Ok(
+                json!({"messages":[{"role":"user","content":{"type":"text","text": format!("Hello, {}!", params["arguments"]["name"].as_str().unwrap_or("you"))}}]}),
+            ),
+            "resources/list" => Ok(
+                json!({"resources":[{"uri":"example://greeting","name":"greeting","mimeType":"text/plain"}]}),
+            ),
+            "resources/templates/list" => Ok(
+                json!({"resourceTemplates":[{"uriTemplate":"example://item/{id}","name":"item"}]}),
+            ),
+            "resources/read" => Ok(
+                json!({"contents":[{"uri": params["uri"], "mimeType":"text/plain", "text": format!("content of {}", params["uri"].as_str().unwrap_or(""))}]}),
+            ),
+            "resources/subscribe" | "resources/unsubscribe" | "logging/setLevel" => Ok(json!({})),
+            "completion/complete" => {
+                Ok(json!({"completion":{"values":["alpha","beta"],"total":2,"hasMore":false}}))
+            }
+            other => Err((-32601, format!("method not found: {other}"))),
+        };
+        Some(match result {
+            Ok(r) => json!({"jsonrpc":"2.0","id":id,"result":r}),
+            Err((code, message)) => {
+                json!({"jsonrpc":"2.0","id":id,"error":{"code":code,"message":message}})
+            }
+        })
+    }
+}
+
+async fn stdio(name: String) {
+    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+    let server = Arc::new(Server {
+        name,
+        extra_tools: Mutex::new(Vec::new()),
+        out: Some(tx.clone()),
+        next_id: AtomicU64::new(1),
+        waiting: Mutex::new(HashMap::new()),
+    });
+    let writer = std::thread::spawn(move || {
+        let stdout = std::io::stdout();
+        while let Some(line) = rx.blocking_recv() {
+            let mut lock = stdout.lock();
+            if writeln!(lock, "{line}")
+                .and_then(|()| lock.flush())
+                .is_err()
+            {
+                break;
+            }
+        }
+    });
+    let mut lines = BufReader::new(tokio::io::stdin()).lines();
+    while let Ok(Some(line)) = lines.next_line().await {
+        let Ok(msg) = serde_json::from_str::<Value>(&line) else {
+            let _ = tx.send(
+                json!({"jsonrpc":"2.0","id":null,"error":{"code":-32700,"message":"parse error"}})
+                    .to_string(),
+            );
+            continue;
+        };
+        let server = server.clone();
+        let tx = tx.clone();
+        tokio::spawn(async move {
+            if let Some(reply) = server.handle(msg).await {
+                let _ = tx.send(reply.to_string());
+            }
+        });
+    }
+    drop(tx);
+    drop(server);
+    let _ = writer.join();
+}
+
+async fn http(name: String, addr: &str) -> std::io::Result<()> {
+    use axum::http::{HeaderMap, StatusCode};
+    use axum::response::IntoResponse;
+    let server = Arc::new(Server {
+        name,
+        extra_tools: Mutex::new(Vec::new()),
+        out: None,
+        next_id: AtomicU64::new(1),
+        waiting: Mutex::new(HashMap::new()),
+    });
+    let sessions: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
+    let s2 = sessions.clone();
+    let app = axum::Router::new().route(
+        "/mcp",
+        axum::routing::post(move |headers: HeaderMap, body: axum::body::Bytes| {
+            let server = server.clone();
+            let sessions = sessions.clone();
+            async move {
+                let Ok(msg) = serde_json::from_slice::<Value>(&body) else {
+                    return (StatusCode::BAD_REQUEST, "parse error").into_response();
+                };
+                let sid = headers
+                    .get("mcp-session-id")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_owned);
+                let mut new_sid = None;
+                if msg["method"] == "initialize" {
+                    let id = format!("s{:x}", rand::random::<u64>());
+                    lock(&sessions).insert(id.clone());
+                    new_sid = Some(id);
+                } else if !sid.as_ref().is_some_and(|s| lock(&sessions).contains(s)) {
+                    return (StatusCode::NOT_FOUND, "unknown session").into_response();
+                }
+                match server.handle(msg).await {
+                    None => StatusCode::ACCEPTED.into_response(),
+                    Some(reply) => {
+                        let mut r = ([("content-type", "application/json")], reply.to_string())
+                            .into_response();
+                        if let Some(id) = new_sid
+                            && let Ok(v) = id.parse()
+                        {
+                            r.headers_mut().insert("mcp-session-id", v);
+                        }
+                        r
+                    }
+                }
+            }
+        })
+        .get(|| async { StatusCode::METHOD_NOT_ALLOWED })
+        .delete(move |headers: HeaderMap| {
+            let sessions = s2.clone();
+            async move {
+                let sid = headers
+                    .get("mcp-session-id")
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_owned();
+                if lock(&sessions).remove(&sid) {
+                    StatusCode::OK
+                } else {
+                    StatusCode::NOT_FOUND
+                }
+            }
+        }),
+    );
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    println!("LISTENING {}", local.port());
+    eprintln!("example server listening on http://{local}/mcp");
+    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+        let _ = tcp.set_nodelay(true);
+    });
+    axum::serve(listener, app).await
+}
+
+fn main() -> std::process::ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut name = "example".to_owned();
+    let mut http_addr = None;
+    let mut i = 0;
+    while i < args.len() {
+        match args[i].as_str() {
+            "--name" => {
+                name = args.get(i + 1).cloned().unwrap_or(name);
+                i += 1;
+            }
+            "--http" => {
+                http_addr = args.get(i + 1).cloned();
+                i += 1;
+            }
+            other => {
+                eprintln!(
+                    "usage: mcp-example-server [--name NAME] [--http HOST:PORT]; unknown argument {other}"
+                );
+                return std::process::ExitCode::from(2);
+            }
+        }
+        i += 1;
+    }
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("cannot start runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    rt.block_on(async move {
+        match http_addr {
+            Some(addr) => {
+                if let Err(e) = http(name, &addr).await {
+                    eprintln!("http server failed: {e}");
+                }
+            }
+            None => stdio(name).await,
+        }
+    });
+    std::process::ExitCode::SUCCESS
+}

@@ -1,0 +1,192 @@
+//! Command-line interface: `serve` (Streamable HTTP), `stdio`, `config check`.
+
+use crate::config::{self, Config};
+use crate::frontend;
+use crate::router::Relay;
+use clap::{Parser, Subcommand};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use tokio_util::sync::CancellationToken;
+
+#[derive(Parser)]
+#[command(
+    name = "mcp-relay",
+    version,
+    about = "Many MCP servers behind one MCP endpoint"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Serve Streamable HTTP (default 127.0.0.1:7800, endpoint /mcp).
+    Serve {
+        /// Config file; default ./relay.json, then $XDG_CONFIG_HOME/mcp-relay/relay.json.
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+        /// Listen address, overriding relay.listen.
+        #[arg(long)]
+        listen: Option<SocketAddr>,
+    },
+    /// Serve one client on stdin/stdout (for Claude Code, Cursor and other local clients).
+    Stdio {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+    /// Config file tools.
+    Config {
+        #[command(subcommand)]
+        command: ConfigCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ConfigCommand {
+    /// Validate a config file; prints every problem and exits 2 if there are any.
+    Check {
+        #[arg(long, short)]
+        config: Option<PathBuf>,
+    },
+}
+
+/// Runs the command line; the exit code is 0 on success, 2 for config problems, 1 otherwise.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Config {
+            command: ConfigCommand::Check { config },
+        } => check(config),
+        Command::Serve { config, listen } => run(config, Some(listen)),
+        Command::Stdio { config } => run(config, None),
+    }
+}
+
+fn load(path: Option<PathBuf>) -> Result<Config, ExitCode> {
+    let path = config::locate(path.as_deref()).map_err(|e| {
+        eprintln!("mcp-relay: {e}");
+        ExitCode::from(2)
+    })?;
+    match config::load(&path) {
+        Ok(c) => {
+            tracing::info!(file = %path.display(), servers = c.servers.len(), "Config loaded.");
+            for w in &c.warnings {
+                tracing::warn!("{w}");
+            }
+            Ok(c)
+        }
+        Err(e) => {
+            eprintln!("mcp-relay: invalid config:\n{e}");
+            Err(ExitCode::from(2))
+        }
+    }
+}
+
+fn check(path: Option<PathBuf>) -> ExitCode {
+    let path = match config::locate(path.as_deref()) {
+        Ok(p) => p,
+        Err(e) => {
+            eprintln!("{e}");
+            return ExitCode::from(2);
+        }
+    };
+    match config::load(&path) {
+        Ok(c) => {
+            for w in &c.warnings {
+                println!("warning: {w}");
+            }
+            println!(
+                "{}: ok ({} servers, {} enabled)",
+                path.display(),
+                c.servers.len(),
+                c.servers.iter().filter(|s| !s.disabled).count()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(config::Error::Invalid(problems)) => {
+            for p in &problems {
+                println!("error: {p}");
+            }
+            println!("{} problem(s) found", problems.len());
+            ExitCode::from(2)
+        }
+        Err(e) => {
+            println!("error: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+/// `listen`: `Some(override)` serves HTTP, `None` serves stdio.
+fn run(path: Option<PathBuf>, http: Option<Option<SocketAddr>>) -> ExitCode {
+    let cfg = match load(path) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("mcp-relay: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = rt.block_on(async move {
+        let relay = Relay::start(cfg);
+        let shutdown = CancellationToken::new();
+        spawn_signal_handler(shutdown.clone());
+        let served = match http {
+            Some(listen) => {
+                let addr = listen.unwrap_or(relay.config.relay.listen);
+                match tokio::net::TcpListener::bind(addr).await {
+                    Ok(l) => {
+                        let local = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
+                        tracing::info!(addr = %local, "Serving Streamable HTTP at http://{local}/mcp");
+                        // A machine-readable line for scripts and tests that bind port 0.
+                        eprintln!("mcp-relay listening on http://{local}/mcp");
+                        frontend::http::serve(relay.clone(), l, shutdown.clone())
+                            .await
+                            .map_err(|e| format!("HTTP server failed: {e}"))
+                    }
+                    Err(e) => Err(format!("cannot listen on {addr}: {e}")),
+                }
+            }
+            None => tokio::select! {
+                r = frontend::stdio::serve(relay.clone()) => r.map_err(|e| format!("stdio failed: {e}")),
+                () = shutdown.cancelled() => Ok(()),
+            },
+        };
+        relay.shutdown().await;
+        served
+    });
+    rt.shutdown_timeout(std::time::Duration::from_secs(1));
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("mcp-relay: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn spawn_signal_handler(shutdown: CancellationToken) {
+    use tokio::signal::unix::{SignalKind, signal};
+    tokio::spawn(async move {
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            tracing::error!("Cannot install signal handlers; SIGTERM/SIGINT will not drain.");
+            return;
+        };
+        tokio::select! {
+            _ = term.recv() => tracing::info!("SIGTERM: shutting down."),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down."),
+        }
+        shutdown.cancel();
+    });
+}

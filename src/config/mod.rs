@@ -1,0 +1,705 @@
+//! `relay.json`: loading, `${VAR}` expansion and validation into a typed [`Config`].
+//!
+//! Validation collects every problem with its file and JSON path instead of stopping at the
+//! first, so `mcp-relay config check` can print them all. This module does not start anything.
+
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+/// The whole validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// The file this came from, if any.
+    pub path: Option<PathBuf>,
+    pub servers: Vec<ServerConfig>,
+    pub relay: RelaySettings,
+    /// Non-fatal findings (unknown keys in server entries and the like).
+    pub warnings: Vec<String>,
+}
+
+/// Settings of the relay itself (`"relay": {...}`); every field has a default.
+#[derive(Debug, Clone)]
+pub struct RelaySettings {
+    /// HTTP listen address. Default `127.0.0.1:7800`.
+    pub listen: SocketAddr,
+    /// How long a forwarded request may take before it fails and is cancelled. Default 60 s.
+    pub request_timeout: Duration,
+    /// Largest accepted message, in bytes, in either direction. Default 4 MiB.
+    pub max_message_bytes: usize,
+    /// How long list requests wait for backends that are still starting, counted from relay
+    /// start. Default 5 s.
+    pub startup_wait: Duration,
+    /// Items per page of merged lists sent to clients. Default 1000.
+    pub page_size: usize,
+    /// Extra `Host` header values accepted by the HTTP front (loopback names always are).
+    pub allowed_hosts: Vec<String>,
+    /// Extra `Origin` values accepted by the HTTP front (loopback origins always are).
+    pub allowed_origins: Vec<String>,
+    /// Events kept per HTTP session for `Last-Event-ID` replay. Default 1024.
+    pub replay_events: usize,
+    /// SSE `retry` hint sent to HTTP clients, in milliseconds. Default 1000.
+    pub sse_retry_ms: u64,
+}
+
+impl Default for RelaySettings {
+    fn default() -> Self {
+        RelaySettings {
+            listen: SocketAddr::from(([127, 0, 0, 1], 7800)),
+            request_timeout: Duration::from_secs(60),
+            max_message_bytes: 4 * 1024 * 1024,
+            startup_wait: Duration::from_secs(5),
+            page_size: 1000,
+            allowed_hosts: Vec::new(),
+            allowed_origins: Vec::new(),
+            replay_events: 1024,
+            sse_retry_ms: 1000,
+        }
+    }
+}
+
+/// One configured backend server.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ServerConfig {
+    pub name: String,
+    /// Prefix of exposed tool and prompt names; `""` passes names through.
+    pub prefix: String,
+    pub transport: TransportConfig,
+    pub disabled: bool,
+}
+
+/// How to reach a backend.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TransportConfig {
+    Stdio {
+        command: String,
+        args: Vec<String>,
+        env: BTreeMap<String, String>,
+        cwd: Option<PathBuf>,
+    },
+    /// Streamable HTTP.
+    Http {
+        url: String,
+        headers: BTreeMap<String, String>,
+    },
+    /// The 2024-11-05 HTTP+SSE transport.
+    Sse {
+        url: String,
+        headers: BTreeMap<String, String>,
+    },
+}
+
+impl TransportConfig {
+    pub fn kind(&self) -> &'static str {
+        match self {
+            TransportConfig::Stdio { .. } => "stdio",
+            TransportConfig::Http { .. } => "http",
+            TransportConfig::Sse { .. } => "sse",
+        }
+    }
+}
+
+/// One config problem: where and what to do.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Problem {
+    pub file: String,
+    pub path: String,
+    pub message: String,
+}
+
+impl fmt::Display for Problem {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}: {}: {}", self.file, self.path, self.message)
+    }
+}
+
+/// Why a config could not be loaded.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("no config file given and none found (looked in {looked})")]
+    NotFound { looked: String },
+    #[error("cannot read config file {file}: {source}")]
+    Read {
+        file: String,
+        source: std::io::Error,
+    },
+    #[error("{}", .0.iter().map(ToString::to_string).collect::<Vec<_>>().join("\n"))]
+    Invalid(Vec<Problem>),
+}
+
+const RELAY_KEYS: &[&str] = &[
+    "listen",
+    "requestTimeoutMs",
+    "maxMessageBytes",
+    "startupWaitMs",
+    "pageSize",
+    "allowedHosts",
+    "allowedOrigins",
+    "replayEvents",
+    "sseRetryMs",
+];
+const SERVER_KEYS: &[&str] = &[
+    "command",
+    "args",
+    "env",
+    "cwd",
+    "type",
+    "url",
+    "headers",
+    "disabled",
+    "prefix",
+    // Keys other tools write into the same entries, accepted without a warning.
+    "transport",
+    "timeout",
+    "description",
+    "alwaysAllow",
+    "autoApprove",
+];
+
+/// The places searched when no `--config` is given, in order.
+pub fn default_locations() -> Vec<PathBuf> {
+    let mut v = vec![PathBuf::from("relay.json")];
+    let xdg = std::env::var_os("XDG_CONFIG_HOME")
+        .map(PathBuf::from)
+        .filter(|p| p.is_absolute())
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".config")));
+    if let Some(dir) = xdg {
+        v.push(dir.join("mcp-relay").join("relay.json"));
+    }
+    v
+}
+
+/// Finds the config file: the given path, else the first default location that exists.
+pub fn locate(given: Option<&Path>) -> Result<PathBuf, Error> {
+    if let Some(p) = given {
+        return Ok(p.to_path_buf());
+    }
+    let places = default_locations();
+    places
+        .iter()
+        .find(|p| p.is_file())
+        .cloned()
+        .ok_or_else(|| Error::NotFound {
+            looked: places
+                .iter()
+                .map(|p| p.display().to_string())
+                .collect::<Vec<_>>()
+                .join(", "),
+        })
+}
+
+/// Reads and validates a config file.
+pub fn load(path: &Path) -> Result<Config, Error> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Read {
+        file: path.display().to_string(),
+        source,
+    })?;
+    let mut cfg = parse(&text, &path.display().to_string(), &|k| {
+        std::env::var(k).ok()
+    })?;
+    cfg.path = Some(path.to_path_buf());
+    Ok(cfg)
+}
+
+/// Parses and validates config text; `env` resolves `${VAR}` references.
+pub fn parse(
+    text: &str,
+    file: &str,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Config, Error> {
+    let mut v = Validator {
+        file,
+        env,
+        problems: Vec::new(),
+        warnings: Vec::new(),
+    };
+    let root: Value = match serde_json::from_str(text) {
+        Ok(r) => r,
+        Err(e) => {
+            v.problem(
+                &format!("line {} column {}", e.line(), e.column()),
+                format!("not valid JSON ({e}); fix the syntax"),
+            );
+            return Err(Error::Invalid(v.problems));
+        }
+    };
+    let Some(root) = root.as_object() else {
+        v.problem(
+            "$",
+            "the file must hold a JSON object with an `mcpServers` object".into(),
+        );
+        return Err(Error::Invalid(v.problems));
+    };
+    let relay = match root.get("relay") {
+        None => RelaySettings::default(),
+        Some(r) => v.relay(r),
+    };
+    let mut servers = Vec::new();
+    match root.get("mcpServers") {
+        None => v.warnings.push(format!(
+            "{file}: mcpServers: missing; the relay starts with no backends"
+        )),
+        Some(Value::Object(map)) => {
+            for (name, entry) in map {
+                if let Some(s) = v.server(name, entry) {
+                    servers.push(s);
+                }
+            }
+        }
+        Some(_) => v.problem(
+            "mcpServers",
+            "must be an object mapping server names to server entries".into(),
+        ),
+    }
+    // Two servers with one prefix would make every exposed name ambiguous.
+    let mut seen: BTreeMap<&str, &str> = BTreeMap::new();
+    for s in servers
+        .iter()
+        .filter(|s| !s.disabled && !s.prefix.is_empty())
+    {
+        if let Some(other) = seen.insert(&s.prefix, &s.name) {
+            v.warnings.push(format!(
+                "{file}: mcpServers.{}.prefix: `{}` is also the prefix of `{other}`; colliding names get a hashed suffix",
+                s.name, s.prefix
+            ));
+        }
+    }
+    if v.problems.is_empty() {
+        Ok(Config {
+            path: None,
+            servers,
+            relay,
+            warnings: v.warnings,
+        })
+    } else {
+        Err(Error::Invalid(v.problems))
+    }
+}
+
+struct Validator<'a> {
+    file: &'a str,
+    env: &'a dyn Fn(&str) -> Option<String>,
+    problems: Vec<Problem>,
+    warnings: Vec<String>,
+}
+
+impl Validator<'_> {
+    fn problem(&mut self, path: &str, message: String) {
+        self.problems.push(Problem {
+            file: self.file.to_owned(),
+            path: path.to_owned(),
+            message,
+        });
+    }
+
+    fn relay(&mut self, r: &Value) -> RelaySettings {
+        let mut s = RelaySettings::default();
+        let Some(map) = r.as_object() else {
+            self.problem("relay", "must be an object".into());
+            return s;
+        };
+        for key in map.keys() {
+            if !RELAY_KEYS.contains(&key.as_str()) {
+                self.problem(
+                    &format!("relay.{key}"),
+                    format!(
+                        "unknown relay setting; known settings: {}",
+                        RELAY_KEYS.join(", ")
+                    ),
+                );
+            }
+        }
+        if let Some(l) = self.opt_string(map, "relay", "listen") {
+            match l.parse::<SocketAddr>() {
+                Ok(a) => s.listen = a,
+                Err(_) => self.problem(
+                    "relay.listen",
+                    format!("`{l}` is not HOST:PORT with a numeric IP, e.g. 127.0.0.1:7800"),
+                ),
+            }
+        }
+        if let Some(ms) = self.opt_uint(map, "relay", "requestTimeoutMs", 1) {
+            s.request_timeout = Duration::from_millis(ms);
+        }
+        if let Some(b) = self.opt_uint(map, "relay", "maxMessageBytes", 1024) {
+            s.max_message_bytes = usize::try_from(b).unwrap_or(usize::MAX);
+        }
+        if let Some(ms) = self.opt_uint(map, "relay", "startupWaitMs", 0) {
+            s.startup_wait = Duration::from_millis(ms);
+        }
+        if let Some(n) = self.opt_uint(map, "relay", "pageSize", 1) {
+            s.page_size = usize::try_from(n).unwrap_or(usize::MAX);
+        }
+        if let Some(n) = self.opt_uint(map, "relay", "replayEvents", 0) {
+            s.replay_events = usize::try_from(n).unwrap_or(usize::MAX);
+        }
+        if let Some(n) = self.opt_uint(map, "relay", "sseRetryMs", 0) {
+            s.sse_retry_ms = n;
+        }
+        s.allowed_hosts = self
+            .opt_strings(map, "relay", "allowedHosts")
+            .unwrap_or_default();
+        s.allowed_origins = self
+            .opt_strings(map, "relay", "allowedOrigins")
+            .unwrap_or_default();
+        s
+    }
+
+    fn server(&mut self, name: &str, entry: &Value) -> Option<ServerConfig> {
+        let at = format!("mcpServers.{name}");
+        if !valid_server_name(name) {
+            self.problem(
+                &at,
+                "server names may use only letters, digits, `_` and `-` (1 to 64 characters); rename the entry".into(),
+            );
+        }
+        if name == "relay" {
+            self.problem(
+                &at,
+                "`relay` is reserved for the relay's own tools; rename the entry".into(),
+            );
+        }
+        let Some(map) = entry.as_object() else {
+            self.problem(&at, "must be an object with `command` or `url`".into());
+            return None;
+        };
+        for key in map.keys() {
+            if !SERVER_KEYS.contains(&key.as_str()) {
+                self.warnings
+                    .push(format!("{}: {at}.{key}: unknown key, ignored", self.file));
+            }
+        }
+        let disabled = match map.get("disabled") {
+            None => false,
+            Some(Value::Bool(b)) => *b,
+            Some(_) => {
+                self.problem(&format!("{at}.disabled"), "must be true or false".into());
+                false
+            }
+        };
+        let prefix = match map.get("prefix") {
+            None => name.to_owned(),
+            Some(_) => self.opt_string(map, &at, "prefix").unwrap_or_default(),
+        };
+        if !prefix.is_empty() && !valid_server_name(&prefix) {
+            self.problem(
+                &format!("{at}.prefix"),
+                "a prefix may use only letters, digits, `_` and `-`; use \"\" for no prefix".into(),
+            );
+        }
+        let ty = self.opt_string(map, &at, "type");
+        let url = self.opt_string(map, &at, "url");
+        let command = self.opt_string(map, &at, "command");
+        let headers = self.opt_string_map(map, &at, "headers");
+        let kind = match ty.as_deref() {
+            Some("stdio") => "stdio",
+            Some("http" | "streamable-http" | "streamableHttp" | "streamable_http") => "http",
+            Some("sse") => "sse",
+            Some(other) => {
+                self.problem(
+                    &format!("{at}.type"),
+                    format!("unknown type `{other}`; use \"stdio\", \"http\" or \"sse\""),
+                );
+                return None;
+            }
+            None if command.is_some() => "stdio",
+            None => match url.as_deref() {
+                // Legacy HTTP+SSE endpoints conventionally end in /sse.
+                Some(u) if u.trim_end_matches('/').ends_with("/sse") => "sse",
+                Some(_) => "http",
+                None => {
+                    self.problem(
+                        &at,
+                        "needs `command` (a local stdio server) or `url` (a remote server)".into(),
+                    );
+                    return None;
+                }
+            },
+        };
+        let transport = if kind == "stdio" {
+            let Some(command) = command else {
+                self.problem(
+                    &format!("{at}.command"),
+                    "a stdio server needs `command`, the program to start".into(),
+                );
+                return None;
+            };
+            if command.is_empty() {
+                self.problem(&format!("{at}.command"), "must not be empty".into());
+            }
+            TransportConfig::Stdio {
+                command,
+                args: self.opt_strings(map, &at, "args").unwrap_or_default(),
+                env: self.opt_string_map(map, &at, "env").unwrap_or_default(),
+                cwd: self.opt_string(map, &at, "cwd").map(PathBuf::from),
+            }
+        } else {
+            let Some(url) = url else {
+                self.problem(
+                    &format!("{at}.url"),
+                    format!("a {kind} server needs `url`, e.g. http://127.0.0.1:3000/mcp"),
+                );
+                return None;
+            };
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                self.problem(
+                    &format!("{at}.url"),
+                    format!("`{url}` must start with http:// or https://"),
+                );
+            }
+            let headers = headers.unwrap_or_default();
+            if kind == "http" {
+                TransportConfig::Http { url, headers }
+            } else {
+                TransportConfig::Sse { url, headers }
+            }
+        };
+        Some(ServerConfig {
+            name: name.to_owned(),
+            prefix,
+            transport,
+            disabled,
+        })
+    }
+
+    fn expand(&mut self, path: &str, s: &str) -> String {
+        match expand_vars(s, self.env) {
+            Ok(v) => v,
+            Err(var) => {
+                self.problem(
+                    path,
+                    format!("environment variable `{var}` is not set; set it or write `${{{var}:-default}}`"),
+                );
+                String::new()
+            }
+        }
+    }
+
+    fn opt_string(&mut self, map: &Map<String, Value>, at: &str, key: &str) -> Option<String> {
+        let path = format!("{at}.{key}");
+        match map.get(key)? {
+            Value::String(s) => Some(self.expand(&path, s)),
+            _ => {
+                self.problem(&path, "must be a string".into());
+                None
+            }
+        }
+    }
+
+    fn opt_strings(
+        &mut self,
+        map: &Map<String, Value>,
+        at: &str,
+        key: &str,
+    ) -> Option<Vec<String>> {
+        let path = format!("{at}.{key}");
+        match map.get(key)? {
+            Value::Array(items) => {
+                let mut out = Vec::with_capacity(items.len());
+                for (i, item) in items.iter().enumerate() {
+                    match item {
+                        Value::String(s) => out.push(self.expand(&format!("{path}[{i}]"), s)),
+                        _ => self.problem(&format!("{path}[{i}]"), "must be a string".into()),
+                    }
+                }
+                Some(out)
+            }
+            _ => {
+                self.problem(&path, "must be an array of strings".into());
+                None
+            }
+        }
+    }
+
+    fn opt_string_map(
+        &mut self,
+        map: &Map<String, Value>,
+        at: &str,
+        key: &str,
+    ) -> Option<BTreeMap<String, String>> {
+        let path = format!("{at}.{key}");
+        match map.get(key)? {
+            Value::Object(m) => {
+                let mut out = BTreeMap::new();
+                for (k, val) in m {
+                    match val {
+                        Value::String(s) => {
+                            let s = self.expand(&format!("{path}.{k}"), s);
+                            out.insert(k.clone(), s);
+                        }
+                        _ => self.problem(&format!("{path}.{k}"), "must be a string".into()),
+                    }
+                }
+                Some(out)
+            }
+            _ => {
+                self.problem(&path, "must be an object of strings".into());
+                None
+            }
+        }
+    }
+
+    fn opt_uint(&mut self, map: &Map<String, Value>, at: &str, key: &str, min: u64) -> Option<u64> {
+        let path = format!("{at}.{key}");
+        match map.get(key)? {
+            Value::Number(n) => match n.as_u64() {
+                Some(u) if u >= min => Some(u),
+                _ => {
+                    self.problem(&path, format!("must be a whole number of at least {min}"));
+                    None
+                }
+            },
+            _ => {
+                self.problem(&path, format!("must be a whole number of at least {min}"));
+                None
+            }
+        }
+    }
+}
+
+/// Server names and prefixes: the characters allowed in exposed tool names.
+pub fn valid_server_name(name: &str) -> bool {
+    !name.is_empty()
+        && name.len() <= 64
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Expands `${VAR}` and `${VAR:-default}`; `$$` is a literal `$`. Returns the first unset
+/// variable without default as the error.
+pub fn expand_vars(s: &str, env: &dyn Fn(&str) -> Option<String>) -> Result<String, String> {
+    if !s.contains('$') {
+        return Ok(s.to_owned());
+    }
+    let mut out = String::with_capacity(s.len());
+    let mut rest = s;
+    while let Some(pos) = rest.find('$') {
+        out.push_str(&rest[..pos]);
+        let after = &rest[pos + 1..];
+        if let Some(tail) = after.strip_prefix('$') {
+            out.push('$');
+            rest = tail;
+        } else if let Some(body) = after.strip_prefix('{') {
+            let Some(end) = body.find('}') else {
+                out.push_str(&rest[pos..]);
+                return Ok(out);
+            };
+            let expr = &body[..end];
+            let (name, default) = match expr.split_once(":-") {
+                Some((n, d)) => (n, Some(d)),
+                None => (expr, None),
+            };
+            match (
+                env(name).filter(|v| !v.is_empty() || default.is_none()),
+                default,
+            ) {
+                (Some(v), _) => out.push_str(&v),
+                (None, Some(d)) => out.push_str(d),
+                (None, None) => return Err(name.to_owned()),
+            }
+            rest = &body[end + 1..];
+        } else {
+            out.push('$');
+            rest = after;
+        }
+    }
+    out.push_str(rest);
+    Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn env(k: &str) -> Option<String> {
+        match k {
+            "HOME" => Some("/home/u".into()),
+            "EMPTY" => Some(String::new()),
+            _ => None,
+        }
+    }
+
+    fn problems(text: &str) -> Vec<String> {
+        match parse(text, "relay.json", &env) {
+            Ok(_) => Vec::new(),
+            Err(Error::Invalid(p)) => p.iter().map(ToString::to_string).collect(),
+            Err(e) => vec![e.to_string()],
+        }
+    }
+
+    #[test]
+    fn expands_variables() {
+        assert_eq!(expand_vars("${HOME}/x", &env).as_deref(), Ok("/home/u/x"));
+        assert_eq!(expand_vars("${NOPE:-d}", &env).as_deref(), Ok("d"));
+        assert_eq!(expand_vars("${EMPTY:-d}", &env).as_deref(), Ok("d"));
+        assert_eq!(expand_vars("$$5 $x", &env).as_deref(), Ok("$5 $x"));
+        assert_eq!(expand_vars("${NOPE}", &env), Err("NOPE".to_owned()));
+    }
+
+    #[test]
+    fn minimal_file_gets_defaults() -> Result<(), Error> {
+        let c = parse(
+            r#"{"mcpServers":{"fs":{"command":"npx","args":["-y","x"]},
+                "remote":{"url":"http://127.0.0.1:1/mcp"},
+                "old":{"url":"http://127.0.0.1:1/sse"},
+                "s":{"type":"streamableHttp","url":"https://h/mcp","headers":{"A":"${HOME}"},"prefix":""}}}"#,
+            "relay.json",
+            &env,
+        )?;
+        assert_eq!(c.relay.listen.to_string(), "127.0.0.1:7800");
+        let kinds: Vec<_> = c.servers.iter().map(|s| s.transport.kind()).collect();
+        assert_eq!(kinds, ["stdio", "http", "sse", "http"]);
+        assert_eq!(c.servers[0].prefix, "fs");
+        assert_eq!(c.servers[3].prefix, "");
+        Ok(())
+    }
+
+    #[test]
+    fn reports_every_problem_with_path() {
+        let p = problems(
+            r#"{"relay":{"listen":"nowhere","bogus":1,"requestTimeoutMs":-5},
+                "mcpServers":{"a b":{"command":"x"},"relay":{"command":"y"},
+                "u":{"url":"ftp://x"},"t":{"type":"carrier-pigeon","url":"http://x"},
+                "e":{"command":"${MISSING}"},"n":{}}}"#,
+        );
+        let joined = p.join("\n");
+        for needle in [
+            "relay.json: relay.bogus: unknown relay setting",
+            "relay.json: relay.listen:",
+            "relay.json: relay.requestTimeoutMs:",
+            "mcpServers.a b: server names may use only",
+            "mcpServers.relay: `relay` is reserved",
+            "mcpServers.u.url: `ftp://x` must start with http",
+            "mcpServers.t.type: unknown type `carrier-pigeon`",
+            "mcpServers.e.command: environment variable `MISSING` is not set",
+            "mcpServers.n: needs `command`",
+        ] {
+            assert!(joined.contains(needle), "missing {needle:?} in\n{joined}");
+        }
+    }
+
+    #[test]
+    fn unknown_server_keys_warn() -> Result<(), Error> {
+        let c = parse(
+            r#"{"mcpServers":{"a":{"command":"x","fancyTool":true}}}"#,
+            "relay.json",
+            &env,
+        )?;
+        assert!(
+            c.warnings
+                .iter()
+                .any(|w| w.contains("mcpServers.a.fancyTool"))
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn syntax_error_names_position() {
+        let p = problems("{\"mcpServers\": {,}}");
+        assert!(p[0].starts_with("relay.json: line 1 column"), "{p:?}");
+    }
+}

@@ -1,0 +1,6 @@
+//! Client-facing servers: [`stdio`] (one session on the relay's stdin/stdout) and [`http`]
+//! (Streamable HTTP, many sessions). Frontends frame and check messages and turn errors into
+//! JSON-RPC responses; routing is the router's job.
+
+pub mod http;
+pub mod stdio;

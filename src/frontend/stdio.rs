@@ -1,0 +1,178 @@
+//! The stdio front: newline-delimited JSON-RPC on the relay's own stdin/stdout, one session.
+//!
+//! stdin and stdout are owned as non-blocking pipes with our own line buffer (no helper
+//! thread holds bytes we have not seen). Logs never go to stdout.
+
+use crate::error::RpcError;
+use crate::protocol::lines::{Frame, LineBuffer};
+use crate::protocol::{self, Message};
+use crate::router::Relay;
+use crate::session::Session;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::sync::Arc;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
+use tokio::net::unix::pipe;
+use tokio::sync::mpsc;
+
+/// Serves one client on stdin/stdout until stdin closes.
+pub async fn serve(relay: Arc<Relay>) -> std::io::Result<()> {
+    let input = open_input()?;
+    let output = open_output()?;
+    serve_io(relay, input, output).await
+}
+
+fn dup_fd(fd: i32) -> std::io::Result<OwnedFd> {
+    // SAFETY: `fd` is one of the process's standard descriptors, open for its whole life;
+    // borrowing it only for the duration of `try_clone_to_owned` is sound.
+    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
+    borrowed.try_clone_to_owned()
+}
+
+fn open_input() -> std::io::Result<Box<dyn AsyncRead + Unpin + Send>> {
+    let fd = dup_fd(std::io::stdin().as_raw_fd())?;
+    match pipe::Receiver::from_owned_fd(fd) {
+        Ok(p) => Ok(Box::new(p)),
+        // Not a pipe (a file or a terminal): fall back to tokio's reader.
+        Err(_) => Ok(Box::new(tokio::io::stdin())),
+    }
+}
+
+fn open_output() -> std::io::Result<Box<dyn AsyncWrite + Unpin + Send>> {
+    let fd = dup_fd(std::io::stdout().as_raw_fd())?;
+    match pipe::Sender::from_owned_fd(fd) {
+        Ok(p) => Ok(Box::new(p)),
+        Err(_) => {
+            let raw = dup_fd(std::io::stdout().as_raw_fd())?;
+            Ok(Box::new(tokio::fs::File::from_std(std::fs::File::from(
+                raw,
+            ))))
+        }
+    }
+}
+
+/// Serves one session over any byte streams (stdin/stdout in production).
+pub async fn serve_io(
+    relay: Arc<Relay>,
+    mut input: Box<dyn AsyncRead + Unpin + Send>,
+    mut output: Box<dyn AsyncWrite + Unpin + Send>,
+) -> std::io::Result<()> {
+    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+    let writer = tokio::spawn(async move {
+        let mut buf = Vec::with_capacity(16 * 1024);
+        while let Some(first) = rx.recv().await {
+            buf.clear();
+            buf.extend_from_slice(first.as_bytes());
+            buf.push(b'\n');
+            while buf.len() < 256 * 1024 {
+                match rx.try_recv() {
+                    Ok(m) => {
+                        buf.extend_from_slice(m.as_bytes());
+                        buf.push(b'\n');
+                    }
+                    Err(_) => break,
+                }
+            }
+            if output.write_all(&buf).await.is_err() || output.flush().await.is_err() {
+                break;
+            }
+        }
+    });
+    let session = relay.open_session(Session::random_id(), tx.clone());
+    let max = relay.config.relay.max_message_bytes;
+    let mut lines = LineBuffer::new(max);
+    let mut chunk = vec![0u8; 64 * 1024];
+    let tasks = tokio_util::task::TaskTracker::new();
+    loop {
+        let n = input.read(&mut chunk).await?;
+        if n == 0 {
+            break;
+        }
+        lines.extend(&chunk[..n]);
+        while let Some(frame) = lines.next_frame() {
+            match frame {
+                Frame::TooLong(size) => {
+                    let _ = tx.send(RpcError::TooLarge { size, max }.to_response("null"));
+                }
+                Frame::Line(line) => dispatch(&relay, &session, &tx, &tasks, &line),
+            }
+        }
+    }
+    tracing::info!("stdin closed; shutting down.");
+    relay.close_session(&session).await;
+    tasks.close();
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), tasks.wait()).await;
+    drop(tx);
+    drop(session);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(2), writer).await;
+    Ok(())
+}
+
+fn dispatch(
+    relay: &Arc<Relay>,
+    session: &Arc<Session>,
+    tx: &mpsc::UnboundedSender<String>,
+    tasks: &tokio_util::task::TaskTracker,
+    line: &[u8],
+) {
+    let first = line.iter().find(|b| !b.is_ascii_whitespace());
+    if first == Some(&b'[') {
+        // A JSON-RPC batch (protocol 2025-03-26): answer with an array.
+        let items: Vec<Box<serde_json::value::RawValue>> = match serde_json::from_slice(line) {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = tx.send(RpcError::Parse(e.to_string()).to_response("null"));
+                return;
+            }
+        };
+        let relay = relay.clone();
+        let session = session.clone();
+        let tx = tx.clone();
+        tasks.spawn(async move {
+            let futs = items.iter().map(|item| {
+                let relay = relay.clone();
+                let session = session.clone();
+                let tx = tx.clone();
+                async move {
+                    match Message::parse(item.get().as_bytes()) {
+                        Ok(m) => relay.handle(&session, m, tx).await,
+                        Err(e) => Some(RpcError::InvalidRequest(e.to_string()).to_response("null")),
+                    }
+                }
+            });
+            let answers: Vec<String> = futures::future::join_all(futs)
+                .await
+                .into_iter()
+                .flatten()
+                .collect();
+            if !answers.is_empty() {
+                let _ = tx.send(format!("[{}]", answers.join(",")));
+            }
+        });
+        return;
+    }
+    match Message::parse(line) {
+        Ok(msg) => {
+            let relay = relay.clone();
+            let session = session.clone();
+            let tx = tx.clone();
+            tasks.spawn(async move {
+                if let Some(reply) = relay.handle(&session, msg, tx.clone()).await {
+                    let _ = tx.send(reply);
+                }
+            });
+        }
+        Err(e) => {
+            // Answer with the id when the frame was valid JSON with one.
+            let id = serde_json::from_slice::<serde_json::Value>(line)
+                .ok()
+                .and_then(|v| v.get("id").cloned())
+                .filter(|i| i.is_string() || i.is_number())
+                .map_or_else(|| "null".to_owned(), |i| i.to_string());
+            let err = match e {
+                protocol::ParseError::Json(j) => RpcError::Parse(j.to_string()),
+                protocol::ParseError::Invalid(s) => RpcError::InvalidRequest(s.to_owned()),
+            };
+            let _ = tx.send(err.to_response(&id));
+        }
+    }
+}

@@ -1,0 +1,24 @@
+//! mcp-relay: many MCP servers behind one lossless MCP endpoint (stdio and Streamable HTTP).
+//!
+//! Module map (see ARCHITECTURE.md):
+//! - [`cli`]: command-line interface; `serve`, `stdio`, `config check`.
+//! - [`config`]: `relay.json` loading, `${VAR}` expansion, validation with JSON paths.
+//! - [`protocol`]: the JSON-RPC envelope with raw payloads, MCP method names, stdio framing.
+//! - [`backend`]: one MCP server per backend, one file per transport, restart with backoff.
+//! - [`catalog`]: merged tools/prompts/resources, `server__name` namespacing, pagination.
+//! - [`session`]: per-client state (serializable) and the channels back to the client.
+//! - [`router`]: the hot path; the running [`router::Relay`].
+//! - [`frontend`]: stdio and Streamable HTTP servers facing clients.
+//! - [`error`]: request errors and their single mapping to JSON-RPC.
+//! - [`telemetry`]: tracing setup (logs on stderr only).
+
+pub mod backend;
+pub mod catalog;
+pub mod cli;
+pub mod config;
+pub mod error;
+pub mod frontend;
+pub mod protocol;
+pub mod router;
+pub mod session;
+pub mod telemetry;

@@ -1,0 +1,589 @@
+//! The hot path: a client message in, the right backend(s) out, the reply back.
+//!
+//! [`Relay`] is the composition root at run time: it owns the backends, the merged catalog
+//! snapshot and the session registry, answers `initialize`, `ping` and the merged lists itself,
+//! and forwards everything else to the owning backend. Frontends call [`Relay::handle`]; the
+//! backends call back through [`backend::Hub`].
+
+use crate::backend::{self, Backend, State};
+use crate::catalog::{self, Catalog, Source};
+use crate::config::Config;
+use crate::error::RpcError;
+use crate::protocol::{self, Kind, Message, RawMap, method};
+use crate::session::{Outbox, ReqCtx, Session};
+use indexmap::IndexMap;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, RwLock, Weak};
+use std::time::Instant;
+
+/// The running relay.
+pub struct Relay {
+    pub config: Config,
+    backends: RwLock<IndexMap<String, Arc<Backend>>>,
+    catalog: RwLock<Arc<Catalog>>,
+    rebuild: Mutex<()>,
+    sessions: Mutex<HashMap<String, Weak<Session>>>,
+    started: Instant,
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
+    m.read().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
+    m.write().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+struct HubRef(Weak<Relay>);
+
+impl backend::Hub for HubRef {
+    fn lists_changed(&self, _server: &str) {
+        if let Some(r) = self.0.upgrade() {
+            r.rebuild_catalog();
+        }
+    }
+
+    fn resource_updated(&self, server: &str, uri: &str, msg: String) {
+        let Some(r) = self.0.upgrade() else { return };
+        let owner = r.catalog().resource_owner(uri).cloned();
+        if owner.as_deref().is_some_and(|o| o != server) {
+            return;
+        }
+        for s in r.live_sessions() {
+            if s.state().subscriptions.contains(uri) {
+                let _ = s.outbox.send(msg.clone());
+            }
+        }
+    }
+
+    fn broadcast(&self, _server: &str, msg: String) {
+        if let Some(r) = self.0.upgrade() {
+            for s in r.live_sessions() {
+                if s.state().initialized {
+                    let _ = s.outbox.send(msg.clone());
+                }
+            }
+        }
+    }
+
+    fn sole_session(&self) -> Option<ReqCtx> {
+        let r = self.0.upgrade()?;
+        let live = r.live_sessions();
+        match live.as_slice() {
+            [only] => Some(only.ctx()),
+            _ => None,
+        }
+    }
+}
+
+/// What one request produced: a raw result or a ready error response.
+enum Answer {
+    Result(Box<serde_json::value::RawValue>),
+    Forwarded(Message),
+}
+
+impl Relay {
+    /// Starts every enabled backend (concurrently, in the background).
+    pub fn start(config: Config) -> Arc<Relay> {
+        let relay = Arc::new(Relay {
+            config,
+            backends: RwLock::new(IndexMap::new()),
+            catalog: RwLock::new(Arc::new(Catalog::default())),
+            rebuild: Mutex::new(()),
+            sessions: Mutex::new(HashMap::new()),
+            started: Instant::now(),
+        });
+        let settings = backend::Settings {
+            request_timeout: relay.config.relay.request_timeout,
+            max_message_bytes: relay.config.relay.max_message_bytes,
+        };
+        let hub: Arc<dyn backend::Hub> = Arc::new(HubRef(Arc::downgrade(&relay)));
+        {
+            let mut backends = write(&relay.backends);
+            for s in relay.config.servers.iter().filter(|s| !s.disabled) {
+                backends.insert(
+                    s.name.clone(),
+                    Backend::start(s.clone(), settings.clone(), hub.clone()),
+                );
+            }
+        }
+        relay
+    }
+
+    /// Stops every backend and waits for their processes to exit.
+    pub async fn shutdown(&self) {
+        let all: Vec<Arc<Backend>> = read(&self.backends).values().cloned().collect();
+        futures::future::join_all(all.iter().map(|b| b.stop())).await;
+    }
+
+    pub fn catalog(&self) -> Arc<Catalog> {
+        read(&self.catalog).clone()
+    }
+
+    pub fn backends(&self) -> Vec<Arc<Backend>> {
+        read(&self.backends).values().cloned().collect()
+    }
+
+    pub fn backend(&self, name: &str) -> Option<Arc<Backend>> {
+        read(&self.backends).get(name).cloned()
+    }
+
+    pub fn uptime(&self) -> std::time::Duration {
+        self.started.elapsed()
+    }
+
+    /// Registers a new session.
+    pub fn open_session(&self, id: String, outbox: Outbox) -> Arc<Session> {
+        let s = Session::new(id, outbox);
+        let mut sessions = lock(&self.sessions);
+        sessions.retain(|_, w| w.strong_count() > 0);
+        sessions.insert(s.id.clone(), Arc::downgrade(&s));
+        s
+    }
+
+    /// Ends a session: cancels its requests and drops subscriptions no one else holds.
+    pub async fn close_session(&self, s: &Arc<Session>) {
+        s.close();
+        lock(&self.sessions).remove(&s.id);
+        let subs: Vec<String> = s.state().subscriptions.iter().cloned().collect();
+        for uri in subs {
+            self.release_subscription(&uri).await;
+        }
+    }
+
+    fn live_sessions(&self) -> Vec<Arc<Session>> {
+        lock(&self.sessions)
+            .values()
+            .filter_map(Weak::upgrade)
+            .filter(|s| !s.is_closed())
+            .collect()
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.live_sessions().len()
+    }
+
+    /// Rebuilds the merged catalog and tells sessions whose lists changed.
+    fn rebuild_catalog(&self) {
+        let _g = lock(&self.rebuild);
+        let backends = self.backends();
+        let lists: Vec<(Arc<Backend>, catalog::Lists)> = backends
+            .into_iter()
+            .map(|b| {
+                let l = b.lists();
+                (b, l)
+            })
+            .collect();
+        let sources: Vec<Source<'_>> = lists
+            .iter()
+            .map(|(b, l)| Source {
+                server: &b.name,
+                prefix: &b.config.prefix,
+                lists: l,
+            })
+            .collect();
+        let new = Arc::new(Catalog::build(&sources));
+        let old = std::mem::replace(&mut *write(&self.catalog), new.clone());
+        let same = |a: &[Arc<serde_json::value::RawValue>],
+                    b: &[Arc<serde_json::value::RawValue>]| {
+            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.get() == y.get())
+        };
+        // (notification, the list methods whose callers need it)
+        let mut notes: Vec<(&str, &[&str])> = Vec::new();
+        if !same(&old.tools, &new.tools) {
+            notes.push((method::TOOLS_CHANGED, &[method::TOOLS_LIST]));
+        }
+        if !same(&old.prompts, &new.prompts) {
+            notes.push((method::PROMPTS_CHANGED, &[method::PROMPTS_LIST]));
+        }
+        if !same(&old.resources, &new.resources) || !same(&old.templates, &new.templates) {
+            notes.push((
+                method::RESOURCES_CHANGED,
+                &[method::RESOURCES_LIST, method::RESOURCES_TEMPLATES_LIST],
+            ));
+        }
+        if notes.is_empty() {
+            return;
+        }
+        for c in &new.collisions {
+            tracing::warn!("Catalog collision: {c}");
+        }
+        // A session that never listed a kind has nothing stale to refresh.
+        for s in self.live_sessions() {
+            let due: Vec<&str> = {
+                let st = s.state();
+                notes
+                    .iter()
+                    .filter(|(_, lists)| lists.iter().any(|l| st.listed.contains(*l)))
+                    .map(|(n, _)| *n)
+                    .collect()
+            };
+            for n in due {
+                let _ = s.outbox.send(protocol::notification(n, None));
+            }
+        }
+    }
+
+    /// Waits (bounded by `startupWaitMs` from relay start) for backends still starting.
+    async fn settle(&self) {
+        let deadline =
+            tokio::time::Instant::from_std(self.started + self.config.relay.startup_wait);
+        if tokio::time::Instant::now() >= deadline {
+            return;
+        }
+        let starting: Vec<Arc<Backend>> = self
+            .backends()
+            .into_iter()
+            .filter(|b| b.state() == State::Starting)
+            .collect();
+        futures::future::join_all(starting.iter().map(|b| b.settled(deadline))).await;
+    }
+
+    /// Handles one client message. Returns the response for requests.
+    pub async fn handle(
+        self: &Arc<Self>,
+        session: &Arc<Session>,
+        msg: Message,
+        stream: Outbox,
+    ) -> Option<String> {
+        match msg.kind() {
+            Kind::Response => {
+                if !session.answer(msg) {
+                    tracing::debug!(session = %session.id, "Response to an unknown request; dropped.");
+                }
+                None
+            }
+            Kind::Notification => {
+                self.on_notification(session, msg).await;
+                None
+            }
+            Kind::Request => {
+                let id = msg.id_text().to_owned();
+                let cancel = session.begin(&id);
+                let ctx = ReqCtx {
+                    session: session.clone(),
+                    stream,
+                };
+                let out = match self.on_request(&ctx, msg, &cancel).await {
+                    Ok(Answer::Result(r)) => protocol::response(&id, &r),
+                    Ok(Answer::Forwarded(reply)) => match (reply.result, reply.error) {
+                        (Some(r), _) => protocol::response(&id, &r),
+                        (None, Some(e)) => protocol::error_response_raw(&id, &e),
+                        (None, None) => protocol::response(&id, &protocol::raw("{}")),
+                    },
+                    Err(e) => e.to_response(&id),
+                };
+                session.end(&id);
+                Some(out)
+            }
+        }
+    }
+
+    async fn on_request(
+        self: &Arc<Self>,
+        ctx: &ReqCtx,
+        msg: Message,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<Answer, RpcError> {
+        let params = msg
+            .params_map()
+            .map_err(|e| RpcError::InvalidParams(e.to_string()))?;
+        let m = msg.method();
+        match m {
+            method::INITIALIZE => Ok(Answer::Result(self.initialize(&ctx.session, &params))),
+            method::PING => Ok(Answer::Result(protocol::raw("{}"))),
+            method::TOOLS_LIST
+            | method::PROMPTS_LIST
+            | method::RESOURCES_LIST
+            | method::RESOURCES_TEMPLATES_LIST => {
+                self.settle().await;
+                let cat = self.catalog();
+                let (items, field) = match m {
+                    method::TOOLS_LIST => (&cat.tools, "tools"),
+                    method::PROMPTS_LIST => (&cat.prompts, "prompts"),
+                    method::RESOURCES_LIST => (&cat.resources, "resources"),
+                    _ => (&cat.templates, "resourceTemplates"),
+                };
+                ctx.session.state().listed.insert(m.to_owned());
+                let cursor = params.get_str("cursor");
+                let page =
+                    catalog::page(items, field, cursor.as_deref(), self.config.relay.page_size)
+                        .map_err(|_| {
+                            RpcError::InvalidParams(format!(
+                                "invalid cursor for `{m}`; start again without a cursor"
+                            ))
+                        })?;
+                Ok(Answer::Result(protocol::raw(&page)))
+            }
+            method::TOOLS_CALL | method::PROMPTS_GET => {
+                let name = params.get_str("name").ok_or_else(|| {
+                    RpcError::InvalidParams(format!("`{m}` needs a string `name`"))
+                })?;
+                self.settle().await;
+                let cat = self.catalog();
+                let (target, what) = if m == method::TOOLS_CALL {
+                    (cat.tool(&name), "tool")
+                } else {
+                    (cat.prompt(&name), "prompt")
+                };
+                let target = target.cloned().ok_or_else(|| {
+                    RpcError::InvalidParams(format!(
+                        "unknown {what} `{name}`; list the {what}s to see what is available"
+                    ))
+                })?;
+                drop(cat);
+                let mut params = params;
+                if *target.name != *name {
+                    params.set_str("name", &target.name);
+                }
+                self.forward(&target.server, m, params, ctx, cancel).await
+            }
+            method::RESOURCES_READ
+            | method::RESOURCES_SUBSCRIBE
+            | method::RESOURCES_UNSUBSCRIBE => {
+                let uri = params.get_str("uri").ok_or_else(|| {
+                    RpcError::InvalidParams(format!("`{m}` needs a string `uri`"))
+                })?;
+                self.settle().await;
+                let owner = self.resource_owner(&uri).ok_or_else(|| {
+                    RpcError::InvalidParams(format!(
+                        "unknown resource `{uri}`; no server offers it"
+                    ))
+                })?;
+                match m {
+                    method::RESOURCES_SUBSCRIBE => {
+                        ctx.session.state().subscriptions.insert(uri);
+                        self.forward(&owner, m, params, ctx, cancel).await
+                    }
+                    method::RESOURCES_UNSUBSCRIBE => {
+                        ctx.session.state().subscriptions.remove(&uri);
+                        if self.subscribed_elsewhere(&uri) {
+                            Ok(Answer::Result(protocol::raw("{}")))
+                        } else {
+                            self.forward(&owner, m, params, ctx, cancel).await
+                        }
+                    }
+                    _ => self.forward(&owner, m, params, ctx, cancel).await,
+                }
+            }
+            method::COMPLETE => self.complete(ctx, params, cancel).await,
+            method::SET_LEVEL => {
+                let level = params.get_str("level").ok_or_else(|| {
+                    RpcError::InvalidParams("`logging/setLevel` needs a string `level`".into())
+                })?;
+                ctx.session.state().log_level = Some(level);
+                let body = params.to_raw();
+                for b in self.backends() {
+                    if b.state() == State::Ready && b.info().has("logging") {
+                        let r = b
+                            .call(
+                                m,
+                                RawMap::parse(body.get()).unwrap_or_default(),
+                                ctx.clone(),
+                                cancel,
+                            )
+                            .await;
+                        if let Err(e) = r {
+                            tracing::debug!(server = %b.name, error = %e, "logging/setLevel not applied.");
+                        }
+                    }
+                }
+                Ok(Answer::Result(protocol::raw("{}")))
+            }
+            _ => {
+                // Unknown methods pass through when exactly one server could own them.
+                let backends = self.backends();
+                match backends.as_slice() {
+                    [only] => {
+                        let name = only.name.clone();
+                        self.forward(&name, m, params, ctx, cancel).await
+                    }
+                    _ => Err(RpcError::MethodNotFound(m.to_owned())),
+                }
+            }
+        }
+    }
+
+    async fn forward(
+        &self,
+        server: &str,
+        m: &str,
+        params: RawMap,
+        ctx: &ReqCtx,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<Answer, RpcError> {
+        let b = self.backend(server).ok_or_else(|| {
+            RpcError::InvalidParams(format!("server `{server}` is not configured"))
+        })?;
+        Ok(Answer::Forwarded(
+            b.call(m, params, ctx.clone(), cancel).await?,
+        ))
+    }
+
+    fn resource_owner(&self, uri: &str) -> Option<String> {
+        if let Some(o) = self.catalog().resource_owner(uri) {
+            return Some(o.to_string());
+        }
+        // A URI no list mentions: the only resource server may still serve it.
+        let with_resources: Vec<Arc<Backend>> = self
+            .backends()
+            .into_iter()
+            .filter(|b| b.info().has("resources"))
+            .collect();
+        match with_resources.as_slice() {
+            [only] => Some(only.name.clone()),
+            _ => None,
+        }
+    }
+
+    fn subscribed_elsewhere(&self, uri: &str) -> bool {
+        self.live_sessions()
+            .iter()
+            .any(|s| s.state().subscriptions.contains(uri))
+    }
+
+    async fn release_subscription(&self, uri: &str) {
+        if self.subscribed_elsewhere(uri) {
+            return;
+        }
+        if let Some(owner) = self.resource_owner(uri).and_then(|o| self.backend(&o)) {
+            let mut p = RawMap::default();
+            p.set_str("uri", uri);
+            owner.request_detached(method::RESOURCES_UNSUBSCRIBE, p);
+        }
+    }
+
+    async fn complete(
+        &self,
+        ctx: &ReqCtx,
+        mut params: RawMap,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<Answer, RpcError> {
+        let bad = || {
+            RpcError::InvalidParams(
+                "`completion/complete` needs `ref` with `type` and `name` or `uri`".into(),
+            )
+        };
+        let mut r = params
+            .get("ref")
+            .and_then(|r| RawMap::parse(r.get()).ok())
+            .ok_or_else(bad)?;
+        let ty = r.get_str("type").ok_or_else(bad)?;
+        let server = match ty.as_str() {
+            "ref/prompt" => {
+                let name = r.get_str("name").ok_or_else(bad)?;
+                let t =
+                    self.catalog().prompt(&name).cloned().ok_or_else(|| {
+                        RpcError::InvalidParams(format!("unknown prompt `{name}`"))
+                    })?;
+                r.set_str("name", &t.name);
+                params.set_raw("ref", r.to_raw());
+                t.server.to_string()
+            }
+            "ref/resource" => {
+                let uri = r.get_str("uri").ok_or_else(bad)?;
+                let cat = self.catalog();
+                cat.template_owner(&uri)
+                    .map(ToString::to_string)
+                    .or_else(|| self.resource_owner(&uri))
+                    .ok_or_else(|| RpcError::InvalidParams(format!("unknown resource `{uri}`")))?
+            }
+            _ => return Err(bad()),
+        };
+        let b = self.backend(&server).ok_or_else(bad)?;
+        if !b.info().has("completions") {
+            return Ok(Answer::Result(protocol::raw(
+                r#"{"completion":{"values":[],"hasMore":false}}"#,
+            )));
+        }
+        self.forward(&server, method::COMPLETE, params, ctx, cancel)
+            .await
+    }
+
+    fn initialize(
+        &self,
+        session: &Arc<Session>,
+        params: &RawMap,
+    ) -> Box<serde_json::value::RawValue> {
+        let requested = params.get_str("protocolVersion").unwrap_or_default();
+        let version = if protocol::is_supported_version(&requested) {
+            requested
+        } else {
+            protocol::LATEST_LEGACY.to_owned()
+        };
+        {
+            let mut st = session.state();
+            st.protocol_version = version.clone();
+            st.client_capabilities = params.get("capabilities").map(|c| protocol::raw(c.get()));
+            st.client_info = params.get("clientInfo").map(|c| protocol::raw(c.get()));
+        }
+        let mut caps = serde_json::Map::new();
+        caps.insert("tools".into(), serde_json::json!({"listChanged": true}));
+        caps.insert("prompts".into(), serde_json::json!({"listChanged": true}));
+        caps.insert(
+            "resources".into(),
+            serde_json::json!({"subscribe": true, "listChanged": true}),
+        );
+        caps.insert("completions".into(), serde_json::json!({}));
+        caps.insert("logging".into(), serde_json::json!({}));
+        let mut instructions = Vec::new();
+        for b in self.backends() {
+            let info = b.info();
+            if let Some(i) = info.instructions.filter(|i| !i.trim().is_empty()) {
+                instructions.push(format!(
+                    "## Server `{}` (tools prefixed `{}{}`)\n{i}",
+                    b.name,
+                    b.config.prefix,
+                    catalog::SEPARATOR
+                ));
+            }
+            // Experimental capabilities of backends (e.g. tasks) are advertised as a union.
+            if let Some(c) = info.capabilities.as_deref().and_then(|c| {
+                serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(c.get()).ok()
+            }) {
+                for (k, v) in c {
+                    caps.entry(k).or_insert(v);
+                }
+            }
+        }
+        let mut result = serde_json::json!({
+            "protocolVersion": version,
+            "capabilities": caps,
+            "serverInfo": {"name": "mcp-relay", "title": "MCP relay", "version": env!("CARGO_PKG_VERSION")},
+        });
+        if !instructions.is_empty()
+            && let Some(o) = result.as_object_mut()
+        {
+            o.insert(
+                "instructions".into(),
+                serde_json::Value::String(instructions.join("\n\n")),
+            );
+        }
+        protocol::to_raw(&result)
+    }
+
+    async fn on_notification(&self, session: &Arc<Session>, msg: Message) {
+        match msg.method() {
+            method::INITIALIZED => session.state().initialized = true,
+            method::CANCELLED => {
+                let id = msg
+                    .params_map()
+                    .ok()
+                    .and_then(|p| p.get("requestId").map(|r| r.get().to_owned()));
+                if let Some(id) = id {
+                    session.cancel(&id);
+                }
+            }
+            m => {
+                // roots/list_changed and unknown notifications go to every ready backend.
+                for b in self.backends() {
+                    b.notify(m, msg.params.as_deref()).await;
+                }
+            }
+        }
+    }
+}

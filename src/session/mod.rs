@@ -1,0 +1,243 @@
+//! A client session: what the client told us at `initialize`, what it subscribed to, and the
+//! channels that carry messages back to it.
+//!
+//! [`SessionState`] is plain serializable data (it must survive an upgrade and fit in a shared
+//! store); handles and channels live beside it in [`Session`]. Routing decisions are not made
+//! here: the router and the backends use the session to reach the client.
+
+use crate::protocol::{self, Message, RawMap};
+use serde::{Deserialize, Serialize};
+use serde_json::value::RawValue;
+use std::collections::{BTreeSet, HashMap};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+
+/// Where messages for a client go: a serialized JSON-RPC message per item.
+pub type Outbox = mpsc::UnboundedSender<String>;
+
+/// The serializable part of a session.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionState {
+    /// Negotiated protocol revision; empty before `initialize`.
+    pub protocol_version: String,
+    /// The client's `capabilities` object, verbatim.
+    pub client_capabilities: Option<Box<RawValue>>,
+    /// The client's `clientInfo`, verbatim.
+    pub client_info: Option<Box<RawValue>>,
+    pub initialized: bool,
+    /// Resource URIs this session subscribed to.
+    pub subscriptions: BTreeSet<String>,
+    /// Level from `logging/setLevel`, if any.
+    pub log_level: Option<String>,
+    /// List methods this session has called: only those lists' changes are announced to it.
+    pub listed: BTreeSet<String>,
+}
+
+/// A request the relay sent to the client on a backend's behalf, awaiting its answer.
+type Waiter = oneshot::Sender<Message>;
+
+/// A live session.
+pub struct Session {
+    pub id: String,
+    state: Mutex<SessionState>,
+    /// The session's standalone stream (stdout, or the HTTP GET stream).
+    pub outbox: Outbox,
+    next_id: AtomicU64,
+    waiters: Mutex<HashMap<u64, Waiter>>,
+    /// Client request ids (raw JSON text) in flight, to honour `notifications/cancelled`.
+    inflight: Mutex<HashMap<String, CancellationToken>>,
+    closed: CancellationToken,
+}
+
+/// The context of one client request: its session and the stream its related messages use.
+#[derive(Clone)]
+pub struct ReqCtx {
+    pub session: Arc<Session>,
+    pub stream: Outbox,
+}
+
+/// Why a request to the client failed.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("the client of this session did not declare the `{0}` capability")]
+    Unsupported(&'static str),
+    #[error("the client did not answer `{method}` within {secs} s")]
+    Timeout { method: String, secs: u64 },
+    #[error("the client session ended before answering `{0}`")]
+    Gone(String),
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    // A poisoned lock only means another task panicked mid-update of plain data; keep going.
+    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
+}
+
+impl Session {
+    pub fn new(id: String, outbox: Outbox) -> Arc<Session> {
+        Arc::new(Session {
+            id,
+            state: Mutex::new(SessionState::default()),
+            outbox,
+            next_id: AtomicU64::new(1),
+            waiters: Mutex::new(HashMap::new()),
+            inflight: Mutex::new(HashMap::new()),
+            closed: CancellationToken::new(),
+        })
+    }
+
+    /// A fresh random session id (128 bits, hex).
+    pub fn random_id() -> String {
+        let bytes: [u8; 16] = rand::random();
+        bytes.iter().map(|b| format!("{b:02x}")).collect()
+    }
+
+    pub fn state(&self) -> MutexGuard<'_, SessionState> {
+        lock(&self.state)
+    }
+
+    /// The standalone-stream context (for messages not tied to a request).
+    pub fn ctx(self: &Arc<Self>) -> ReqCtx {
+        ReqCtx {
+            session: self.clone(),
+            stream: self.outbox.clone(),
+        }
+    }
+
+    /// Whether the client declared a capability (top-level key of `capabilities`).
+    pub fn has_capability(&self, name: &str) -> bool {
+        let st = self.state();
+        st.client_capabilities
+            .as_deref()
+            .and_then(|c| RawMap::parse(c.get()).ok())
+            .is_some_and(|m| m.get(name).is_some_and(|v| v.get() != "null"))
+    }
+
+    /// Registers a client request id as in flight; the token fires on client cancellation.
+    pub fn begin(&self, id_text: &str) -> CancellationToken {
+        let token = self.closed.child_token();
+        lock(&self.inflight).insert(id_text.to_owned(), token.clone());
+        token
+    }
+
+    pub fn end(&self, id_text: &str) {
+        lock(&self.inflight).remove(id_text);
+    }
+
+    /// Handles the client's `notifications/cancelled` for one of its requests.
+    pub fn cancel(&self, id_text: &str) -> bool {
+        match lock(&self.inflight).remove(id_text) {
+            Some(t) => {
+                t.cancel();
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Ends the session: in-flight requests are cancelled, waiting reverse requests fail.
+    pub fn close(&self) {
+        self.closed.cancel();
+        lock(&self.waiters).clear();
+    }
+
+    pub fn is_closed(&self) -> bool {
+        self.closed.is_cancelled()
+    }
+
+    pub fn closed(&self) -> &CancellationToken {
+        &self.closed
+    }
+
+    /// Sends a server-to-client request (sampling, elicitation, roots) on `stream` and waits
+    /// for the client's answer.
+    pub async fn request(
+        &self,
+        stream: &Outbox,
+        method: &str,
+        params: Option<&RawValue>,
+        timeout: Duration,
+    ) -> Result<Message, ClientError> {
+        let needed = match method {
+            protocol::method::SAMPLING => Some("sampling"),
+            protocol::method::ELICIT => Some("elicitation"),
+            protocol::method::ROOTS_LIST => Some("roots"),
+            _ => None,
+        };
+        if let Some(cap) = needed
+            && !self.has_capability(cap)
+        {
+            return Err(ClientError::Unsupported(cap));
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = oneshot::channel();
+        lock(&self.waiters).insert(id, tx);
+        // Ids toward the client are strings so they never collide with a client's own numbers.
+        let id_json = format!("\"relay-{id}\"");
+        if stream
+            .send(protocol::request(&id_json, method, params))
+            .is_err()
+        {
+            lock(&self.waiters).remove(&id);
+            return Err(ClientError::Gone(method.to_owned()));
+        }
+        tokio::select! {
+            r = rx => r.map_err(|_| ClientError::Gone(method.to_owned())),
+            () = tokio::time::sleep(timeout) => {
+                lock(&self.waiters).remove(&id);
+                Err(ClientError::Timeout { method: method.to_owned(), secs: timeout.as_secs() })
+            }
+        }
+    }
+
+    /// Delivers a client's response to a waiting server-to-client request.
+    /// Returns false when no request with that id is waiting.
+    pub fn answer(&self, msg: Message) -> bool {
+        let id = msg
+            .id
+            .as_deref()
+            .and_then(|i| serde_json::from_str::<String>(i.get()).ok())
+            .and_then(|s| s.strip_prefix("relay-").and_then(|n| n.parse::<u64>().ok()));
+        let Some(id) = id else { return false };
+        match lock(&self.waiters).remove(&id) {
+            Some(w) => w.send(msg).is_ok(),
+            None => false,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn reverse_request_round_trip_and_capability_check()
+    -> Result<(), Box<dyn std::error::Error>> {
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let s = Session::new(Session::random_id(), tx.clone());
+        let denied = s
+            .request(&tx, "sampling/createMessage", None, Duration::from_secs(5))
+            .await;
+        assert!(matches!(denied, Err(ClientError::Unsupported("sampling"))));
+        s.state().client_capabilities = Some(protocol::raw(r#"{"sampling":{}}"#));
+        let s2 = s.clone();
+        let answerer = tokio::spawn(async move {
+            let req = rx.recv().await?;
+            let id = Message::parse(req.as_bytes()).ok()?.id_text().to_owned();
+            let reply = protocol::response(&id, &protocol::raw(r#"{"ok":1}"#));
+            Some(s2.answer(Message::parse(reply.as_bytes()).ok()?))
+        });
+        let got = s
+            .request(&tx, "sampling/createMessage", None, Duration::from_secs(5))
+            .await?;
+        assert_eq!(answerer.await?, Some(true));
+        assert_eq!(
+            got.result.map(|r| r.get().to_owned()).as_deref(),
+            Some(r#"{"ok":1}"#)
+        );
+        Ok(())
+    }
+}
