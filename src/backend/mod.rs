@@ -276,9 +276,10 @@ impl Backend {
             let reason = match outcome {
                 Ok(conn) => {
                     backoff = Duration::from_millis(250);
+                    // The catalog must hold our lists before anyone sees us ready.
+                    self.hub.lists_changed(&self.name);
                     self.state.send_replace(State::Ready);
                     tracing::info!(server = %self.name, "Backend ready.");
-                    self.hub.lists_changed(&self.name);
                     let closed = conn.closed();
                     tokio::select! {
                         () = closed.cancelled() => {},

@@ -164,16 +164,16 @@ impl Front {
         &self.relay.config.relay
     }
 
-    fn session(&self, headers: &HeaderMap) -> Result<Arc<HttpSession>, Response> {
+    fn session(&self, headers: &HeaderMap) -> Result<Arc<HttpSession>, Reject> {
         let Some(id) = headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok()) else {
-            return Err(error(
+            return Err(reject(
                 StatusCode::BAD_REQUEST,
                 protocol::code::INVALID_REQUEST,
                 "missing Mcp-Session-Id header; send initialize first",
             ));
         };
         lock(&self.sessions).get(id).cloned().ok_or_else(|| {
-            error(
+            reject(
                 StatusCode::NOT_FOUND,
                 protocol::code::INVALID_REQUEST,
                 "unknown or ended session; initialize a new one",
@@ -210,12 +210,12 @@ impl Front {
     }
 
     /// Host and Origin checks (DNS-rebinding protection).
-    fn check_origin(&self, headers: &HeaderMap) -> Result<(), Response> {
+    fn check_origin(&self, headers: &HeaderMap) -> Result<(), Reject> {
         let s = self.settings();
         if let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok())
             && !host_allowed(host, &s.allowed_hosts, self.listen)
         {
-            return Err(error(
+            return Err(reject(
                 StatusCode::FORBIDDEN,
                 protocol::code::INVALID_REQUEST,
                 "Host header not allowed; add it to relay.allowedHosts",
@@ -224,7 +224,7 @@ impl Front {
         if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok())
             && !origin_allowed(origin, &s.allowed_origins)
         {
-            return Err(error(
+            return Err(reject(
                 StatusCode::FORBIDDEN,
                 protocol::code::INVALID_REQUEST,
                 "Origin not allowed; add it to relay.allowedOrigins",
@@ -233,7 +233,7 @@ impl Front {
         if let Some(v) = headers.get(VERSION_HEADER).and_then(|v| v.to_str().ok())
             && !protocol::is_supported_version(v)
         {
-            return Err(error(
+            return Err(reject(
                 StatusCode::BAD_REQUEST,
                 protocol::code::INVALID_REQUEST,
                 &format!(
@@ -287,6 +287,19 @@ fn origin_allowed(origin: &str, allowed: &[String]) -> bool {
     is_loopback_name(hostname(authority.trim_end_matches('/')))
 }
 
+/// A request refused before routing (status, JSON-RPC code, message).
+struct Reject(StatusCode, i64, String);
+
+fn reject(status: StatusCode, code: i64, message: &str) -> Reject {
+    Reject(status, code, message.to_owned())
+}
+
+impl IntoResponse for Reject {
+    fn into_response(self) -> Response {
+        error(self.0, self.1, &self.2)
+    }
+}
+
 fn error(status: StatusCode, code: i64, message: &str) -> Response {
     json_response(
         status,
@@ -325,7 +338,7 @@ fn accepts_sse(headers: &HeaderMap) -> bool {
 
 async fn handle_post(State(front): State<Arc<Front>>, headers: HeaderMap, body: Body) -> Response {
     if let Err(r) = front.check_origin(&headers) {
-        return r;
+        return r.into_response();
     }
     let max = front.settings().max_message_bytes;
     let body = match axum::body::to_bytes(body, max).await {
@@ -371,7 +384,7 @@ async fn handle_post(State(front): State<Arc<Front>>, headers: HeaderMap, body: 
     }
     let hs = match front.session(&headers) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     if msg.kind() != Kind::Request {
         front
@@ -405,13 +418,20 @@ async fn handle_post(State(front): State<Arc<Front>>, headers: HeaderMap, body: 
             return json_response(StatusCode::OK, r.ok().flatten().unwrap_or_default());
         }
     };
-    stream_reply(
-        &front,
-        &hs,
-        first,
-        rx,
-        Box::pin(async move { answer.await.ok().flatten() }),
-    )
+    match first {
+        // The handler finished without related messages: a plain JSON answer.
+        None => json_response(
+            StatusCode::OK,
+            answer.await.ok().flatten().unwrap_or_default(),
+        ),
+        Some(first) => stream_reply(
+            &front,
+            &hs,
+            Some(first),
+            rx,
+            Box::pin(async move { answer.await.ok().flatten() }),
+        ),
+    }
 }
 
 type Answer = std::pin::Pin<Box<dyn std::future::Future<Output = Option<String>> + Send>>;
@@ -479,7 +499,7 @@ async fn handle_batch(front: &Arc<Front>, headers: &HeaderMap, body: &[u8]) -> R
     };
     let hs = match front.session(headers) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let futs = items.iter().map(|item| {
         let relay = front.relay.clone();
@@ -512,7 +532,7 @@ async fn handle_batch(front: &Arc<Front>, headers: &HeaderMap, body: &[u8]) -> R
 
 async fn handle_get(State(front): State<Arc<Front>>, headers: HeaderMap) -> Response {
     if let Err(r) = front.check_origin(&headers) {
-        return r;
+        return r.into_response();
     }
     if !accepts_sse(&headers) {
         return error(
@@ -523,7 +543,7 @@ async fn handle_get(State(front): State<Arc<Front>>, headers: HeaderMap) -> Resp
     }
     let hs = match front.session(&headers) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     let last = headers
         .get("last-event-id")
@@ -547,11 +567,11 @@ async fn handle_get(State(front): State<Arc<Front>>, headers: HeaderMap) -> Resp
 
 async fn handle_delete(State(front): State<Arc<Front>>, headers: HeaderMap) -> Response {
     if let Err(r) = front.check_origin(&headers) {
-        return r;
+        return r.into_response();
     }
     let hs = match front.session(&headers) {
         Ok(s) => s,
-        Err(r) => return r,
+        Err(r) => return r.into_response(),
     };
     lock(&front.sessions).remove(&hs.session.id);
     front.relay.close_session(&hs.session).await;

@@ -1,0 +1,183 @@
+#!/usr/bin/env bash
+# Run the MCP conformance server suite three ways and diff the results:
+#   (a) direct:                the fixture server (tests/fixture/conformance_server.py) over
+#                              Streamable HTTP, no relay
+#   (b) relay(stdio backend):  mcp-relay serve, fronting the fixture started over stdio
+#   (c) relay(http backend):   mcp-relay serve, fronting a second fixture over Streamable HTTP
+# Each run goes through scripts/conformance-server.sh (same suite, same pass/fail rules).
+# Prints the three tallies, then every scenario that passes directly but fails through the
+# relay (with the failing checks), and exits 1 if there is any such scenario.
+#
+# Usage: scripts/conformance-diff.sh [OUTDIR]
+#   OUTDIR  where results go (default: a fresh mktemp dir; printed). Layout:
+#             direct/ relay-stdio/ relay-http/   conformance-server.sh outputs
+#                                                (passed.txt, failed.txt, summary.tsv, results/...)
+#             logs/*.log                         fixture and relay stdout/stderr
+#             relay-stdio.json relay-http.json   the relay configs used
+#             regressions.txt                    pass direct, fail via relay ("<mode> <scenario>")
+#
+# Env:
+#   MCP_RELAY_BIN        relay binary (default target/debug/mcp-relay; never built here)
+#   RELAY_RUST_LOG       RUST_LOG for the relay (default debug: JSON logs in logs/relay-*.stderr.log)
+#   STARTUP_TIMEOUT      seconds to wait for a fixture/relay to listen (default 30)
+#   CONFORMANCE_SUITE, CONFORMANCE_STRICT, CONFORMANCE_TIMEOUT, CONFORMANCE_EXTRA_ARGS
+#                        passed through to scripts/conformance-server.sh (suite default: all;
+#                        timeout default here: 300 s per run)
+#
+# Everything listens on 127.0.0.1 only. Every process started here runs in its own process
+# group and is terminated (TERM, then KILL after 5 s) when its stage ends and on exit.
+# Exit: 0 no regression, 1 some scenario passes directly but fails through the relay,
+#       2 harness error (missing deps, a server did not start, a suite run did not run).
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+PY="$ROOT/.venv/bin/python"
+FIXTURE="$ROOT/tests/fixture/conformance_server.py"
+RELAY="${MCP_RELAY_BIN:-$ROOT/target/debug/mcp-relay}"
+RUNNER="$ROOT/scripts/conformance-server.sh"
+STARTUP_TIMEOUT="${STARTUP_TIMEOUT:-30}"
+export CONFORMANCE_TIMEOUT="${CONFORMANCE_TIMEOUT:-300}"
+
+if [[ $# -gt 1 || "${1:-}" == "-h" || "${1:-}" == "--help" ]]; then
+  sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'
+  exit 2
+fi
+for f in "$PY" "$RELAY"; do
+  [[ -x "$f" ]] || { echo "conformance-diff.sh: $f missing (run scripts/setup-test-deps.sh / build the relay)" >&2; exit 2; }
+done
+[[ -f "$FIXTURE" && -x "$RUNNER" ]] || { echo "conformance-diff.sh: $FIXTURE or $RUNNER missing" >&2; exit 2; }
+
+OUTDIR="${1:-$(mktemp -d "${TMPDIR:-/tmp}/mcp-conformance-diff.XXXXXX")}"
+mkdir -p "$OUTDIR/logs"
+OUTDIR="$(cd "$OUTDIR" && pwd)"
+rm -f "$OUTDIR/regressions.txt"
+echo "conformance-diff: results in $OUTDIR"
+
+# ---------------------------------------------------------------- process handling
+PIDS=()   # process-group leaders started by this script
+
+stop_pid() { # PID: TERM its process group, wait up to 5 s, then KILL
+  local pid="$1" i
+  kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
+  kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+  for ((i = 0; i < 50; i++)); do
+    kill -0 "$pid" 2>/dev/null || break
+    sleep 0.1
+  done
+  kill -KILL -- "-$pid" 2>/dev/null || true
+  wait "$pid" 2>/dev/null || true
+}
+
+stop_all() {
+  local pid
+  for pid in "${PIDS[@]}"; do stop_pid "$pid"; done
+  PIDS=()
+}
+
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  stop_all
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+# start NAME CMD...: runs CMD in a new session (so its children share its process group),
+# stdout/stderr to logs/NAME.{stdout,stderr}.log; sets STARTED_PID.
+start() {
+  local name="$1"
+  shift
+  setsid "$@" </dev/null >"$OUTDIR/logs/$name.stdout.log" 2>"$OUTDIR/logs/$name.stderr.log" &
+  STARTED_PID=$!
+  PIDS+=("$STARTED_PID")
+}
+
+# wait_for PID FILE REGEX: waits (bounded) until FILE has a line matching REGEX (ERE with one
+# capture group, e.g. a port) and prints the captured text.
+wait_for() {
+  local pid="$1" file="$2" re="$3" deadline=$((SECONDS + STARTUP_TIMEOUT)) line
+  while ((SECONDS < deadline)); do
+    line="$(grep -aoE "$re" "$file" 2>/dev/null | head -n1 || true)"
+    if [[ -n "$line" ]]; then
+      [[ "$line" =~ $re ]] && { echo "${BASH_REMATCH[1]}"; return 0; }
+    fi
+    kill -0 "$pid" 2>/dev/null || { echo "conformance-diff.sh: process $pid exited before listening; see $file" >&2; return 1; }
+    sleep 0.1
+  done
+  echo "conformance-diff.sh: nothing matching /$re/ in $file after ${STARTUP_TIMEOUT}s" >&2
+  return 1
+}
+
+start_fixture_http() { # NAME -> FIXTURE_PORT
+  start "$1" "$PY" "$FIXTURE" http --host 127.0.0.1 --port 0
+  FIXTURE_PORT="$(wait_for "$STARTED_PID" "$OUTDIR/logs/$1.stdout.log" 'LISTENING ([0-9]+)')" || exit 2
+}
+
+start_relay() { # NAME CONFIG -> RELAY_URL
+  RUST_LOG="${RELAY_RUST_LOG:-debug}" start "$1" "$RELAY" serve --config "$2" --listen 127.0.0.1:0
+  RELAY_URL="$(wait_for "$STARTED_PID" "$OUTDIR/logs/$1.stderr.log" 'mcp-relay listening on (http://127\.0\.0\.1:[0-9]+/mcp)')" || exit 2
+}
+
+json_str() { "$PY" -c 'import json,sys; print(json.dumps(sys.argv[1]))' "$1"; }
+
+# run_suite LABEL URL DIR: runs the suite, prints "LABEL: scenarios: P passed, F failed".
+run_suite() {
+  local label="$1" url="$2" dir="$3" rc=0 tally
+  echo "conformance-diff: running suite ($label) against $url ..."
+  "$RUNNER" "$url" "$dir" >"$dir.runner.log" 2>&1 || rc=$?
+  if [[ $rc -ge 2 ]]; then
+    cat "$dir.runner.log" >&2
+    echo "conformance-diff.sh: suite run '$label' did not run (exit $rc)" >&2
+    exit 2
+  fi
+  tally="$(grep -E '^scenarios: ' "$dir.runner.log" | tail -n1)"
+  TALLIES+=("$label: $tally")
+}
+
+TALLIES=()
+
+# ---------------------------------------------------------------- (a) direct
+start_fixture_http fixture-direct
+run_suite "direct" "http://127.0.0.1:$FIXTURE_PORT/mcp" "$OUTDIR/direct"
+stop_all
+
+# ---------------------------------------------------------------- (b) relay, stdio backend
+cat >"$OUTDIR/relay-stdio.json" <<EOF
+{"mcpServers":{"fixture":{"command":$(json_str "$PY"),"args":[$(json_str "$FIXTURE"),"stdio"],"prefix":""}},
+ "relay":{"startupWaitMs":10000}}
+EOF
+start_relay relay-stdio "$OUTDIR/relay-stdio.json"
+run_suite "relay(stdio backend)" "$RELAY_URL" "$OUTDIR/relay-stdio"
+stop_all
+
+# ---------------------------------------------------------------- (c) relay, http backend
+start_fixture_http fixture-for-relay-http
+cat >"$OUTDIR/relay-http.json" <<EOF
+{"mcpServers":{"fixture":{"type":"http","url":"http://127.0.0.1:$FIXTURE_PORT/mcp","prefix":""}},
+ "relay":{"startupWaitMs":10000}}
+EOF
+start_relay relay-http "$OUTDIR/relay-http.json"
+run_suite "relay(http backend)" "$RELAY_URL" "$OUTDIR/relay-http"
+stop_all
+
+# ---------------------------------------------------------------- report
+echo
+for t in "${TALLIES[@]}"; do echo "$t"; done
+echo
+: >"$OUTDIR/regressions.txt"
+for mode in relay-stdio relay-http; do
+  # passed directly, not passed through the relay (failed, or never ran)
+  while IFS= read -r sc; do
+    [[ -n "$sc" ]] || continue
+    echo "$mode $sc" >>"$OUTDIR/regressions.txt"
+    reason="$(awk -F'\t' -v s="$sc" '$1 == s { print $4 }' "$OUTDIR/$mode/summary.tsv")"
+    echo "REGRESSION [$mode] $sc: ${reason:-not run through the relay}"
+  done < <(comm -23 <(sort "$OUTDIR/direct/passed.txt") <(sort "$OUTDIR/$mode/passed.txt"))
+done
+N=$(grep -c . "$OUTDIR/regressions.txt" || true)
+echo
+echo "pass directly but fail through the relay: $N (list: $OUTDIR/regressions.txt)"
+echo "results: $OUTDIR"
+[[ "$N" -eq 0 ]] && exit 0 || exit 1

@@ -1,0 +1,248 @@
+//! The Streamable HTTP front and HTTP backends, with a plain HTTP client.
+
+use crate::support::{Result, example, example_http, serve};
+use serde_json::{Value, json};
+
+const ACCEPT: &str = "application/json, text/event-stream";
+
+struct Client {
+    http: reqwest::blocking::Client,
+    url: String,
+    session: Option<String>,
+}
+
+impl Client {
+    fn new(url: &str) -> Result<Client> {
+        Ok(Client {
+            http: reqwest::blocking::Client::builder()
+                .timeout(crate::support::TIMEOUT)
+                .build()?,
+            url: url.to_owned(),
+            session: None,
+        })
+    }
+
+    fn post_raw(&self, body: impl Into<String>) -> Result<reqwest::blocking::Response> {
+        let mut r = self
+            .http
+            .post(&self.url)
+            .header("accept", ACCEPT)
+            .header("content-type", "application/json")
+            .body(body.into());
+        if let Some(s) = &self.session {
+            r = r.header("mcp-session-id", s);
+        }
+        Ok(r.send()?)
+    }
+
+    /// Posts a message; returns the JSON-RPC answer (from JSON or from the SSE stream).
+    fn call(&self, msg: &Value) -> Result<Value> {
+        let resp = self.post_raw(msg.to_string())?;
+        let ctype = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let text = resp.text()?;
+        if ctype.starts_with("text/event-stream") {
+            for line in text.lines() {
+                if let Some(data) = line.strip_prefix("data: ").filter(|d| !d.trim().is_empty()) {
+                    let v: Value = serde_json::from_str(data)?;
+                    if v.get("id") == msg.get("id") && v.get("method").is_none() {
+                        return Ok(v);
+                    }
+                }
+            }
+            return Err(format!("no answer in stream: {text}").into());
+        }
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    fn initialize(&mut self) -> Result<Value> {
+        let resp = self.post_raw(json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"it","version":"1"}}}).to_string())?;
+        let sid = resp
+            .headers()
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+            .ok_or("no session id")?
+            .to_owned();
+        assert!(
+            sid.len() >= 32 && sid.bytes().all(|b| (0x21..=0x7e).contains(&b)),
+            "{sid}"
+        );
+        self.session = Some(sid);
+        let v: Value = serde_json::from_str(&resp.text()?)?;
+        let r = self
+            .post_raw(json!({"jsonrpc":"2.0","method":"notifications/initialized"}).to_string())?;
+        assert_eq!(r.status(), 202);
+        Ok(v)
+    }
+}
+
+#[test]
+fn http_front_to_http_backend_with_colliding_ids() -> Result {
+    let dir = tempfile::tempdir()?;
+    let (_backend, backend_url) = example_http("web")?;
+    let cfg =
+        json!({"mcpServers": {"web": {"type": "http", "url": backend_url}, "ex": example("ex")}});
+    let (_relay, url) = serve(&cfg, dir.path())?;
+    let mut a = Client::new(&url)?;
+    let mut b = Client::new(&url)?;
+    a.initialize()?;
+    b.initialize()?;
+    assert_ne!(a.session, b.session);
+    // Both sessions use the same ids at the same time; each must get its own answers.
+    let threads: Vec<_> = [("a", a), ("b", b)]
+        .into_iter()
+        .map(|(tag, c)| {
+            std::thread::spawn(move || -> Result<()> {
+                for i in 0..50 {
+                    let server = if i % 2 == 0 { "web" } else { "ex" };
+                    let msg = format!("{tag}-{i}");
+                    let r = c.call(&json!({"jsonrpc":"2.0","id":i,"method":"tools/call","params":{"name":format!("{server}__echo"),"arguments":{"message":msg}}}))?;
+                    assert_eq!(r["id"], i);
+                    assert_eq!(r["result"]["content"][0]["text"], format!("Echo: {msg}"));
+                }
+                Ok(())
+            })
+        })
+        .collect();
+    for t in threads {
+        t.join().map_err(|_| "thread panicked")??;
+    }
+    Ok(())
+}
+
+#[test]
+fn http_front_rejects_bad_requests_per_spec() -> Result {
+    let dir = tempfile::tempdir()?;
+    let cfg = json!({"mcpServers": {"ex": example("ex")}, "relay": {"maxMessageBytes": 2048}});
+    let (_relay, url) = serve(&cfg, dir.path())?;
+    let mut c = Client::new(&url)?;
+    // No session yet.
+    let r = c.post_raw(json!({"jsonrpc":"2.0","id":1,"method":"tools/list"}).to_string())?;
+    assert_eq!(r.status(), 400);
+    c.initialize()?;
+    let r = c.post_raw("{oops")?;
+    assert_eq!(r.status(), 400);
+    assert_eq!(
+        serde_json::from_str::<Value>(&r.text()?)?["error"]["code"],
+        -32700
+    );
+    let r = c.post_raw(format!(
+        r#"{{"jsonrpc":"2.0","id":2,"method":"ping","params":{{"pad":"{}"}}}}"#,
+        "x".repeat(5000)
+    ))?;
+    assert_eq!(r.status(), 413);
+    let r = c
+        .http
+        .post(&url)
+        .header("accept", ACCEPT)
+        .header("content-type", "application/json")
+        .header("mcp-session-id", c.session.clone().unwrap_or_default())
+        .header("mcp-protocol-version", "1999-01-01")
+        .body(json!({"jsonrpc":"2.0","id":3,"method":"ping"}).to_string())
+        .send()?;
+    assert_eq!(r.status(), 400);
+    let r = c
+        .http
+        .post(&url)
+        .header("accept", ACCEPT)
+        .header("origin", "http://evil.example")
+        .body(json!({"jsonrpc":"2.0","id":4,"method":"ping"}).to_string())
+        .send()?;
+    assert_eq!(r.status(), 403);
+    let r = c
+        .http
+        .post(&url)
+        .header("accept", ACCEPT)
+        .header("host", "evil.example")
+        .body(json!({"jsonrpc":"2.0","id":4,"method":"ping"}).to_string())
+        .send()?;
+    assert_eq!(r.status(), 403);
+    let unknown = c.call(
+        &json!({"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"ex__missing"}}),
+    )?;
+    assert_eq!(unknown["error"]["code"], -32602);
+    // DELETE ends the session; the id is then unknown.
+    let r = c
+        .http
+        .delete(&url)
+        .header("mcp-session-id", c.session.clone().unwrap_or_default())
+        .send()?;
+    assert_eq!(r.status(), 200);
+    let r = c.post_raw(json!({"jsonrpc":"2.0","id":6,"method":"ping"}).to_string())?;
+    assert_eq!(r.status(), 404);
+    Ok(())
+}
+
+#[test]
+fn progress_streams_as_sse_on_the_request() -> Result {
+    let dir = tempfile::tempdir()?;
+    let (_relay, url) = serve(&json!({"mcpServers": {"ex": example("ex")}}), dir.path())?;
+    let mut c = Client::new(&url)?;
+    c.initialize()?;
+    let resp = c.post_raw(json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"ex__slow","arguments":{"steps":2,"ms":10},"_meta":{"progressToken":7}}}).to_string())?;
+    assert!(
+        resp.headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .starts_with("text/event-stream")
+    );
+    let text = resp.text()?;
+    let events: Vec<Value> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("data: "))
+        .filter_map(|d| serde_json::from_str(d).ok())
+        .collect();
+    assert_eq!(events.len(), 3, "{text}");
+    assert_eq!(events[0]["params"]["progressToken"], 7);
+    assert_eq!(
+        events[2]["result"]["content"][0]["text"],
+        "done after 2 steps"
+    );
+    assert!(
+        text.starts_with("id: ") && text.contains("retry: "),
+        "priming event missing: {text}"
+    );
+    Ok(())
+}
+
+#[test]
+fn http_backend_session_loss_is_healed() -> Result {
+    // The backend restarts on the same port: its sessions are gone, so it answers 404 and the
+    // relay must re-initialize transparently.
+    let dir = tempfile::tempdir()?;
+    let (first, backend_url) = example_http("web")?;
+    let port = backend_url
+        .trim_start_matches("http://127.0.0.1:")
+        .trim_end_matches("/mcp")
+        .to_owned();
+    let (_relay, url) = serve(
+        &json!({"mcpServers": {"web": {"type": "http", "url": backend_url}}}),
+        dir.path(),
+    )?;
+    let mut c = Client::new(&url)?;
+    c.initialize()?;
+    let r = c.call(&json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"web__echo","arguments":{"message":"one"}}}))?;
+    assert_eq!(r["result"]["content"][0]["text"], "Echo: one");
+    drop(first);
+    let _second = {
+        let mut child = std::process::Command::new(crate::support::example_bin())
+            .args(["--name", "web", "--http", &format!("127.0.0.1:{port}")])
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()?;
+        let mut line = String::new();
+        std::io::BufRead::read_line(
+            &mut std::io::BufReader::new(child.stdout.take().ok_or("stdout")?),
+            &mut line,
+        )?;
+        crate::support::Proc { child }
+    };
+    let r = c.call(&json!({"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"web__echo","arguments":{"message":"two"}}}))?;
+    assert_eq!(r["result"]["content"][0]["text"], "Echo: two", "{r}");
+    Ok(())
+}

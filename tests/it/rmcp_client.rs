@@ -1,0 +1,65 @@
+//! The official Rust SDK (rmcp) as the client, over stdio and Streamable HTTP.
+
+use crate::support::{Result, example, relay_bin, serve, write_config};
+use rmcp::ServiceExt;
+use rmcp::model::CallToolRequestParams;
+use rmcp::transport::{StreamableHttpClientTransport, TokioChildProcess};
+use serde_json::json;
+
+fn args(message: &str) -> serde_json::Map<String, serde_json::Value> {
+    let mut m = serde_json::Map::new();
+    m.insert("message".into(), json!(message));
+    m
+}
+
+fn text_of(r: &rmcp::model::CallToolResult) -> String {
+    serde_json::to_value(&r.content)
+        .ok()
+        .and_then(|v| v[0]["text"].as_str().map(str::to_owned))
+        .unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rmcp_client_over_stdio() -> Result {
+    let dir = tempfile::tempdir()?;
+    let path = write_config(
+        dir.path(),
+        &json!({"mcpServers": {"ex": example("ex"), "two": example("two")}}),
+    )?;
+    let mut cmd = tokio::process::Command::new(relay_bin());
+    cmd.arg("stdio")
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "warn");
+    let client = ().serve(TokioChildProcess::new(cmd)?).await?;
+    let tools = client.list_all_tools().await?;
+    let names: Vec<String> = tools.iter().map(|t| t.name.to_string()).collect();
+    assert!(
+        names.contains(&"ex__echo".into()) && names.contains(&"two__echo".into()),
+        "{names:?}"
+    );
+    let r = client
+        .call_tool(CallToolRequestParams::new("two__echo").with_arguments(args("rmcp")))
+        .await?;
+    assert_eq!(text_of(&r), "Echo: rmcp");
+    client.cancel().await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rmcp_client_over_http() -> Result {
+    let dir = tempfile::tempdir()?;
+    let (_relay, url) = serve(&json!({"mcpServers": {"ex": example("ex")}}), dir.path())?;
+    let client = ().serve(StreamableHttpClientTransport::from_uri(url)).await?;
+    let info = client.peer_info().ok_or("no server info")?;
+    assert_eq!(
+        info.server_info.as_ref().map(|i| i.name.as_str()),
+        Some("mcp-relay")
+    );
+    let r = client
+        .call_tool(CallToolRequestParams::new("ex__echo").with_arguments(args("over http")))
+        .await?;
+    assert_eq!(text_of(&r), "Echo: over http");
+    client.cancel().await?;
+    Ok(())
+}

@@ -1,0 +1,279 @@
+//! The stdio front: merged catalog, lossless forwarding, routing, reverse requests, bad input.
+
+use crate::support::{Result, StdioClient, example, is_response};
+use serde_json::{Value, json};
+
+fn two_examples() -> Value {
+    json!({"mcpServers": {"ex": example("ex"), "other": example("other")}})
+}
+
+fn names(list: &Value, field: &str) -> Vec<String> {
+    list["result"][field]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| t["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
+#[test]
+fn merged_catalog_namespaces_and_routes() -> Result {
+    let mut c = StdioClient::start(two_examples())?;
+    let init = c.initialize(json!({}))?;
+    assert_eq!(init["result"]["protocolVersion"], "2025-11-25");
+    assert_eq!(init["result"]["capabilities"]["tools"]["listChanged"], true);
+    let tools = names(&c.request(1, "tools/list", json!({}))?, "tools");
+    for n in ["ex__echo", "ex__add", "other__echo", "other__lossless"] {
+        assert!(tools.contains(&n.to_owned()), "{n} missing from {tools:?}");
+    }
+    let r = c.request(
+        2,
+        "tools/call",
+        json!({"name":"other__echo","arguments":{"message":"hi"}}),
+    )?;
+    assert_eq!(r["result"]["content"][0]["text"], "Echo: hi");
+    let p = c.request(
+        3,
+        "prompts/get",
+        json!({"name":"ex__greet","arguments":{"name":"Ada"}}),
+    )?;
+    assert_eq!(p["result"]["messages"][0]["content"]["text"], "Hello, Ada!");
+    let t = c.request(4, "resources/read", json!({"uri":"example://item/7"}))?;
+    assert_eq!(
+        t["result"]["contents"][0]["text"],
+        "content of example://item/7"
+    );
+    let comp = c.request(5, "completion/complete", json!({"ref":{"type":"ref/prompt","name":"other__greet"},"argument":{"name":"name","value":"a"}}))?;
+    assert_eq!(
+        comp["result"]["completion"]["values"],
+        json!(["alpha", "beta"])
+    );
+    assert_eq!(c.request(6, "ping", json!({}))?["result"], json!({}));
+    Ok(())
+}
+
+#[test]
+fn forwarding_is_lossless() -> Result {
+    // The same call made directly to the backend and through the relay must match byte for byte.
+    let mut direct = std::process::Command::new(crate::support::example_bin())
+        .args(["--name", "ex"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()?;
+    let mut din = direct.stdin.take().ok_or("stdin")?;
+    let dout = direct.stdout.take().ok_or("stdout")?;
+    use std::io::{BufRead, Write};
+    writeln!(
+        din,
+        r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{{"name":"lossless","arguments":{{}}}}}}"#
+    )?;
+    writeln!(din, r#"{{"jsonrpc":"2.0","id":2,"method":"tools/list"}}"#)?;
+    din.flush()?;
+    let mut lines = std::io::BufReader::new(dout).lines();
+    let direct_call = lines.next().ok_or("no answer")??;
+    let direct_list = lines.next().ok_or("no answer")??;
+    drop(din);
+    let _ = direct.kill();
+    let _ = direct.wait();
+
+    let mut c = StdioClient::start(json!({"mcpServers": {"ex": example("ex")}}))?;
+    c.initialize(json!({}))?;
+    let relayed_call = c.request_raw(
+        1,
+        "tools/call",
+        json!({"name":"ex__lossless","arguments":{}}),
+    )?;
+    let result_of = |s: &str| -> Result<String> {
+        let v: Value = serde_json::from_str(s)?;
+        Ok(v["result"].to_string())
+    };
+    assert_eq!(
+        relayed_call.replace("\"id\":1", ""),
+        direct_call.replace("\"id\":1", "")
+    );
+    assert!(
+        relayed_call.contains(r#""x-r":{"deep":[1,2,{"k":null}]}"#),
+        "{relayed_call}"
+    );
+    // The listed tool keeps every field; only its name gains the prefix.
+    let relayed_list: Value = serde_json::from_str(&c.request_raw(2, "tools/list", json!({}))?)?;
+    let direct_list: Value = serde_json::from_str(&direct_list)?;
+    let pick = |v: &Value, name: &str| {
+        v["result"]["tools"]
+            .as_array()
+            .and_then(|a| a.iter().find(|t| t["name"] == name).cloned())
+    };
+    let mut want = pick(&direct_list, "lossless").ok_or("direct tool")?;
+    want["name"] = json!("ex__lossless");
+    assert_eq!(pick(&relayed_list, "ex__lossless"), Some(want));
+    let _ = result_of;
+    Ok(())
+}
+
+#[test]
+fn progress_and_sampling_reach_the_right_client() -> Result {
+    let mut c = StdioClient::start(json!({"mcpServers": {"ex": example("ex")}}))?;
+    c.initialize(json!({"sampling":{}}))?;
+    c.send(&json!({"jsonrpc":"2.0","id":"p1","method":"tools/call","params":{"name":"ex__slow","arguments":{"steps":3,"ms":10},"_meta":{"progressToken":"mine-1"}}}))?;
+    let mut seen = Vec::new();
+    c.recv_until(|l| is_response(l, &json!("p1")), &mut seen)?;
+    let progress: Vec<Value> = seen
+        .iter()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|v| v["method"] == "notifications/progress")
+        .collect();
+    assert_eq!(progress.len(), 3, "{seen:?}");
+    assert!(
+        progress
+            .iter()
+            .all(|p| p["params"]["progressToken"] == "mine-1")
+    );
+    assert_eq!(progress[2]["params"]["progress"], 3);
+
+    c.send(&json!({"jsonrpc":"2.0","id":9,"method":"tools/call","params":{"name":"ex__sample","arguments":{"prompt":"2+2?"}}}))?;
+    let mut skipped = Vec::new();
+    let req = c.recv_until(|l| l.contains("sampling/createMessage"), &mut skipped)?;
+    let req: Value = serde_json::from_str(&req)?;
+    assert_eq!(req["params"]["messages"][0]["content"]["text"], "2+2?");
+    c.send(&json!({"jsonrpc":"2.0","id":req["id"],"result":{"role":"assistant","content":{"type":"text","text":"four"},"model":"m"}}))?;
+    let done: Value =
+        serde_json::from_str(&c.recv_until(|l| is_response(l, &json!(9)), &mut skipped)?)?;
+    assert_eq!(done["result"]["content"][0]["text"], "sampled: four");
+    Ok(())
+}
+
+#[test]
+fn sampling_without_client_capability_is_refused_clearly() -> Result {
+    let mut c = StdioClient::start(json!({"mcpServers": {"ex": example("ex")}}))?;
+    c.initialize(json!({}))?;
+    let r = c.request(1, "tools/call", json!({"name":"ex__sample","arguments":{}}))?;
+    let text = r["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        text.contains("did not declare the `sampling` capability"),
+        "{r}"
+    );
+    Ok(())
+}
+
+#[test]
+fn bad_input_gets_clear_errors_and_nothing_breaks() -> Result {
+    let mut cfg = json!({"mcpServers": {"ex": example("ex"), "broken": {"command": "/nonexistent/mcp-server"}}});
+    cfg["relay"] = json!({"maxMessageBytes": 4096, "requestTimeoutMs": 1500});
+    let mut c = StdioClient::start(cfg)?;
+    c.initialize(json!({}))?;
+    let mut skipped = Vec::new();
+    c.send_raw("{not json")?;
+    let e: Value = serde_json::from_str(&c.recv_until(|l| l.contains("\"error\""), &mut skipped)?)?;
+    assert_eq!(e["error"]["code"], -32700);
+    c.send_raw(&format!(r#"{{"jsonrpc":"2.0","id":77,"method":"tools/call","params":{{"name":"ex__echo","arguments":{{"message":"{}"}}}}}}"#, "x".repeat(10_000)))?;
+    let e: Value =
+        serde_json::from_str(&c.recv_until(|l| l.contains("maxMessageBytes"), &mut skipped)?)?;
+    assert_eq!(e["error"]["code"], -32003);
+    let e = c.request(2, "tools/call", json!({"name":"nope__tool"}))?;
+    assert_eq!(e["error"]["code"], -32602);
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("`nope__tool`")
+    );
+    let e = c.request(3, "tools/list", json!({"cursor":"forged"}))?;
+    assert_eq!(e["error"]["code"], -32602);
+    // The request timeout names the server and the limit.
+    let e = c.request(
+        4,
+        "tools/call",
+        json!({"name":"ex__slow","arguments":{"steps":1,"ms":5000}}),
+    )?;
+    let msg = e["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("server `ex`") && msg.contains("1500 ms"),
+        "{e}"
+    );
+    // The broken server does not stop the healthy one.
+    let r = c.request(
+        5,
+        "tools/call",
+        json!({"name":"ex__add","arguments":{"a":2,"b":3}}),
+    )?;
+    assert_eq!(r["result"]["content"][0]["text"], "5");
+    Ok(())
+}
+
+#[test]
+fn pagination_follows_relay_cursors() -> Result {
+    let mut cfg = two_examples();
+    cfg["relay"] = json!({"pageSize": 3});
+    let mut c = StdioClient::start(cfg)?;
+    c.initialize(json!({}))?;
+    let mut all = Vec::new();
+    let mut cursor: Option<String> = None;
+    for i in 0..20 {
+        let params = cursor.as_ref().map_or(json!({}), |c| json!({"cursor": c}));
+        let page = c.request(100 + i, "tools/list", params)?;
+        let n = names(&page, "tools");
+        assert!(n.len() <= 3);
+        all.extend(n);
+        match page["result"]["nextCursor"].as_str() {
+            Some(next) => cursor = Some(next.to_owned()),
+            None => break,
+        }
+    }
+    assert_eq!(all.len(), 22, "{all:?}");
+    Ok(())
+}
+
+#[test]
+fn list_changed_reaches_the_client_and_new_tool_works() -> Result {
+    let mut c = StdioClient::start(json!({"mcpServers": {"ex": example("ex")}}))?;
+    c.initialize(json!({}))?;
+    c.request(1, "tools/list", json!({}))?;
+    c.request(
+        2,
+        "tools/call",
+        json!({"name":"ex__add_tool","arguments":{"name":"fresh"}}),
+    )?;
+    let mut skipped = Vec::new();
+    c.recv_until(
+        |l| l.contains("notifications/tools/list_changed"),
+        &mut skipped,
+    )?;
+    let tools = names(&c.request(3, "tools/list", json!({}))?, "tools");
+    assert!(tools.contains(&"ex__fresh".to_owned()), "{tools:?}");
+    let r = c.request(4, "tools/call", json!({"name":"ex__fresh"}))?;
+    assert_eq!(r["result"]["content"][0]["text"], "fresh ran");
+    Ok(())
+}
+
+#[test]
+fn crashed_backend_fails_its_call_and_restarts() -> Result {
+    let mut c = StdioClient::start(json!({"mcpServers": {"ex": example("ex")}}))?;
+    c.initialize(json!({}))?;
+    let e = c.request(1, "tools/call", json!({"name":"ex__crash"}))?;
+    let msg = e["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(msg.contains("server `ex`") && msg.contains("exited"), "{e}");
+    // The supervisor brings it back; poll (bounded) until a call succeeds.
+    let mut ok = false;
+    for i in 0..100 {
+        let r = c.request(
+            10 + i,
+            "tools/call",
+            json!({"name":"ex__echo","arguments":{"message":"back"}}),
+        )?;
+        if r["result"]["content"][0]["text"] == "Echo: back" {
+            ok = true;
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(ok, "backend did not come back");
+    Ok(())
+}

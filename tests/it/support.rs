@@ -1,0 +1,203 @@
+//! Test support: run the real `mcp-relay` binary with a config, talk to it as a client.
+
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader, Write};
+use std::path::{Path, PathBuf};
+use std::process::{Child, ChildStdin, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+pub type Result<T = ()> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Generous: CI machines are small and shared.
+pub const TIMEOUT: Duration = Duration::from_secs(30);
+
+pub fn relay_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_mcp-relay"))
+}
+
+pub fn example_bin() -> PathBuf {
+    PathBuf::from(env!("CARGO_BIN_EXE_mcp-example-server"))
+}
+
+/// A stdio backend entry running the example server.
+pub fn example(name: &str) -> Value {
+    json!({"command": example_bin(), "args": ["--name", name]})
+}
+
+/// Writes a config file into `dir`.
+pub fn write_config(dir: &Path, cfg: &Value) -> Result<PathBuf> {
+    let path = dir.join("relay.json");
+    std::fs::write(&path, serde_json::to_vec_pretty(cfg)?)?;
+    Ok(path)
+}
+
+/// Kills the whole process group on drop.
+pub struct Proc {
+    pub child: Child,
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        if let Ok(pid) = i32::try_from(self.child.id()) {
+            // The relay's children live in their own groups; SIGTERM lets it stop them.
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+        }
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A raw newline-JSON client of `mcp-relay stdio`.
+pub struct StdioClient {
+    stdin: ChildStdin,
+    lines: mpsc::Receiver<String>,
+    _proc: Proc,
+    _dir: tempfile::TempDir,
+}
+
+impl StdioClient {
+    pub fn start(cfg: Value) -> Result<StdioClient> {
+        let dir = tempfile::tempdir()?;
+        let path = write_config(dir.path(), &cfg)?;
+        let mut child = Command::new(relay_bin())
+            .args(["stdio", "--config"])
+            .arg(&path)
+            .env("RUST_LOG", "warn")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()?;
+        let stdin = child.stdin.take().ok_or("no stdin")?;
+        let stdout = child.stdout.take().ok_or("no stdout")?;
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines() {
+                let Ok(line) = line else { break };
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(StdioClient {
+            stdin,
+            lines: rx,
+            _proc: Proc { child },
+            _dir: dir,
+        })
+    }
+
+    pub fn send_raw(&mut self, line: &str) -> Result {
+        self.stdin.write_all(line.as_bytes())?;
+        self.stdin.write_all(b"\n")?;
+        self.stdin.flush()?;
+        Ok(())
+    }
+
+    pub fn send(&mut self, v: &Value) -> Result {
+        self.send_raw(&v.to_string())
+    }
+
+    /// The next line for which `pred` holds (other lines are collected into `skipped`).
+    pub fn recv_until(
+        &mut self,
+        mut pred: impl FnMut(&str) -> bool,
+        skipped: &mut Vec<String>,
+    ) -> Result<String> {
+        let deadline = Instant::now() + TIMEOUT;
+        loop {
+            let left = deadline.saturating_duration_since(Instant::now());
+            let line = self
+                .lines
+                .recv_timeout(left)
+                .map_err(|_| "timed out waiting for the relay")?;
+            if pred(&line) {
+                return Ok(line);
+            }
+            skipped.push(line);
+        }
+    }
+
+    /// Sends a request and returns the raw response line with that id.
+    pub fn request_raw(&mut self, id: u64, method: &str, params: Value) -> Result<String> {
+        self.send(&json!({"jsonrpc":"2.0","id":id,"method":method,"params":params}))?;
+        let mut skipped = Vec::new();
+        self.recv_until(|l| is_response(l, &json!(id)), &mut skipped)
+    }
+
+    pub fn request(&mut self, id: u64, method: &str, params: Value) -> Result<Value> {
+        Ok(serde_json::from_str(
+            &self.request_raw(id, method, params)?,
+        )?)
+    }
+
+    /// `initialize` + `initialized`, with the given client capabilities.
+    pub fn initialize(&mut self, caps: Value) -> Result<Value> {
+        let r = self.request(0, "initialize", json!({"protocolVersion":"2025-11-25","capabilities":caps,"clientInfo":{"name":"it","version":"1"}}))?;
+        self.send(&json!({"jsonrpc":"2.0","method":"notifications/initialized"}))?;
+        Ok(r)
+    }
+}
+
+pub fn is_response(line: &str, id: &Value) -> bool {
+    serde_json::from_str::<Value>(line)
+        .is_ok_and(|v| v.get("id") == Some(id) && v.get("method").is_none())
+}
+
+/// Starts `mcp-relay serve` on an OS-chosen port; returns the process and the /mcp URL.
+pub fn serve(cfg: &Value, dir: &Path) -> Result<(Proc, String)> {
+    let path = write_config(dir, cfg)?;
+    let mut child = Command::new(relay_bin())
+        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+        .arg(&path)
+        .env("RUST_LOG", "warn")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let stderr = child.stderr.take().ok_or("no stderr")?;
+    let proc = Proc { child };
+    let (tx, rx) = mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines() {
+            let Ok(line) = line else { break };
+            if let Some(url) = line.strip_prefix("mcp-relay listening on ") {
+                let _ = tx.send(url.trim().to_owned());
+            }
+        }
+    });
+    let url = rx
+        .recv_timeout(TIMEOUT)
+        .map_err(|_| "relay did not report its address")?;
+    Ok((proc, url))
+}
+
+/// Starts the example server in HTTP mode; returns it and its /mcp URL.
+pub fn example_http(name: &str) -> Result<(Proc, String)> {
+    let mut child = Command::new(example_bin())
+        .args(["--name", name, "--http", "127.0.0.1:0"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let proc = Proc { child };
+    let mut line = String::new();
+    BufReader::new(stdout).read_line(&mut line)?;
+    let port = line
+        .trim()
+        .strip_prefix("LISTENING ")
+        .ok_or("no LISTENING line")?
+        .to_owned();
+    Ok((proc, format!("http://127.0.0.1:{port}/mcp")))
+}
