@@ -9,6 +9,7 @@
 #   OUTDIR  where results go (default: a fresh mktemp dir; printed). Layout:
 #             <scenario>.log          CLI output (checks, driver stdout/stderr on failure)
 #             results/<scenario>-<ts>/checks.json, stdout.txt, stderr.txt (driver + relay stderr)
+#             relay-configs/<scenario>.*/relay.json   the relay config each driver run used
 #             passed.txt failed.txt   scenario names
 #             summary.tsv             scenario <TAB> PASS|FAIL <TAB> CLI exit <TAB> failing/warning checks
 #
@@ -22,8 +23,8 @@
 # A scenario passes when the CLI exits 0 for it: no FAILURE and no WARNING check, no client
 # timeout, driver exit code 0. Prints "client scenarios: P passed, F failed" last.
 # Exit: 0 all passed, 1 some failed, 2 harness error.
-# The CLI runs under `timeout` (per-scenario timeout + 30 s) in its own process group; the
-# group is killed on exit, so no scenario server, driver or relay outlives this script.
+# The CLI runs under `timeout` (per-scenario timeout + 30 s); on exit or INT/TERM the CLI and
+# all its descendants (scenario server, driver, relay) are stopped by pid.
 set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -48,20 +49,40 @@ case "$ROOT" in *' '*) echo "conformance-client.sh: the CLI splits --command on 
 OUTDIR="${1:-$(mktemp -d "${TMPDIR:-/tmp}/mcp-conformance-client.XXXXXX")}"
 mkdir -p "$OUTDIR"
 OUTDIR="$(cd "$OUTDIR" && pwd)"
-rm -rf "$OUTDIR/results"
+rm -rf "$OUTDIR/results" "$OUTDIR/relay-configs"
 rm -f "$OUTDIR"/{passed.txt,failed.txt,summary.tsv} "$OUTDIR"/*.log
 echo "conformance-client: results in $OUTDIR"
 
-CHILD=""
+CHILD=""   # the running CLI (under `timeout`), if any
+
+descendants() { # PID: every live descendant of PID (recursively), one per line
+  local c
+  for c in $(ps -o pid= --ppid "$1" 2>/dev/null); do
+    echo "$c"
+    descendants "$c"
+  done
+}
+
+stop_tree() { # PID: TERM it and its descendants (the scenario server lives in the CLI; the
+  # driver and the relay below it may start their own process groups), wait up to 5 s,
+  # then KILL whatever is left; all by pid.
+  local pid="$1" i p alive tree
+  tree=("$pid" $(descendants "$pid"))
+  for p in "${tree[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+  for ((i = 0; i < 50; i++)); do
+    alive=0
+    for p in "${tree[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    ((alive)) || break
+    sleep 0.1
+  done
+  for p in "${tree[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
+  wait "$pid" 2>/dev/null || true
+}
+
 cleanup() {
-  local rc=$? i
+  local rc=$?
   trap - EXIT INT TERM
-  if [[ -n "$CHILD" ]] && kill -0 "$CHILD" 2>/dev/null; then
-    kill -TERM -- "-$CHILD" 2>/dev/null || true
-    for ((i = 0; i < 50; i++)); do kill -0 "$CHILD" 2>/dev/null || break; sleep 0.1; done
-    kill -KILL -- "-$CHILD" 2>/dev/null || true
-    wait "$CHILD" 2>/dev/null || true
-  fi
+  [[ -n "$CHILD" ]] && stop_tree "$CHILD"
   exit "$rc"
 }
 trap cleanup EXIT
@@ -71,6 +92,7 @@ trap 'exit 143' TERM
 export NO_COLOR=1 FORCE_COLOR=0
 export RUST_LOG="${RELAY_RUST_LOG:-debug}"
 export MCP_RELAY_BIN="$RELAY"
+export DRIVER_WORKDIR="$OUTDIR/relay-configs"
 export DRIVER_TIMEOUT="${DRIVER_TIMEOUT:-$(( TIMEOUT_MS / 1000 > 6 ? TIMEOUT_MS / 1000 - 5 : 1 ))}"
 CLI_TIMEOUT_S=$(( TIMEOUT_MS / 1000 + 30 ))
 
@@ -80,8 +102,8 @@ CLI_TIMEOUT_S=$(( TIMEOUT_MS / 1000 + 30 ))
 for sc in $SCENARIOS; do
   log="$OUTDIR/$sc.log"
   rc=0
-  # A new session, so the whole tree (CLI, scenario server, driver, relay) is one group.
-  setsid timeout --kill-after=10 "$CLI_TIMEOUT_S" "$NODE" "$CLI" client \
+  # In the background + wait, so that a signal runs the cleanup trap at once.
+  timeout --kill-after=10 "$CLI_TIMEOUT_S" "$NODE" "$CLI" client \
     --command "$PY $DRIVER" --scenario "$sc" --timeout "$TIMEOUT_MS" -o "$OUTDIR/results" \
     </dev/null >"$log" 2>&1 &
   CHILD=$!

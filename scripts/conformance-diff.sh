@@ -19,13 +19,16 @@
 # Env:
 #   MCP_RELAY_BIN        relay binary (default target/debug/mcp-relay; never built here)
 #   RELAY_RUST_LOG       RUST_LOG for the relay (default debug: JSON logs in logs/relay-*.stderr.log)
+#   RELAY_WAIT_READY     1 (default): start a suite only once the relay logged "Backend ready."
+#                        (needs RELAY_RUST_LOG info/debug/trace); 0: as soon as it listens
 #   STARTUP_TIMEOUT      seconds to wait for a fixture/relay to listen (default 30)
 #   CONFORMANCE_SUITE, CONFORMANCE_STRICT, CONFORMANCE_TIMEOUT, CONFORMANCE_EXTRA_ARGS
 #                        passed through to scripts/conformance-server.sh (suite default: all;
 #                        timeout default here: 300 s per run)
 #
-# Everything listens on 127.0.0.1 only. Every process started here runs in its own process
-# group and is terminated (TERM, then KILL after 5 s) when its stage ends and on exit.
+# Everything listens on 127.0.0.1 only. Every process started here (fixtures, relays, the
+# suite runner) and its descendants are terminated by pid (TERM, then KILL after 5 s) when
+# its stage ends and on exit or INT/TERM.
 # Exit: 0 no regression, 1 some scenario passes directly but fails through the relay,
 #       2 harness error (missing deps, a server did not start, a suite run did not run).
 set -euo pipefail
@@ -54,17 +57,28 @@ rm -f "$OUTDIR/regressions.txt"
 echo "conformance-diff: results in $OUTDIR"
 
 # ---------------------------------------------------------------- process handling
-PIDS=()   # process-group leaders started by this script
+PIDS=()   # background processes started by this script (still to be stopped)
 
-stop_pid() { # PID: TERM its process group, wait up to 5 s, then KILL
-  local pid="$1" i
-  kill -0 "$pid" 2>/dev/null || { wait "$pid" 2>/dev/null || true; return 0; }
-  kill -TERM -- "-$pid" 2>/dev/null || kill -TERM "$pid" 2>/dev/null || true
+descendants() { # PID: every live descendant of PID (recursively), one per line
+  local c
+  for c in $(ps -o pid= --ppid "$1" 2>/dev/null); do
+    echo "$c"
+    descendants "$c"
+  done
+}
+
+stop_pid() { # PID: TERM it and its descendants (some start their own process groups),
+  # wait up to 5 s, then KILL whatever is left; all by pid.
+  local pid="$1" i p alive tree
+  tree=("$pid" $(descendants "$pid"))
+  for p in "${tree[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
   for ((i = 0; i < 50; i++)); do
-    kill -0 "$pid" 2>/dev/null || break
+    alive=0
+    for p in "${tree[@]}"; do kill -0 "$p" 2>/dev/null && alive=1; done
+    ((alive)) || break
     sleep 0.1
   done
-  kill -KILL -- "-$pid" 2>/dev/null || true
+  for p in "${tree[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
   wait "$pid" 2>/dev/null || true
 }
 
@@ -84,12 +98,12 @@ trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
 
-# start NAME CMD...: runs CMD in a new session (so its children share its process group),
-# stdout/stderr to logs/NAME.{stdout,stderr}.log; sets STARTED_PID.
+# start NAME CMD...: runs CMD in the background, stdout/stderr to
+# logs/NAME.{stdout,stderr}.log; sets STARTED_PID (stopped by stop_all / on exit).
 start() {
   local name="$1"
   shift
-  setsid "$@" </dev/null >"$OUTDIR/logs/$name.stdout.log" 2>"$OUTDIR/logs/$name.stderr.log" &
+  "$@" </dev/null >"$OUTDIR/logs/$name.stdout.log" 2>"$OUTDIR/logs/$name.stderr.log" &
   STARTED_PID=$!
   PIDS+=("$STARTED_PID")
 }
@@ -118,6 +132,13 @@ start_fixture_http() { # NAME -> FIXTURE_PORT
 start_relay() { # NAME CONFIG -> RELAY_URL
   RUST_LOG="${RELAY_RUST_LOG:-debug}" start "$1" "$RELAY" serve --config "$2" --listen 127.0.0.1:0
   RELAY_URL="$(wait_for "$STARTED_PID" "$OUTDIR/logs/$1.stderr.log" 'mcp-relay listening on (http://127\.0\.0\.1:[0-9]+/mcp)')" || exit 2
+  # The relay listens before its backends are up, and (as of this writing) answers
+  # completion/complete without waiting for them (router.rs `complete` skips `settle`), so a
+  # slow backend start would make completion-complete fail at random. Wait for the backend
+  # (its INFO log line) unless RELAY_WAIT_READY=0 or the log level hides that line.
+  if [[ "${RELAY_WAIT_READY:-1}" == 1 && "${RELAY_RUST_LOG:-debug}" =~ ^(debug|trace|info)$ ]]; then
+    wait_for "$STARTED_PID" "$OUTDIR/logs/$1.stderr.log" '"message":"(Backend ready)\."' >/dev/null || exit 2
+  fi
 }
 
 json_str() { "$PY" -c 'import json,sys; print(json.dumps(sys.argv[1]))' "$1"; }
@@ -126,7 +147,12 @@ json_str() { "$PY" -c 'import json,sys; print(json.dumps(sys.argv[1]))' "$1"; }
 run_suite() {
   local label="$1" url="$2" dir="$3" rc=0 tally
   echo "conformance-diff: running suite ($label) against $url ..."
-  "$RUNNER" "$url" "$dir" >"$dir.runner.log" 2>&1 || rc=$?
+  # In the background + wait, so that a signal runs the cleanup trap at once.
+  "$RUNNER" "$url" "$dir" </dev/null >"$dir.runner.log" 2>&1 &
+  RUNNER_PID=$!
+  PIDS+=("$RUNNER_PID")
+  wait "$RUNNER_PID" || rc=$?
+  unset 'PIDS[-1]'   # reaped: never signal that pid again
   if [[ $rc -ge 2 ]]; then
     cat "$dir.runner.log" >&2
     echo "conformance-diff.sh: suite run '$label' did not run (exit $rc)" >&2

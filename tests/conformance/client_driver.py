@@ -22,8 +22,9 @@ Exit 0 when the downstream side saw what it expected, 1 otherwise (the CLI count
 non-zero exit as a failure of the scenario). Diagnostics go to stderr (the CLI saves them as
 stderr.txt); the relay's own stderr goes there too (set RUST_LOG=debug for JSON logs).
 
-Env: MCP_RELAY_BIN (default <repo>/target/debug/mcp-relay), DRIVER_TIMEOUT (seconds, default 25;
-keep it under the CLI's --timeout, 30 s by default).
+Env: MCP_RELAY_BIN (default <repo>/target/debug/mcp-relay); DRIVER_TIMEOUT (seconds, default 25;
+keep it under the CLI's --timeout, 30 s by default); DRIVER_WORKDIR (write the relay config
+under this dir and keep it; default: a temp dir removed at exit).
 """
 
 from __future__ import annotations
@@ -123,28 +124,43 @@ async def scenario(session: ClientSession, name: str) -> None:
 
 
 async def run(url: str, name: str) -> None:
-    with tempfile.TemporaryDirectory(prefix="mcp-relay-client-driver.") as tmp:
-        cfg = Path(tmp) / "relay.json"
-        cfg.write_text(
-            json.dumps(
-                {
-                    "mcpServers": {"scenario": {"type": "http", "url": url, "prefix": ""}},
-                    "relay": {"startupWaitMs": 10000},
-                }
-            )
+    workdir = os.environ.get("DRIVER_WORKDIR")
+    if workdir:  # kept: the harness collects it with the results
+        Path(workdir).mkdir(parents=True, exist_ok=True)
+        await run_in(Path(tempfile.mkdtemp(prefix=f"{name}.", dir=workdir)), url, name)
+    else:
+        with tempfile.TemporaryDirectory(prefix="mcp-relay-client-driver.") as tmp:
+            await run_in(Path(tmp), url, name)
+
+
+async def run_in(tmp: Path, url: str, name: str) -> None:
+    cfg = tmp / "relay.json"
+    cfg.write_text(
+        json.dumps(
+            {
+                "mcpServers": {"scenario": {"type": "http", "url": url, "prefix": ""}},
+                "relay": {"startupWaitMs": 10000},
+            }
         )
-        log(f"scenario {name}; relay {RELAY} stdio --config {cfg} (backend {url})")
-        params = StdioServerParameters(command=RELAY, args=["stdio", "--config", str(cfg)], env=dict(os.environ))
-        async with stdio_client(params, errlog=sys.stderr) as (read, write):
-            async with ClientSession(
-                read,
-                write,
-                elicitation_callback=elicit_with_defaults,
-                client_info=types.Implementation(name="mcp-relay-conformance-driver", version="1.0.0"),
-            ) as session:
-                init = await session.initialize()
-                log(f"initialize -> {init.protocol_version} {init.server_info.name} {init.server_info.version}")
-                await scenario(session, name)
+    )
+    log(f"scenario {name}; relay {RELAY} stdio --config {cfg} (backend {url})")
+    params = StdioServerParameters(command=RELAY, args=["stdio", "--config", str(cfg)], env=dict(os.environ))
+    async with stdio_client(params, errlog=sys.stderr) as (read, write):
+        async with ClientSession(
+            read,
+            write,
+            elicitation_callback=elicit_with_defaults,
+            client_info=types.Implementation(name="mcp-relay-conformance-driver", version="1.0.0"),
+        ) as session:
+            init = await session.initialize()
+            log(f"initialize -> {init.protocol_version} {init.server_info.name} {init.server_info.version}")
+            await scenario(session, name)
+
+
+def _leaves(e: BaseException) -> list[BaseException]:
+    if isinstance(e, BaseExceptionGroup):
+        return [leaf for sub in e.exceptions for leaf in _leaves(sub)]
+    return [e]
 
 
 async def _main_async(url: str, name: str, timeout: float) -> int:
@@ -156,6 +172,13 @@ async def _main_async(url: str, name: str, timeout: float) -> int:
         return 1
     except Failure as e:
         log(f"FAIL: {e}")
+        return 1
+    except BaseExceptionGroup as eg:  # task groups wrap what failed inside them
+        leaves = _leaves(eg)
+        if len(leaves) == 1 and isinstance(leaves[0], TimeoutError):
+            log(f"FAIL: scenario {name} did not finish within {timeout:.0f}s")
+        for e in leaves:
+            log(f"FAIL: {type(e).__name__}: {e}")
         return 1
     except BaseException as e:  # noqa: BLE001 - report anything (incl. exception groups)
         log(f"FAIL: {type(e).__name__}: {e!r}")

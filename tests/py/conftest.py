@@ -212,11 +212,11 @@ def server_entries(workdir: Path, everything_http_url: str | None) -> dict[str, 
     return servers
 
 
-def write_config(workdir: Path, servers: dict[str, Any], **relay: Any) -> Path:
+def write_config(workdir: Path, servers: dict[str, Any], name: str | None = None, **relay: Any) -> Path:
     settings = {"requestTimeoutMs": 30000, "startupWaitMs": 30000}
     settings.update(relay)
     workdir.mkdir(parents=True, exist_ok=True)
-    path = workdir / f"relay-{uuid.uuid4().hex[:8]}.json"
+    path = workdir / (name or f"relay-{uuid.uuid4().hex[:8]}.json")
     path.write_text(json.dumps({"mcpServers": servers, "relay": settings}, indent=2))
     return path
 
@@ -403,7 +403,7 @@ def relay(request: pytest.FixtureRequest, logs: LogRegistry, everything_http: st
     workdir: Path = request.getfixturevalue("stdio_workdir")
     config = workdir / "relay-standard.json"
     if not config.exists():
-        config.write_text(write_config(workdir, server_entries(workdir, everything_http)).read_text())
+        write_config(workdir, server_entries(workdir, everything_http), name=config.name)
     return RelayUnderTest("stdio", workdir, logs, None, config)
 
 
