@@ -110,7 +110,7 @@ for sc in $SCENARIOS; do
   wait "$CHILD" || rc=$?
   CHILD=""
   # Checks that did not succeed, from the newest checks.json of this scenario.
-  checks="$(ls -d "$OUTDIR/results/$sc"-2* 2>/dev/null | sort | tail -n1)/checks.json"
+  checks="$( (ls -d "$OUTDIR/results/$sc"-2* 2>/dev/null || true) | sort | tail -n1)/checks.json"
   detail=""
   if [[ -f "$checks" ]]; then
     detail="$("$NODE" -e '

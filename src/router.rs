@@ -468,6 +468,7 @@ impl Relay {
                 "`completion/complete` needs `ref` with `type` and `name` or `uri`".into(),
             )
         };
+        self.settle().await;
         let mut r = params
             .get("ref")
             .and_then(|r| RawMap::parse(r.get()).ok())

@@ -213,6 +213,10 @@ impl Http {
                 }
                 if !ev.data.trim().is_empty() && (ev.event.is_empty() || ev.event == "message") {
                     b.on_message(ev.data.as_bytes(), related.as_ref());
+                    // Our answer is in: the stream has nothing more for this request.
+                    if expect.is_some_and(|id| !b.is_pending(id)) {
+                        return Ok(());
+                    }
                 }
             }
             let waiting = expect.is_some_and(|id| b.is_pending(id));
@@ -234,8 +238,12 @@ impl Http {
         Err("the answer stream broke too many times".to_owned())
     }
 
-    /// Keeps the standalone GET stream open for server-initiated messages.
-    pub fn listen(self: Arc<Self>, b: Arc<Backend>) {
+    /// Keeps the standalone GET stream open for server-initiated messages. The returned
+    /// receiver fires once the first GET was answered (stream open, refused, or failed), so
+    /// the backend is not reported ready while server messages could still be lost.
+    pub fn listen(self: Arc<Self>, b: Arc<Backend>) -> tokio::sync::oneshot::Receiver<()> {
+        let (opened_tx, opened) = tokio::sync::oneshot::channel();
+        let mut opened_tx = Some(opened_tx);
         tokio::spawn(async move {
             let mut last_id: Option<String> = None;
             let mut delay = Duration::from_millis(500);
@@ -249,6 +257,9 @@ impl Http {
                     r = req.send() => r,
                     () = self.closed.cancelled() => return,
                 };
+                if let Some(tx) = opened_tx.take() {
+                    let _ = tx.send(());
+                }
                 match resp {
                     Ok(r) if r.status().is_success() => {
                         delay = Duration::from_millis(500);
@@ -286,6 +297,7 @@ impl Http {
                 }
             }
         });
+        opened
     }
 
     /// Ends the session politely (DELETE) and stops the GET stream.

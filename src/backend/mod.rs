@@ -359,7 +359,8 @@ impl Backend {
         *write(&self.conn) = Some(conn.clone());
         self.handshake().await?;
         if let Conn::Http(h) = &conn {
-            h.clone().listen(self.clone());
+            let opened = h.clone().listen(self.clone());
+            let _ = tokio::time::timeout(Duration::from_secs(5), opened).await;
         }
         self.refresh_lists().await;
         Ok(conn)

@@ -17,7 +17,10 @@ struct Proc(Child);
 impl Drop for Proc {
     fn drop(&mut self) {
         if let Ok(pid) = i32::try_from(self.0.id()) {
-            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGTERM);
+            let _ = nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
         }
         let _ = self.0.wait();
     }
@@ -40,13 +43,20 @@ fn start_backend() -> Res<(Proc, String)> {
     let p = Proc(child);
     let mut line = String::new();
     BufReader::new(out).read_line(&mut line)?;
-    let port = line.trim().strip_prefix("LISTENING ").ok_or("no port")?.to_owned();
+    let port = line
+        .trim()
+        .strip_prefix("LISTENING ")
+        .ok_or("no port")?
+        .to_owned();
     Ok((p, format!("http://127.0.0.1:{port}/mcp")))
 }
 
 fn start_relay(backend: &str, dir: &std::path::Path) -> Res<(Proc, String)> {
     let cfg = dir.join("bench-relay.json");
-    std::fs::write(&cfg, json!({"mcpServers": {"bench": {"type": "http", "url": backend}}}).to_string())?;
+    std::fs::write(
+        &cfg,
+        json!({"mcpServers": {"bench": {"type": "http", "url": backend}}}).to_string(),
+    )?;
     let mut child = Command::new(sibling("mcp-relay")?)
         .args(["serve", "--listen", "127.0.0.1:0", "--config"])
         .arg(&cfg)
@@ -72,7 +82,12 @@ async fn session(client: &reqwest::Client, url: &str) -> Res<String> {
         .json(&json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"bench","version":"1"}}}))
         .send()
         .await?;
-    let sid = r.headers().get("mcp-session-id").and_then(|v| v.to_str().ok()).ok_or("no session")?.to_owned();
+    let sid = r
+        .headers()
+        .get("mcp-session-id")
+        .and_then(|v| v.to_str().ok())
+        .ok_or("no session")?
+        .to_owned();
     let _ = r.bytes().await?;
     client
         .post(url)
@@ -108,7 +123,10 @@ struct Stats {
 }
 
 async fn run(url: &str, tool: &str, concurrency: usize, dur: Duration) -> Res<Stats> {
-    let client = reqwest::Client::builder().tcp_nodelay(true).pool_max_idle_per_host(1024).build()?;
+    let client = reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(1024)
+        .build()?;
     let sid = Arc::new(session(&client, url).await?);
     let start = Instant::now();
     let mut tasks = Vec::new();
@@ -123,7 +141,10 @@ async fn run(url: &str, tool: &str, concurrency: usize, dur: Duration) -> Res<St
             let mut i = 0u64;
             while start.elapsed() < dur {
                 let t = Instant::now();
-                if call(&client, &url, &sid, &tool, (w as u64) << 32 | i).await.is_err() {
+                if call(&client, &url, &sid, &tool, (w as u64) << 32 | i)
+                    .await
+                    .is_err()
+                {
                     errors += 1;
                 }
                 lat.push(t.elapsed());
@@ -141,7 +162,10 @@ async fn run(url: &str, tool: &str, concurrency: usize, dur: Duration) -> Res<St
     }
     let secs = start.elapsed().as_secs_f64();
     lat.sort();
-    let pct = |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).map_or(0, |d| d.as_micros());
+    let pct = |p: f64| {
+        lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
+            .map_or(0, |d| d.as_micros())
+    };
     Ok(Stats {
         calls: lat.len(),
         errors,
@@ -163,8 +187,12 @@ fn main() -> Res<()> {
     std::fs::create_dir_all(&dir)?;
     let (_backend, direct) = start_backend()?;
     let (_relay, relayed) = start_relay(&direct, &dir)?;
-    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
-    println!("| concurrency | direct calls/s | relay calls/s | ratio | direct p50 µs | relay p50 µs | added p50 µs | direct p99 µs | relay p99 µs | errors |");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()?;
+    println!(
+        "| concurrency | direct calls/s | relay calls/s | ratio | direct p50 µs | relay p50 µs | added p50 µs | direct p99 µs | relay p99 µs | errors |"
+    );
     println!("|---|---|---|---|---|---|---|---|---|---|");
     rt.block_on(async {
         // Warm both paths (connection pools, backend session).
