@@ -784,7 +784,16 @@ impl Backend {
             });
             return;
         }
-        let target = self.attribute(related, true);
+        // Never guess between sessions: a wrong guess would show one client's request to another.
+        let target = self.attribute(related, false);
+        match &target {
+            Some(ctx) => {
+                tracing::debug!(server = %self.name, method = msg.method(), session = %ctx.session.id, "Routing server request to its session.")
+            }
+            None => {
+                tracing::debug!(server = %self.name, method = msg.method(), "No single session owns this server request; refusing it.")
+            }
+        }
         let me = self.clone();
         let timeout = self.settings.request_timeout;
         tokio::spawn(async move {
@@ -793,7 +802,9 @@ impl Backend {
                 None => protocol::error_response(
                     &id,
                     protocol::code::INTERNAL_ERROR,
-                    &format!("mcp-relay has no client session to forward `{m}` to"),
+                    &format!(
+                        "mcp-relay cannot tell which client session `{m}` belongs to (no request in flight, or requests from several sessions on this shared server)"
+                    ),
                     None,
                 ),
                 Some(ctx) => match ctx
