@@ -115,7 +115,6 @@ async fn call(client: &reqwest::Client, url: &str, sid: &str, tool: &str, id: u6
 }
 
 struct Stats {
-    calls: usize,
     errors: usize,
     rate: f64,
     p50_us: u128,
@@ -167,7 +166,6 @@ async fn run(url: &str, tool: &str, concurrency: usize, dur: Duration) -> Res<St
             .map_or(0, |d| d.as_micros())
     };
     Ok(Stats {
-        calls: lat.len(),
         errors,
         rate: lat.len() as f64 / secs,
         p50_us: pct(0.50),
@@ -213,7 +211,6 @@ fn main() -> Res<()> {
                 r.p99_us,
                 d.errors + r.errors
             );
-            let _ = (d.calls, r.calls);
         }
         Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
     })?;

@@ -85,10 +85,6 @@ fn forwarding_is_lossless() -> Result {
         "tools/call",
         json!({"name":"ex__lossless","arguments":{}}),
     )?;
-    let result_of = |s: &str| -> Result<String> {
-        let v: Value = serde_json::from_str(s)?;
-        Ok(v["result"].to_string())
-    };
     assert_eq!(
         relayed_call.replace("\"id\":1", ""),
         direct_call.replace("\"id\":1", "")
@@ -108,7 +104,6 @@ fn forwarding_is_lossless() -> Result {
     let mut want = pick(&direct_list, "lossless").ok_or("direct tool")?;
     want["name"] = json!("ex__lossless");
     assert_eq!(pick(&relayed_list, "ex__lossless"), Some(want));
-    let _ = result_of;
     Ok(())
 }
 
