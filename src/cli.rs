@@ -119,12 +119,26 @@ fn check(path: Option<PathBuf>) -> ExitCode {
     }
 }
 
+/// Raises the soft limit on open files to the hard limit: every client connection, backend
+/// connection and stdio pipe is a descriptor, and the usual soft limit (1024) is low for a
+/// relay serving many sessions.
+fn raise_open_files_limit() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((soft, hard)) = getrlimit(Resource::RLIMIT_NOFILE)
+        && soft < hard
+        && let Err(e) = setrlimit(Resource::RLIMIT_NOFILE, hard, hard)
+    {
+        tracing::debug!(error = %e, "Could not raise the open-files limit.");
+    }
+}
+
 /// `listen`: `Some(override)` serves HTTP, `None` serves stdio.
 fn run(path: Option<PathBuf>, http: Option<Option<SocketAddr>>) -> ExitCode {
     let cfg = match load(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
+    raise_open_files_limit();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -21,9 +21,11 @@ const MAX_RESUMES: usize = 10;
 /// A Streamable HTTP connection.
 pub struct Http {
     client: reqwest::Client,
-    url: String,
+    /// Parsed once: reqwest would parse a string URL on every request.
+    url: reqwest::Url,
+    /// The configured headers plus `Accept` and `Content-Type` for POSTs.
     headers: HeaderMap,
-    session: Mutex<Option<String>>,
+    session: Mutex<Option<HeaderValue>>,
     /// Bumped whenever the session id changes, so one 404 triggers one re-initialization.
     generation: AtomicU64,
     /// Never fires on its own: HTTP has no connection to lose; set on shutdown.
@@ -63,34 +65,46 @@ impl Http {
         headers: &BTreeMap<String, String>,
         timeout: Duration,
     ) -> Result<Arc<Http>, String> {
+        let url = reqwest::Url::parse(url).map_err(|e| format!("the URL is not valid: {e}"))?;
+        let mut headers = header_map(headers)?;
+        headers.insert(
+            ACCEPT,
+            HeaderValue::from_static("application/json, text/event-stream"),
+        );
+        headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         Ok(Arc::new(Http {
             client: client(timeout)?,
-            url: url.to_owned(),
-            headers: header_map(headers)?,
+            url,
+            headers,
             session: Mutex::new(None),
             generation: AtomicU64::new(0),
             closed: CancellationToken::new(),
         }))
     }
 
-    fn request(&self, b: &Backend, method: reqwest::Method) -> (reqwest::RequestBuilder, u64) {
-        let mut r = self
-            .client
-            .request(method, &self.url)
-            .headers(self.headers.clone());
+    /// A request with our headers, our session (unless `fresh`) and the protocol version;
+    /// also returns the session generation it was built for.
+    fn request(
+        &self,
+        b: &Backend,
+        method: reqwest::Method,
+        fresh: bool,
+    ) -> (reqwest::Request, u64) {
+        let mut req = reqwest::Request::new(method, self.url.clone());
+        let h = req.headers_mut();
+        *h = self.headers.clone();
         let generation = self.generation.load(Ordering::Acquire);
-        if let Some(s) = lock(&self.session).as_deref() {
-            r = r.header(SESSION, s);
+        if !fresh && let Some(s) = lock(&self.session).clone() {
+            h.insert(SESSION, s);
         }
-        let version = b.info().protocol_version;
-        if !version.is_empty() {
-            r = r.header(VERSION, version);
+        if let Some(v) = b.protocol_version().filter(|_| !fresh) {
+            h.insert(VERSION, v);
         }
-        (r, generation)
+        (req, generation)
     }
 
-    /// Sends one message. Notifications and responses are awaited (they are quick and their
-    /// order matters); requests are answered in the background.
+    /// Sends one message and, for a request, reads its answer (JSON, or an SSE stream with
+    /// related messages first). Runs inside the caller's future: no task per request.
     pub async fn send(
         self: &Arc<Self>,
         b: &Arc<Backend>,
@@ -98,48 +112,26 @@ impl Http {
         related: Option<ReqCtx>,
         expect: Option<u64>,
     ) -> Result<(), String> {
-        if expect.is_none() {
-            return self.post(b, msg, related, None).await;
-        }
-        let me = self.clone();
-        let b = b.clone();
-        tokio::spawn(async move {
-            if let (Err(e), Some(id)) = (me.post(&b, msg, related, expect).await, expect) {
-                b.fail(id, e);
-            }
-        });
-        Ok(())
-    }
-
-    async fn post(
-        self: &Arc<Self>,
-        b: &Arc<Backend>,
-        msg: String,
-        related: Option<ReqCtx>,
-        expect: Option<u64>,
-    ) -> Result<(), String> {
-        let is_initialize = msg.contains("\"method\":\"initialize\"") && expect.is_some();
+        // The relay's own `initialize` starts a new session; ids are at most 20 digits.
+        const INITIALIZE: &[u8] = br#""method":"initialize""#;
+        let head = &msg.as_bytes()[..msg.len().min(64)];
+        let is_initialize =
+            expect.is_some() && head.windows(INITIALIZE.len()).any(|w| w == INITIALIZE);
+        let body = bytes::Bytes::from(msg);
         for attempt in 0..2 {
-            let (req, generation) = self.request(b, reqwest::Method::POST);
-            let had_session = lock(&self.session).is_some() && !is_initialize;
-            let req = if is_initialize {
-                // A new handshake starts a new session.
-                self.client.post(&self.url).headers(self.headers.clone())
-            } else {
-                req
-            };
-            let resp = req
-                .header(ACCEPT, "application/json, text/event-stream")
-                .header(CONTENT_TYPE, "application/json")
-                .body(msg.clone())
-                .send()
+            let (mut req, generation) = self.request(b, reqwest::Method::POST, is_initialize);
+            let had_session = req.headers().contains_key(SESSION);
+            *req.body_mut() = Some(body.clone().into());
+            let resp = self
+                .client
+                .execute(req)
                 .await
                 .map_err(|e| format!("cannot reach {}: {}", self.url, without_url(&e)))?;
             let status = resp.status();
-            if let Some(sid) = resp.headers().get(SESSION).and_then(|v| v.to_str().ok()) {
+            if let Some(sid) = resp.headers().get(SESSION) {
                 let mut s = lock(&self.session);
-                if s.as_deref() != Some(sid) {
-                    *s = Some(sid.to_owned());
+                if s.as_ref() != Some(sid) {
+                    *s = Some(sid.clone());
                     self.generation.fetch_add(1, Ordering::AcqRel);
                 }
             }
@@ -168,13 +160,15 @@ impl Http {
                 let snippet: String = body.chars().take(200).collect();
                 return Err(format!("the server answered HTTP {status}: {snippet}"));
             }
-            let ctype = resp
+            let is_sse = resp
                 .headers()
                 .get(CONTENT_TYPE)
                 .and_then(|v| v.to_str().ok())
-                .unwrap_or("")
-                .to_ascii_lowercase();
-            if ctype.starts_with("text/event-stream") {
+                .is_some_and(|v| {
+                    v.get(..17)
+                        .is_some_and(|t| t.eq_ignore_ascii_case("text/event-stream"))
+                });
+            if is_sse {
                 return self.read_stream(b, resp, related, expect).await;
             }
             let bytes = resp
@@ -224,11 +218,16 @@ impl Http {
                 return Ok(());
             };
             tokio::time::sleep(retry).await;
-            let (req, _) = self.request(b, reqwest::Method::GET);
-            resp = req
-                .header(ACCEPT, "text/event-stream")
-                .header("last-event-id", from)
-                .send()
+            let (mut req, _) = self.request(b, reqwest::Method::GET, false);
+            let h = req.headers_mut();
+            h.insert(ACCEPT, HeaderValue::from_static("text/event-stream"));
+            h.remove(CONTENT_TYPE);
+            if let Ok(v) = HeaderValue::from_str(&from) {
+                h.insert("last-event-id", v);
+            }
+            resp = self
+                .client
+                .execute(req)
                 .await
                 .map_err(|e| format!("resuming the stream failed: {}", without_url(&e)))?;
             if !resp.status().is_success() {
@@ -248,13 +247,18 @@ impl Http {
             let mut last_id: Option<String> = None;
             let mut delay = Duration::from_millis(500);
             while !self.closed.is_cancelled() && b.state() != super::State::Stopped {
-                let (mut req, _) = self.request(&b, reqwest::Method::GET);
-                req = req.header(ACCEPT, "text/event-stream");
-                if let Some(id) = &last_id {
-                    req = req.header("last-event-id", id);
+                let (mut req, _) = self.request(&b, reqwest::Method::GET, false);
+                let h = req.headers_mut();
+                h.insert(ACCEPT, HeaderValue::from_static("text/event-stream"));
+                h.remove(CONTENT_TYPE);
+                if let Some(v) = last_id
+                    .as_deref()
+                    .and_then(|id| HeaderValue::from_str(id).ok())
+                {
+                    h.insert("last-event-id", v);
                 }
                 let resp = tokio::select! {
-                    r = req.send() => r,
+                    r = self.client.execute(req) => r,
                     () = self.closed.cancelled() => return,
                 };
                 if let Some(tx) = opened_tx.take() {
@@ -308,7 +312,7 @@ impl Http {
             let _ = tokio::time::timeout(
                 Duration::from_secs(2),
                 self.client
-                    .delete(&self.url)
+                    .delete(self.url.clone())
                     .headers(self.headers.clone())
                     .header(SESSION, sid)
                     .send(),

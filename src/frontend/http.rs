@@ -401,36 +401,28 @@ async fn handle_post(State(front): State<Arc<Front>>, headers: HeaderMap, body: 
             .unwrap_or_default();
         return json_response(StatusCode::OK, reply);
     }
-    // Related messages (progress, logs, sampling...) go on this request's own stream.
+    // Related messages (progress, logs, sampling...) go on this request's own stream. The
+    // request runs inside this handler; only a switch to SSE moves it to a task of its own.
     let (tx, mut rx) = mpsc::unbounded_channel::<String>();
     let relay = front.relay.clone();
     let session = hs.session.clone();
-    let mut answer = tokio::spawn(async move { relay.handle(&session, msg, tx).await });
+    let mut answer: Answer = Box::pin(async move { relay.handle(&session, msg, tx).await });
     let first = tokio::select! {
         biased;
         m = rx.recv() => m,
         r = &mut answer => {
             if let Ok(rest) = rx.try_recv() {
                 // Something raced in just before the answer: switch to a stream after all.
-                let reply = r.ok().flatten().unwrap_or_default();
+                let reply = r.unwrap_or_default();
                 return stream_reply(&front, &hs, Some(rest), rx, Box::pin(async move { Some(reply) }));
             }
-            return json_response(StatusCode::OK, r.ok().flatten().unwrap_or_default());
+            return json_response(StatusCode::OK, r.unwrap_or_default());
         }
     };
     match first {
         // The handler finished without related messages: a plain JSON answer.
-        None => json_response(
-            StatusCode::OK,
-            answer.await.ok().flatten().unwrap_or_default(),
-        ),
-        Some(first) => stream_reply(
-            &front,
-            &hs,
-            Some(first),
-            rx,
-            Box::pin(async move { answer.await.ok().flatten() }),
-        ),
+        None => json_response(StatusCode::OK, answer.await.unwrap_or_default()),
+        Some(first) => stream_reply(&front, &hs, Some(first), rx, answer),
     }
 }
 
