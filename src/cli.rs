@@ -2,7 +2,7 @@
 
 use crate::config::{self, Config};
 use crate::frontend;
-use crate::router::Relay;
+use crate::router::{Front, Relay};
 use clap::{Parser, Subcommand};
 use std::net::SocketAddr;
 use std::path::PathBuf;
@@ -150,7 +150,8 @@ fn run(path: Option<PathBuf>, http: Option<Option<SocketAddr>>) -> ExitCode {
         }
     };
     let result = rt.block_on(async move {
-        let relay = Relay::start(cfg);
+        let front = if http.is_some() { Front::Http } else { Front::Stdio };
+        let relay = Relay::start(cfg, front);
         let shutdown = CancellationToken::new();
         spawn_signal_handler(shutdown.clone());
         let served = match http {

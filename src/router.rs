@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::error::RpcError;
 use crate::protocol::{self, Kind, Message, RawMap, method};
 use crate::session::{Outbox, ReqCtx, Session};
+use crate::tasks;
 use indexmap::IndexMap;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, RwLock, Weak};
@@ -24,6 +25,18 @@ pub struct Relay {
     rebuild: Mutex<()>,
     sessions: Mutex<HashMap<String, Weak<Session>>>,
     started: Instant,
+    /// The client capabilities backends are told (see [`backend::Settings`]).
+    declared: tokio::sync::watch::Sender<Option<String>>,
+}
+
+/// Which front the relay serves: it decides what backends hear of client capabilities.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Front {
+    /// One client: backends are told exactly its routable capabilities, once it has
+    /// initialized (their processes start at once; only the handshake waits).
+    Stdio,
+    /// Many sessions: backends are told every capability the relay can route.
+    Http,
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -70,6 +83,14 @@ impl backend::Hub for HubRef {
         }
     }
 
+    fn task_owner(&self, exposed_task_id: &str) -> Option<ReqCtx> {
+        let r = self.0.upgrade()?;
+        r.live_sessions()
+            .into_iter()
+            .find(|s| s.state().tasks.contains(exposed_task_id))
+            .map(|s| s.ctx())
+    }
+
     fn sole_session(&self) -> Option<ReqCtx> {
         let r = self.0.upgrade()?;
         let live = r.live_sessions();
@@ -88,7 +109,11 @@ enum Answer {
 
 impl Relay {
     /// Starts every enabled backend (concurrently, in the background).
-    pub fn start(config: Config) -> Arc<Relay> {
+    pub fn start(config: Config, front: Front) -> Arc<Relay> {
+        let declared = tokio::sync::watch::Sender::new(match front {
+            Front::Http => Some(backend::RELAY_CLIENT_CAPABILITIES.to_owned()),
+            Front::Stdio => None,
+        });
         let relay = Arc::new(Relay {
             config,
             backends: RwLock::new(IndexMap::new()),
@@ -96,10 +121,12 @@ impl Relay {
             rebuild: Mutex::new(()),
             sessions: Mutex::new(HashMap::new()),
             started: Instant::now(),
+            declared,
         });
         let settings = backend::Settings {
             request_timeout: relay.config.relay.request_timeout,
             max_message_bytes: relay.config.relay.max_message_bytes,
+            client_capabilities: relay.declared.subscribe(),
         };
         let hub: Arc<dyn backend::Hub> = Arc::new(HubRef(Arc::downgrade(&relay)));
         {
@@ -294,7 +321,16 @@ impl Relay {
             .map_err(|e| RpcError::InvalidParams(e.to_string()))?;
         let m = msg.method();
         match m {
-            method::INITIALIZE => Ok(Answer::Result(self.initialize(&ctx.session, &params))),
+            method::INITIALIZE => {
+                // The first client's capabilities release the backends' handshakes (stdio
+                // front); then the answer waits for them to settle, bounded by
+                // `startupWaitMs`, so that it carries their instructions and capabilities.
+                let routable = backend::routable_capabilities(params.get("capabilities"));
+                self.declared
+                    .send_if_modified(|d| d.is_none().then(|| *d = Some(routable)).is_some());
+                self.settle().await;
+                Ok(Answer::Result(self.initialize(&ctx.session, &params)))
+            }
             method::PING => Ok(Answer::Result(protocol::raw("{}"))),
             method::TOOLS_LIST
             | method::PROMPTS_LIST
@@ -371,6 +407,24 @@ impl Relay {
                 }
             }
             method::COMPLETE => self.complete(ctx, params, cancel).await,
+            method::TASKS_GET | method::TASKS_RESULT | method::TASKS_CANCEL => {
+                let exposed = params.get_str("taskId").ok_or_else(|| {
+                    RpcError::InvalidParams(format!("`{m}` needs a string `taskId`"))
+                })?;
+                let owned = ctx.session.state().tasks.contains(&exposed);
+                let (server, id) = tasks::resolve(&exposed)
+                    .filter(|_| owned)
+                    .map(|(s, i)| (s.to_owned(), i.to_owned()))
+                    .ok_or_else(|| {
+                        RpcError::InvalidParams(format!(
+                            "unknown task `{exposed}`; `tasks/list` shows this session's tasks"
+                        ))
+                    })?;
+                let mut params = params;
+                params.set_str("taskId", &id);
+                self.forward(&server, m, params, ctx, cancel).await
+            }
+            method::TASKS_LIST => self.list_tasks(ctx, &params, cancel).await,
             method::SET_LEVEL => {
                 let level = params.get_str("level").ok_or_else(|| {
                     RpcError::InvalidParams("`logging/setLevel` needs a string `level`".into())
@@ -408,6 +462,7 @@ impl Relay {
         }
     }
 
+    /// Sends a request to its server and returns the reply, with task ids namespaced.
     async fn forward(
         &self,
         server: &str,
@@ -419,9 +474,82 @@ impl Relay {
         let b = self.backend(server).ok_or_else(|| {
             RpcError::InvalidParams(format!("server `{server}` is not configured"))
         })?;
-        Ok(Answer::Forwarded(
-            b.call(m, params, ctx.clone(), cancel).await?,
-        ))
+        let shape = match m {
+            method::TASKS_GET | method::TASKS_CANCEL => tasks::Shape::Task,
+            method::TASKS_LIST => tasks::Shape::List,
+            _ if params.get("task").is_some() => tasks::Shape::Created,
+            _ => tasks::Shape::Other,
+        };
+        let mut reply = b.call(m, params, ctx.clone(), cancel).await?;
+        if let Some((result, ids)) = reply
+            .result
+            .as_deref()
+            .and_then(|r| tasks::namespace(server, r, shape))
+        {
+            if shape == tasks::Shape::Created {
+                ctx.session.state().tasks.extend(ids);
+            }
+            reply.result = Some(result);
+        }
+        Ok(Answer::Forwarded(reply))
+    }
+
+    /// `tasks/list`: this session's tasks on every server that lists tasks, in one page.
+    async fn list_tasks(
+        &self,
+        ctx: &ReqCtx,
+        params: &RawMap,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<Answer, RpcError> {
+        if params.get("cursor").is_some() {
+            return Err(RpcError::InvalidParams(
+                "invalid cursor for `tasks/list`: the relay answers it in one page".into(),
+            ));
+        }
+        let owned = ctx.session.state().tasks.clone();
+        let mut all = Vec::new();
+        for b in self.backends() {
+            if b.state() != State::Ready
+                || !b.info().has("tasks")
+                || !owned
+                    .iter()
+                    .any(|t| tasks::resolve(t).is_some_and(|(s, _)| s == b.name))
+            {
+                continue;
+            }
+            let mut cursor: Option<String> = None;
+            for _ in 0..100 {
+                let mut p = RawMap::default();
+                if let Some(c) = &cursor {
+                    p.set_str("cursor", c);
+                }
+                let Answer::Forwarded(reply) = self
+                    .forward(&b.name, method::TASKS_LIST, p, ctx, cancel)
+                    .await?
+                else {
+                    break;
+                };
+                let page: serde_json::Value = reply
+                    .result
+                    .as_deref()
+                    .and_then(|r| serde_json::from_str(r.get()).ok())
+                    .unwrap_or_default();
+                if let Some(list) = page.get("tasks").and_then(serde_json::Value::as_array) {
+                    all.extend(
+                        list.iter()
+                            .filter(|t| t["taskId"].as_str().is_some_and(|id| owned.contains(id)))
+                            .cloned(),
+                    );
+                }
+                match page.get("nextCursor").and_then(serde_json::Value::as_str) {
+                    Some(c) if !c.is_empty() => cursor = Some(c.to_owned()),
+                    _ => break,
+                }
+            }
+        }
+        Ok(Answer::Result(protocol::to_raw(
+            &serde_json::json!({ "tasks": all }),
+        )))
     }
 
     fn resource_owner(&self, uri: &str) -> Option<String> {

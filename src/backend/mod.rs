@@ -14,6 +14,7 @@ use crate::catalog::{self, Lists};
 use crate::config::{ServerConfig, TransportConfig};
 use crate::protocol::{self, Kind, Message, RawMap, method};
 use crate::session::ReqCtx;
+use crate::tasks;
 use serde_json::value::RawValue;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -32,6 +33,8 @@ pub trait Hub: Send + Sync + 'static {
     fn broadcast(&self, server: &str, msg: String);
     /// The only live session, when there is exactly one (stdio front).
     fn sole_session(&self) -> Option<ReqCtx>;
+    /// The session that created a task (by its exposed id, see [`crate::tasks`]).
+    fn task_owner(&self, exposed_task_id: &str) -> Option<ReqCtx>;
 }
 
 /// Settings every backend shares.
@@ -39,6 +42,10 @@ pub trait Hub: Send + Sync + 'static {
 pub struct Settings {
     pub request_timeout: Duration,
     pub max_message_bytes: usize,
+    /// The client capabilities to declare in `initialize` (a JSON object). Backends wait
+    /// for it before their handshake: the stdio front knows it only once its one client
+    /// has initialized, so that a backend never hears of a capability the client lacks.
+    pub client_capabilities: watch::Receiver<Option<String>>,
 }
 
 /// A backend's visible state.
@@ -200,8 +207,6 @@ pub struct Backend {
     next_id: AtomicU64,
     lists: RwLock<Lists>,
     info: RwLock<Info>,
-    /// Client capabilities the relay declares toward this backend.
-    client_capabilities: RwLock<String>,
     stop: CancellationToken,
     reinit: tokio::sync::Mutex<()>,
     restarts: AtomicU64,
@@ -219,9 +224,26 @@ fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
     m.write().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
-/// Client capabilities the relay can route, declared to backends.
+/// Client capabilities the relay can route, declared to backends when the clients are not
+/// known in advance (the HTTP front: any session may have them; a request for one its
+/// client lacks is refused with a clear error).
 pub const RELAY_CLIENT_CAPABILITIES: &str =
     r#"{"roots":{"listChanged":true},"sampling":{},"elicitation":{"form":{},"url":{}}}"#;
+
+/// The routable client capabilities (roots, sampling, elicitation) of one client, as that
+/// client declared them: what a backend serving only that client may be told.
+pub fn routable_capabilities(client: Option<&RawValue>) -> String {
+    let Some(caps) = client.and_then(|c| RawMap::parse(c.get()).ok()) else {
+        return "{}".to_owned();
+    };
+    let mut out = RawMap::default();
+    for key in ["roots", "sampling", "elicitation"] {
+        if let Some(v) = caps.get(key).filter(|v| v.get() != "null") {
+            out.set_raw(key, protocol::raw(v.get()));
+        }
+    }
+    out.to_raw().get().to_owned()
+}
 
 impl Backend {
     /// Creates the backend and starts connecting in the background.
@@ -237,7 +259,6 @@ impl Backend {
             next_id: AtomicU64::new(1),
             lists: RwLock::new(Lists::default()),
             info: RwLock::new(Info::default()),
-            client_capabilities: RwLock::new(RELAY_CLIENT_CAPABILITIES.to_owned()),
             stop: CancellationToken::new(),
             reinit: tokio::sync::Mutex::new(()),
             restarts: AtomicU64::new(0),
@@ -399,10 +420,19 @@ impl Backend {
 
     /// `initialize` + `notifications/initialized`.
     pub(crate) async fn handshake(self: &Arc<Self>) -> Result<(), String> {
+        let mut known = self.settings.client_capabilities.clone();
+        let capabilities = tokio::select! {
+            c = known.wait_for(Option::is_some) => match c {
+                Ok(c) => c.clone().unwrap_or_default(),
+                // The relay is going away; the handshake will not be used.
+                Err(_) => RELAY_CLIENT_CAPABILITIES.to_owned(),
+            },
+            () = self.stop.cancelled() => return Err("the relay is stopping this server".to_owned()),
+        };
         let params = format!(
             r#"{{"protocolVersion":"{}","capabilities":{},"clientInfo":{{"name":"mcp-relay","version":"{}"}}}}"#,
             protocol::LATEST_LEGACY,
-            read(&self.client_capabilities),
+            capabilities,
             env!("CARGO_PKG_VERSION")
         );
         let reply = self
@@ -738,6 +768,13 @@ impl Backend {
         lock(&self.pending).contains_key(&id)
     }
 
+    /// Fails one request (e.g. its answer could not be received).
+    pub(crate) fn fail(&self, id: u64, reason: String) {
+        if let Some(p) = lock(&self.pending).remove(&id) {
+            let _ = p.tx.send(Err(reason));
+        }
+    }
+
     fn fail_all(&self, reason: &str) {
         let drained: Vec<Pending> = lock(&self.pending).drain().map(|(_, p)| p).collect();
         for p in drained {
@@ -824,8 +861,11 @@ impl Backend {
             });
             return;
         }
+        let (msg, task) = self.namespace_related(msg);
         // Never guess between sessions: a wrong guess would show one client's request to another.
-        let target = self.attribute(related, false);
+        let target = self
+            .attribute(related, false)
+            .or_else(|| task.and_then(|t| self.hub.task_owner(&t)));
         match &target {
             Some(ctx) => {
                 tracing::debug!(server = %self.name, method = msg.method(), session = %ctx.session.id, "Routing server request to its session.")
@@ -889,12 +929,63 @@ impl Backend {
             method::CANCELLED => {
                 tracing::debug!(server = %self.name, "Backend cancelled one of its requests.");
             }
-            _ => match self.attribute(related, false) {
-                Some(ctx) => {
-                    let _ = ctx.stream.send(reserialize(&msg));
+            method::TASK_STATUS => {
+                let mut msg = msg;
+                let exposed = msg
+                    .params
+                    .as_deref()
+                    .and_then(|p| tasks::namespace(&self.name, p, tasks::Shape::Task));
+                let Some((params, ids)) = exposed else {
+                    return;
+                };
+                msg.params = Some(params);
+                // Only the session that created the task hears of it.
+                let owner = ids.first().and_then(|t| self.hub.task_owner(t));
+                match owner.or_else(|| self.attribute(related, false)) {
+                    Some(ctx) => {
+                        let _ = ctx.stream.send(reserialize(&msg));
+                    }
+                    None => {
+                        tracing::debug!(server = %self.name, "Task status for a task no session owns; dropped.");
+                    }
                 }
-                None => self.hub.broadcast(&self.name, reserialize(&msg)),
+            }
+            _ => match self.namespace_related(msg) {
+                (msg, Some(task)) => {
+                    if let Some(ctx) = self
+                        .attribute(related, false)
+                        .or_else(|| self.hub.task_owner(&task))
+                    {
+                        let _ = ctx.stream.send(reserialize(&msg));
+                    }
+                }
+                (msg, None) => self.on_plain_notification(msg, related),
             },
+        }
+    }
+
+    /// Rewrites a related-task `_meta` in a server message's params to the exposed task id;
+    /// returns the message and that id.
+    fn namespace_related(&self, mut msg: Message) -> (Message, Option<String>) {
+        let rewritten = msg
+            .params
+            .as_deref()
+            .and_then(|p| tasks::namespace(&self.name, p, tasks::Shape::Other));
+        match rewritten {
+            Some((params, ids)) => {
+                msg.params = Some(params);
+                (msg, ids.into_iter().next())
+            }
+            None => (msg, None),
+        }
+    }
+
+    fn on_plain_notification(&self, msg: Message, related: Option<&ReqCtx>) {
+        match self.attribute(related, false) {
+            Some(ctx) => {
+                let _ = ctx.stream.send(reserialize(&msg));
+            }
+            None => self.hub.broadcast(&self.name, reserialize(&msg)),
         }
     }
 

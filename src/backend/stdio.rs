@@ -229,11 +229,18 @@ async fn read_loop(b: &Arc<Backend>, mut pipe: pipe::Receiver, max: usize) {
         while let Some(frame) = lines.next_frame() {
             match frame {
                 Frame::Line(l) => b.on_message(&l, None),
-                Frame::TooLong(n) => tracing::warn!(
-                    server = %b.name,
-                    bytes = n,
-                    "Backend sent a message over maxMessageBytes; dropped."
-                ),
+                Frame::TooLong { size, head, tail } => {
+                    tracing::warn!(server = %b.name, bytes = size, "Backend sent a message over maxMessageBytes; dropped.");
+                    // If it answered one of our requests, fail that request now (not at its timeout).
+                    if let Some(id) = crate::protocol::lines::sniff_id(&head, &tail)
+                        .and_then(|id| id.parse::<u64>().ok())
+                    {
+                        b.fail(id, format!(
+                            "its answer was {size} bytes, over the relay's maxMessageBytes ({}); raise `relay.maxMessageBytes` if that size is expected",
+                            b.settings().max_message_bytes
+                        ));
+                    }
+                }
             }
         }
     }

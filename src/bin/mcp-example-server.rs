@@ -3,7 +3,8 @@
 //! answers only), and deliberately returns fields a lossy proxy would drop.
 //!
 //! Tools: `echo`, `add`, `slow` (progress), `lossless`, `sample`, `elicit`, `roots`, `log`,
-//! `add_tool` (list_changed), `touch` (resources/updated), `crash` (exits at once);
+//! `add_tool` (list_changed), `touch` (resources/updated), `crash` (exits at once),
+//! `cancellations` (the `notifications/cancelled` it received), `client_capabilities`;
 //! `--tools N` adds N generated tools (`generated_00000`...) for catalog-size benchmarks.
 
 use serde_json::{Value, json};
@@ -21,6 +22,21 @@ struct Server {
     out: Option<mpsc::UnboundedSender<String>>,
     next_id: AtomicU64,
     waiting: Mutex<HashMap<u64, oneshot::Sender<Value>>>,
+    /// Ids (as JSON text) of the client requests being handled.
+    in_flight: Mutex<std::collections::HashSet<String>>,
+    /// Every `notifications/cancelled` received, for the `cancellations` tool.
+    cancellations: Mutex<Vec<Value>>,
+    /// The capabilities the client declared in `initialize`.
+    client_capabilities: Mutex<Value>,
+    /// Tasks (2025-11-25) by id: status and, once done, the result. Ids are `task-1`,
+    /// `task-2`... on every server, so two servers' ids collide unless a relay namespaces them.
+    tasks: Mutex<indexmap::IndexMap<String, (String, Option<Value>)>>,
+}
+
+/// A `Task` object.
+fn task_json(id: &str, status: &str) -> Value {
+    json!({"taskId": id, "status": status, "ttl": null, "pollInterval": 20,
+           "createdAt": "2026-01-01T00:00:00Z", "lastUpdatedAt": "2026-01-01T00:00:00Z"})
 }
 
 fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
@@ -47,6 +63,8 @@ fn tools(extra: &[String]) -> Value {
         json!({"name":"add_tool","description":"Adds a tool named by `name` and announces list_changed.","inputSchema":{"type":"object","properties":{"name":{"type":"string"}},"required":["name"]}}),
         json!({"name":"touch","description":"Announces that a resource changed.","inputSchema":{"type":"object","properties":{"uri":{"type":"string"}},"required":["uri"]}}),
         json!({"name":"crash","description":"Exits the server process at once.","inputSchema":{"type":"object","properties":{}}}),
+        json!({"name":"client_capabilities","description":"Returns the capabilities the client declared in initialize.","inputSchema":{"type":"object","properties":{}}}),
+        json!({"name":"cancellations","description":"Lists the notifications/cancelled received (requestId, reason, inFlight).","inputSchema":{"type":"object","properties":{}}}),
     ];
     for name in extra {
         list.push(json!({"name": name, "description": format!("{name}: looks up records by key and returns them as text (added at run time or generated)."),
@@ -86,10 +104,15 @@ impl Server {
         let args = &params["arguments"];
         let token = params["_meta"]["progressToken"].clone();
         Ok(match name {
-            "echo" => text(format!(
-                "Echo: {}",
-                args["message"].as_str().unwrap_or_default()
-            )),
+            "echo" => {
+                // `repeat` (optional) makes big answers from small requests.
+                let times = args["repeat"].as_u64().unwrap_or(1).clamp(1, 1_000_000);
+                let msg = args["message"].as_str().unwrap_or_default();
+                text(format!(
+                    "Echo: {}",
+                    msg.repeat(usize::try_from(times).unwrap_or(1))
+                ))
+            }
             "add" => {
                 let sum = args["a"].as_f64().unwrap_or(0.0) + args["b"].as_f64().unwrap_or(0.0);
                 text(format!("{sum}"))
@@ -144,6 +167,8 @@ impl Server {
                 text("touched")
             }
             "crash" => std::process::exit(3),
+            "cancellations" => text(Value::Array(lock(&self.cancellations).clone()).to_string()),
+            "client_capabilities" => text(lock(&self.client_capabilities).to_string()),
             other => {
                 if lock(&self.extra_tools).iter().any(|t| t == other) {
                     text(format!("{other} ran"))
@@ -154,7 +179,90 @@ impl Server {
         })
     }
 
-    async fn handle(&self, msg: Value) -> Option<Value> {
+    /// `tools/call` with `params.task`: runs the tool in the background as a task.
+    fn start_task(self: &Arc<Self>, params: Value) -> Value {
+        let id = {
+            let mut t = lock(&self.tasks);
+            let id = format!("task-{}", t.len() + 1);
+            t.insert(id.clone(), ("working".to_owned(), None));
+            id
+        };
+        let me = self.clone();
+        let task = id.clone();
+        tokio::spawn(async move {
+            let result = match me.call(&params).await {
+                Ok(r) => r,
+                Err((code, message)) => {
+                    json!({"isError": true, "content":[{"type":"text","text": format!("{code}: {message}")}]})
+                }
+            };
+            let status = {
+                let mut t = lock(&me.tasks);
+                match t.get_mut(&task) {
+                    Some(entry) if entry.0 == "working" => {
+                        *entry = ("completed".to_owned(), Some(result));
+                        Some("completed")
+                    }
+                    _ => None,
+                }
+            };
+            if let Some(status) = status {
+                let mut n = task_json(&task, status);
+                n["_meta"] = json!({"io.modelcontextprotocol/related-task": {"taskId": task}});
+                me.notify("notifications/tasks/status", n);
+            }
+        });
+        json!({"task": task_json(&id, "working")})
+    }
+
+    async fn task_request(&self, method: &str, params: &Value) -> Result<Value, (i64, String)> {
+        if method == "tasks/list" {
+            let list: Vec<Value> = lock(&self.tasks)
+                .iter()
+                .map(|(id, (status, _))| task_json(id, status))
+                .collect();
+            return Ok(json!({ "tasks": list }));
+        }
+        let id = params["taskId"].as_str().unwrap_or_default().to_owned();
+        let unknown = || (-32602, format!("unknown task {id}"));
+        match method {
+            "tasks/get" => {
+                let t = lock(&self.tasks);
+                let (status, _) = t.get(&id).ok_or_else(unknown)?;
+                Ok(task_json(&id, status))
+            }
+            "tasks/cancel" => {
+                let mut t = lock(&self.tasks);
+                let entry = t.get_mut(&id).ok_or_else(unknown)?;
+                if entry.0 == "working" {
+                    entry.0 = "cancelled".to_owned();
+                }
+                Ok(task_json(&id, &entry.0))
+            }
+            _ => {
+                // tasks/result: waits (bounded) for the outcome.
+                for _ in 0..6000 {
+                    let done = {
+                        let t = lock(&self.tasks);
+                        let (status, result) = t.get(&id).ok_or_else(unknown)?;
+                        (status != "working").then(|| (status.clone(), result.clone()))
+                    };
+                    if let Some((status, result)) = done {
+                        let mut r = result.unwrap_or_else(
+                            || json!({"isError": true, "content":[{"type":"text","text": status}]}),
+                        );
+                        r["_meta"] =
+                            json!({"io.modelcontextprotocol/related-task": {"taskId": id}});
+                        return Ok(r);
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                }
+                Err((-32603, format!("task {id} did not finish")))
+            }
+        }
+    }
+
+    async fn handle(self: &Arc<Self>, msg: Value) -> Option<Value> {
         let id = msg.get("id").cloned();
         let Some(method) = msg.get("method").and_then(Value::as_str) else {
             // A response to one of our requests.
@@ -169,10 +277,26 @@ impl Server {
             }
             return None;
         };
+        if method == "notifications/cancelled" {
+            let p = &msg["params"];
+            let in_flight = lock(&self.in_flight).contains(&p["requestId"].to_string());
+            lock(&self.cancellations).push(
+                json!({"requestId": p["requestId"], "reason": p["reason"], "inFlight": in_flight}),
+            );
+        }
         let id = id?;
+        let key = id.to_string();
+        lock(&self.in_flight).insert(key.clone());
+        let reply = self.answer(method, &msg, id).await;
+        lock(&self.in_flight).remove(&key);
+        Some(reply)
+    }
+
+    async fn answer(self: &Arc<Self>, method: &str, msg: &Value, id: Value) -> Value {
         let params = msg.get("params").cloned().unwrap_or(Value::Null);
         let result: Result<Value, (i64, String)> = match method {
             "initialize" => {
+                *lock(&self.client_capabilities) = params["capabilities"].clone();
                 let v = params["protocolVersion"].as_str().unwrap_or("2025-11-25");
                 let v = if ["2024-11-05", "2025-03-26", "2025-06-18", "2025-11-25"].contains(&v) {
                     v
@@ -180,13 +304,18 @@ impl Server {
                     "2025-11-25"
                 };
                 Ok(json!({"protocolVersion": v,
-                    "capabilities":{"tools":{"listChanged":true},"prompts":{},"resources":{"subscribe":true},"logging":{},"completions":{}},
+                    "capabilities":{"tools":{"listChanged":true},"prompts":{},"resources":{"subscribe":true},"logging":{},"completions":{},
+                        "tasks":{"list":{},"cancel":{},"requests":{"tools":{"call":{}}}}},
                     "serverInfo":{"name": self.name, "version":"1.0.0"},
                     "instructions": format!("{} is the example server.", self.name)}))
             }
             "ping" => Ok(json!({})),
             "tools/list" => Ok(tools(&lock(&self.extra_tools))),
+            "tools/call" if params.get("task").is_some() => Ok(self.start_task(params.clone())),
             "tools/call" => self.call(&params).await,
+            "tasks/get" | "tasks/result" | "tasks/list" | "tasks/cancel" => {
+                self.task_request(method, &params).await
+            }
             "prompts/list" => Ok(
                 json!({"prompts":[{"name":"greet","description":"Greets someone.","arguments":[{"name":"name","required":true}]}]}),
             ),
@@ -208,12 +337,12 @@ impl Server {
             }
             other => Err((-32601, format!("method not found: {other}"))),
         };
-        Some(match result {
+        match result {
             Ok(r) => json!({"jsonrpc":"2.0","id":id,"result":r}),
             Err((code, message)) => {
                 json!({"jsonrpc":"2.0","id":id,"error":{"code":code,"message":message}})
             }
-        })
+        }
     }
 }
 
@@ -230,6 +359,10 @@ async fn stdio(name: String, count: usize) {
         out: Some(tx.clone()),
         next_id: AtomicU64::new(1),
         waiting: Mutex::new(HashMap::new()),
+        in_flight: Mutex::default(),
+        cancellations: Mutex::default(),
+        client_capabilities: Mutex::default(),
+        tasks: Mutex::default(),
     });
     let writer = std::thread::spawn(move || {
         let stdout = std::io::stdout();
@@ -274,6 +407,10 @@ async fn http(name: String, addr: &str, count: usize) -> std::io::Result<()> {
         out: None,
         next_id: AtomicU64::new(1),
         waiting: Mutex::new(HashMap::new()),
+        in_flight: Mutex::default(),
+        cancellations: Mutex::default(),
+        client_capabilities: Mutex::default(),
+        tasks: Mutex::default(),
     });
     let sessions: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
     let s2 = sessions.clone();

@@ -90,8 +90,10 @@ pub async fn serve_io(
         lines.extend(&chunk[..n]);
         while let Some(frame) = lines.next_frame() {
             match frame {
-                Frame::TooLong(size) => {
-                    let _ = tx.send(RpcError::TooLarge { size, max }.to_response("null"));
+                Frame::TooLong { size, head, tail } => {
+                    let id = crate::protocol::lines::sniff_id(&head, &tail);
+                    let id = id.as_deref().unwrap_or("null");
+                    let _ = tx.send(RpcError::TooLarge { size, max }.to_response(id));
                 }
                 Frame::Line(line) => dispatch(&relay, &session, &tx, &tasks, &line),
             }

@@ -10,8 +10,27 @@ use bytes::{Buf, BytesMut};
 pub enum Frame {
     /// A complete line without its trailing `\n` (and `\r`), never empty.
     Line(BytesMut),
-    /// A line longer than the limit was dropped; carries its length so far.
-    TooLong(usize),
+    /// A line longer than the limit was dropped: its length, and its first and last bytes
+    /// (up to [`EDGE`] each), enough to find the id of a typical JSON-RPC message.
+    TooLong {
+        size: usize,
+        head: Vec<u8>,
+        tail: Vec<u8>,
+    },
+}
+
+/// How many bytes of each end of a dropped line are kept.
+pub const EDGE: usize = 128;
+
+fn head_of(b: &[u8]) -> Vec<u8> {
+    b[..b.len().min(EDGE)].to_vec()
+}
+
+/// The last `EDGE` bytes of `before` followed by `b`.
+fn tail_of(before: &[u8], b: &[u8]) -> Vec<u8> {
+    let mut t = before.to_vec();
+    t.extend_from_slice(&b[b.len().saturating_sub(EDGE)..]);
+    t.split_off(t.len().saturating_sub(EDGE))
 }
 
 /// Accumulates bytes and splits them into lines no longer than `max`.
@@ -19,8 +38,8 @@ pub enum Frame {
 pub struct LineBuffer {
     buf: BytesMut,
     max: usize,
-    /// Bytes of an oversized line being skipped until its newline.
-    skipping: Option<usize>,
+    /// An oversized line being skipped until its newline: bytes so far, head, tail.
+    skipping: Option<(usize, Vec<u8>, Vec<u8>)>,
     /// How far `buf` has already been searched for a newline.
     scanned: usize,
 }
@@ -57,12 +76,14 @@ impl LineBuffer {
             match found {
                 None => {
                     self.scanned = self.buf.len();
-                    if let Some(skipped) = self.skipping.as_mut() {
+                    if let Some((skipped, _, tail)) = self.skipping.as_mut() {
                         *skipped += self.buf.len();
+                        *tail = tail_of(tail, &self.buf);
                         self.buf.clear();
                         self.scanned = 0;
                     } else if self.buf.len() > self.max {
-                        self.skipping = Some(self.buf.len());
+                        self.skipping =
+                            Some((self.buf.len(), head_of(&self.buf), tail_of(&[], &self.buf)));
                         self.buf.clear();
                         self.scanned = 0;
                     }
@@ -73,14 +94,22 @@ impl LineBuffer {
                     let mut line = self.buf.split_to(end);
                     self.buf.advance(1);
                     self.scanned = 0;
-                    if let Some(skipped) = self.skipping.take() {
-                        return Some(Frame::TooLong(skipped + line.len()));
+                    if let Some((skipped, head, tail)) = self.skipping.take() {
+                        return Some(Frame::TooLong {
+                            size: skipped + line.len(),
+                            head,
+                            tail: tail_of(&tail, &line),
+                        });
                     }
                     if line.last() == Some(&b'\r') {
                         line.truncate(line.len() - 1);
                     }
                     if line.len() > self.max {
-                        return Some(Frame::TooLong(line.len()));
+                        return Some(Frame::TooLong {
+                            size: line.len(),
+                            head: head_of(&line),
+                            tail: tail_of(&[], &line),
+                        });
                     }
                     if line.iter().all(u8::is_ascii_whitespace) {
                         continue;
@@ -90,6 +119,37 @@ impl LineBuffer {
             }
         }
     }
+}
+
+/// The id of a JSON-RPC message known only by its ends (an oversized line): the id is
+/// either near the start (`{"jsonrpc":"2.0","id":7,...`) or the last member
+/// (`...,"id":7}`), as the common SDKs write it. Returns the raw id token.
+pub fn sniff_id(head: &[u8], tail: &[u8]) -> Option<String> {
+    fn token(s: &str) -> Option<&str> {
+        let s = s.trim_start().strip_prefix(':')?.trim_start();
+        let end = if let Some(quoted) = s.strip_prefix('"') {
+            quoted.find('"')? + 2
+        } else {
+            s.find(|c: char| !(c.is_ascii_digit() || c == '-'))
+                .unwrap_or(s.len())
+        };
+        Some(&s[..end]).filter(|t| !t.is_empty() && *t != "\"\"" && !t.contains('\\'))
+    }
+    let head = String::from_utf8_lossy(head);
+    let mut h = head.trim_start().strip_prefix('{')?.trim_start();
+    if let Some(rest) = h.strip_prefix(r#""jsonrpc""#) {
+        h = rest.split_once(',').map(|(_, r)| r.trim_start())?;
+    }
+    if let Some(t) = h.strip_prefix(r#""id""#).and_then(token) {
+        return Some(t.to_owned());
+    }
+    let tail = String::from_utf8_lossy(tail);
+    let t = tail.trim_end().strip_suffix('}')?;
+    let at = t.rfind(r#""id""#)?;
+    let rest = &t[at + 4..];
+    let id = token(rest)?;
+    let after = rest.trim_start().strip_prefix(':')?.trim_start();
+    after[id.len()..].trim().is_empty().then(|| id.to_owned())
 }
 
 #[cfg(test)]
@@ -121,11 +181,43 @@ mod tests {
     }
 
     #[test]
+    fn sniffs_the_id_of_an_oversized_message() {
+        assert_eq!(
+            sniff_id(br#"{"jsonrpc":"2.0","id":12,"result":{"x":"#, b"...}}"),
+            Some("12".into())
+        );
+        assert_eq!(
+            sniff_id(br#" { "id" : "a-1", "method":"#, b""),
+            Some(r#""a-1""#.into())
+        );
+        assert_eq!(
+            sniff_id(
+                br#"{"result":{"content":["#,
+                br#"]},"jsonrpc":"2.0","id":7}"#
+            ),
+            Some("7".into())
+        );
+        // An "id" inside the payload is not the message's id.
+        assert_eq!(
+            sniff_id(br#"{"result":{"id":3,"#, br#""x":{"id":4},"more":1}}"#),
+            None
+        );
+        assert_eq!(sniff_id(b"garbage", b"garbage"), None);
+    }
+
+    #[test]
     fn oversized_line_is_dropped_and_next_survives() {
         let f = lines(&[b"0123456789", b"0123456789", b"xx\n{}\n"], 8);
         assert_eq!(
             f,
-            vec![Frame::TooLong(22), Frame::Line(BytesMut::from(&b"{}"[..]))]
+            vec![
+                Frame::TooLong {
+                    size: 22,
+                    head: b"0123456789".to_vec(),
+                    tail: b"01234567890123456789xx".to_vec()
+                },
+                Frame::Line(BytesMut::from(&b"{}"[..]))
+            ]
         );
     }
 }

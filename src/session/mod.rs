@@ -35,6 +35,9 @@ pub struct SessionState {
     pub log_level: Option<String>,
     /// List methods this session has called: only those lists' changes are announced to it.
     pub listed: BTreeSet<String>,
+    /// Exposed ids (`server+taskId`) of the tasks this session created.
+    #[serde(default)]
+    pub tasks: BTreeSet<String>,
 }
 
 /// A request the relay sent to the client on a backend's behalf, awaiting its answer.

@@ -246,3 +246,34 @@ fn http_backend_session_loss_is_healed() -> Result {
     assert_eq!(r["result"]["content"][0]["text"], "Echo: two", "{r}");
     Ok(())
 }
+
+#[test]
+fn a_session_cannot_reach_another_sessions_task() -> Result {
+    let dir = tempfile::tempdir()?;
+    let (_relay, url) = serve(&json!({"mcpServers": {"ex": example("ex")}}), dir.path())?;
+    let mut a = Client::new(&url)?;
+    a.initialize()?;
+    let mut b = Client::new(&url)?;
+    b.initialize()?;
+    let created = a.call(&json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"ex__echo","arguments":{"message":"a"},"task":{}}}))?;
+    let id = created["result"]["task"]["taskId"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert_eq!(id, "ex+task-1", "{created}");
+    let mine =
+        a.call(&json!({"jsonrpc":"2.0","id":2,"method":"tasks/get","params":{"taskId": id}}))?;
+    assert_eq!(mine["result"]["taskId"], id, "{mine}");
+    // The other session, on the same shared backend, neither sees nor reaches it.
+    let theirs =
+        b.call(&json!({"jsonrpc":"2.0","id":2,"method":"tasks/get","params":{"taskId": id}}))?;
+    assert_eq!(theirs["error"]["code"], -32602, "{theirs}");
+    let cancel =
+        b.call(&json!({"jsonrpc":"2.0","id":3,"method":"tasks/cancel","params":{"taskId": id}}))?;
+    assert_eq!(cancel["error"]["code"], -32602, "{cancel}");
+    let list = b.call(&json!({"jsonrpc":"2.0","id":4,"method":"tasks/list","params":{}}))?;
+    assert_eq!(list["result"]["tasks"], json!([]), "{list}");
+    let list = a.call(&json!({"jsonrpc":"2.0","id":5,"method":"tasks/list","params":{}}))?;
+    assert_eq!(list["result"]["tasks"][0]["taskId"], id, "{list}");
+    Ok(())
+}

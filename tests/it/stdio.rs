@@ -156,16 +156,39 @@ fn sampling_without_client_capability_is_refused_clearly() -> Result {
 }
 
 #[test]
+fn backends_hear_only_the_capabilities_the_client_has() -> Result {
+    let mut c = StdioClient::start(two_examples())?;
+    c.initialize(json!({"sampling":{}, "elicitation":{"form":{}}, "experimental":{"x":{}}}))?;
+    for (id, tool) in [
+        (1, "ex__client_capabilities"),
+        (2, "other__client_capabilities"),
+    ] {
+        let r = c.request(id, "tools/call", json!({"name": tool, "arguments": {}}))?;
+        let text = r["result"]["content"][0]["text"]
+            .as_str()
+            .unwrap_or_default();
+        let declared: Value = serde_json::from_str(text)?;
+        // No roots (the client has none); nothing the relay cannot route.
+        assert_eq!(
+            declared,
+            json!({"sampling":{}, "elicitation":{"form":{}}}),
+            "{r}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
 fn bad_input_gets_clear_errors_and_nothing_breaks() -> Result {
     let mut cfg = json!({"mcpServers": {"ex": example("ex"), "broken": {"command": "/nonexistent/mcp-server"}}});
-    cfg["relay"] = json!({"maxMessageBytes": 4096, "requestTimeoutMs": 1500});
+    cfg["relay"] = json!({"maxMessageBytes": 16384, "requestTimeoutMs": 1500});
     let mut c = StdioClient::start(cfg)?;
     c.initialize(json!({}))?;
     let mut skipped = Vec::new();
     c.send_raw("{not json")?;
     let e: Value = serde_json::from_str(&c.recv_until(|l| l.contains("\"error\""), &mut skipped)?)?;
     assert_eq!(e["error"]["code"], -32700);
-    c.send_raw(&format!(r#"{{"jsonrpc":"2.0","id":77,"method":"tools/call","params":{{"name":"ex__echo","arguments":{{"message":"{}"}}}}}}"#, "x".repeat(10_000)))?;
+    c.send_raw(&format!(r#"{{"jsonrpc":"2.0","id":77,"method":"tools/call","params":{{"name":"ex__echo","arguments":{{"message":"{}"}}}}}}"#, "x".repeat(20_000)))?;
     let e: Value =
         serde_json::from_str(&c.recv_until(|l| l.contains("maxMessageBytes"), &mut skipped)?)?;
     assert_eq!(e["error"]["code"], -32003);
@@ -190,6 +213,10 @@ fn bad_input_gets_clear_errors_and_nothing_breaks() -> Result {
         msg.contains("server `ex`") && msg.contains("1500 ms"),
         "{e}"
     );
+    assert_eq!(e["error"]["code"], -32002, "{e}");
+    // ...and the backend was told, under its own id for the request.
+    let seen = wait_for_cancellation(&mut c, 100, "ex__cancellations")?;
+    assert_eq!(seen["reason"], "request timed out in the relay", "{seen}");
     // The broken server does not stop the healthy one.
     let r = c.request(
         5,
@@ -197,6 +224,174 @@ fn bad_input_gets_clear_errors_and_nothing_breaks() -> Result {
         json!({"name":"ex__add","arguments":{"a":2,"b":3}}),
     )?;
     assert_eq!(r["result"]["content"][0]["text"], "5");
+    Ok(())
+}
+
+/// Polls the example server's `cancellations` tool until it reports a cancellation of a
+/// request it was still handling; returns that record.
+fn wait_for_cancellation(c: &mut StdioClient, first_id: u64, tool: &str) -> Result<Value> {
+    let deadline = std::time::Instant::now() + crate::support::TIMEOUT;
+    for id in first_id.. {
+        let r = c.request(id, "tools/call", json!({"name": tool, "arguments": {}}))?;
+        let text = r["result"]["content"][0]["text"].as_str().unwrap_or("[]");
+        let list: Vec<Value> = serde_json::from_str(text)?;
+        if let Some(hit) = list.into_iter().find(|c| c["inFlight"] == true) {
+            return Ok(hit);
+        }
+        if std::time::Instant::now() > deadline {
+            return Err(format!("the backend never saw the cancellation: {r}").into());
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    Err("unreachable".into())
+}
+
+#[test]
+fn client_cancellation_reaches_the_backend_under_its_id() -> Result {
+    let mut c = StdioClient::start(json!({"mcpServers": {"ex": example("ex")}}))?;
+    c.initialize(json!({}))?;
+    c.send(&json!({"jsonrpc":"2.0","id":"long","method":"tools/call","params":{"name":"ex__slow","arguments":{"steps":600,"ms":50},"_meta":{"progressToken":"t"}}}))?;
+    let mut seen = Vec::new();
+    // A first progress notification: the backend is working on it.
+    c.recv_until(|l| l.contains("notifications/progress"), &mut seen)?;
+    c.send(&json!({"jsonrpc":"2.0","method":"notifications/cancelled","params":{"requestId":"long","reason":"stop"}}))?;
+    let r: Value =
+        serde_json::from_str(&c.recv_until(|l| is_response(l, &json!("long")), &mut seen)?)?;
+    assert_eq!(r["error"]["code"], -32800, "{r}");
+    let hit = wait_for_cancellation(&mut c, 1, "ex__cancellations")?;
+    assert_eq!(hit["reason"], "cancelled by the client", "{hit}");
+    // The backend got the relay's id for the request, never the client's.
+    assert!(hit["requestId"].is_u64(), "{hit}");
+    Ok(())
+}
+
+#[test]
+fn timeout_on_an_http_backend_names_it_and_cancels_there() -> Result {
+    let (_backend, url) = crate::support::example_http("hx")?;
+    let mut c = StdioClient::start(json!({
+        "mcpServers": {"hx": {"type": "http", "url": url}},
+        "relay": {"requestTimeoutMs": 800}
+    }))?;
+    c.initialize(json!({}))?;
+    let e = c.request(
+        1,
+        "tools/call",
+        json!({"name":"hx__slow","arguments":{"steps":1,"ms":20000}}),
+    )?;
+    assert_eq!(e["error"]["code"], -32002, "{e}");
+    let msg = e["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("server `hx`") && msg.contains("800 ms"), "{e}");
+    let hit = wait_for_cancellation(&mut c, 10, "hx__cancellations")?;
+    assert_eq!(hit["reason"], "request timed out in the relay", "{hit}");
+    Ok(())
+}
+
+#[test]
+fn task_ids_are_namespaced_per_server() -> Result {
+    let mut c = StdioClient::start(two_examples())?;
+    let init = c.initialize(json!({}))?;
+    assert!(
+        init["result"]["capabilities"]["tasks"].is_object(),
+        "{init}"
+    );
+    // Both servers number their tasks `task-1`: the client must see two different ids.
+    let a = c.request(
+        1,
+        "tools/call",
+        json!({"name":"ex__echo","arguments":{"message":"from ex"},"task":{"ttl":60000}}),
+    )?;
+    let b = c.request(
+        2,
+        "tools/call",
+        json!({"name":"other__echo","arguments":{"message":"from other"},"task":{"ttl":60000}}),
+    )?;
+    assert_eq!(a["result"]["task"]["taskId"], "ex+task-1", "{a}");
+    assert_eq!(b["result"]["task"]["taskId"], "other+task-1", "{b}");
+    // tasks/result reaches the right server, and its related-task meta is namespaced too.
+    let ra = c.request(3, "tasks/result", json!({"taskId":"ex+task-1"}))?;
+    assert_eq!(ra["result"]["content"][0]["text"], "Echo: from ex", "{ra}");
+    assert_eq!(
+        ra["result"]["_meta"]["io.modelcontextprotocol/related-task"]["taskId"],
+        "ex+task-1"
+    );
+    let rb = c.request(4, "tasks/result", json!({"taskId":"other+task-1"}))?;
+    assert_eq!(
+        rb["result"]["content"][0]["text"], "Echo: from other",
+        "{rb}"
+    );
+    let g = c.request(5, "tasks/get", json!({"taskId":"other+task-1"}))?;
+    assert_eq!(g["result"]["taskId"], "other+task-1", "{g}");
+    assert_eq!(g["result"]["status"], "completed", "{g}");
+    // tasks/list merges both servers, ids namespaced.
+    let l = c.request(6, "tasks/list", json!({}))?;
+    let mut ids: Vec<&str> = l["result"]["tasks"]
+        .as_array()
+        .map(|a| a.iter().filter_map(|t| t["taskId"].as_str()).collect())
+        .unwrap_or_default();
+    ids.sort_unstable();
+    assert_eq!(ids, ["ex+task-1", "other+task-1"], "{l}");
+    // Ids the relay never handed out are refused, naming the id.
+    for (id, bad) in [(7, "task-1"), (8, "nope+task-1"), (9, "ex+task-99")] {
+        let e = c.request(id, "tasks/get", json!({"taskId": bad}))?;
+        assert_eq!(e["error"]["code"], -32602, "{e}");
+        assert!(
+            e["error"]["message"]
+                .as_str()
+                .unwrap_or_default()
+                .contains(bad),
+            "{e}"
+        );
+    }
+    Ok(())
+}
+
+#[test]
+fn task_status_notifications_carry_namespaced_ids() -> Result {
+    let mut c = StdioClient::start(json!({"mcpServers": {"ex": example("ex")}}))?;
+    c.initialize(json!({}))?;
+    let r = c.request(
+        1,
+        "tools/call",
+        json!({"name":"ex__slow","arguments":{"steps":2,"ms":20},"task":{}}),
+    )?;
+    assert_eq!(r["result"]["task"]["taskId"], "ex+task-1", "{r}");
+    let mut skipped = Vec::new();
+    let n: Value = serde_json::from_str(
+        &c.recv_until(|l| l.contains("notifications/tasks/status"), &mut skipped)?,
+    )?;
+    assert_eq!(n["params"]["taskId"], "ex+task-1", "{n}");
+    assert_eq!(n["params"]["status"], "completed", "{n}");
+    assert_eq!(
+        n["params"]["_meta"]["io.modelcontextprotocol/related-task"]["taskId"], "ex+task-1",
+        "{n}"
+    );
+    Ok(())
+}
+
+#[test]
+fn an_oversized_backend_answer_fails_its_request_at_once() -> Result {
+    let mut cfg = json!({"mcpServers": {"ex": example("ex")}});
+    // A timeout far beyond the test's own wait: only a prompt failure passes.
+    cfg["relay"] = json!({"maxMessageBytes": 8192, "requestTimeoutMs": 120000});
+    let mut c = StdioClient::start(cfg)?;
+    c.initialize(json!({}))?;
+    let e = c.request(
+        1,
+        "tools/call",
+        json!({"name":"ex__echo","arguments":{"message":"xy","repeat":20000}}),
+    )?;
+    let msg = e["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("server `ex`") && msg.contains("maxMessageBytes"),
+        "{e}"
+    );
+    // The connection is intact: the next call works.
+    let r = c.request(
+        2,
+        "tools/call",
+        json!({"name":"ex__echo","arguments":{"message":"ok"}}),
+    )?;
+    assert_eq!(r["result"]["content"][0]["text"], "Echo: ok", "{r}");
     Ok(())
 }
 
@@ -219,7 +414,10 @@ fn pagination_follows_relay_cursors() -> Result {
             None => break,
         }
     }
-    assert_eq!(all.len(), 22, "{all:?}");
+    // 13 tools on each example server, each exactly once.
+    assert_eq!(all.len(), 26, "{all:?}");
+    let unique: std::collections::BTreeSet<&String> = all.iter().collect();
+    assert_eq!(unique.len(), all.len(), "{all:?}");
     Ok(())
 }
 

@@ -566,13 +566,13 @@ def test_http_foreign_origin_is_403(shared_http_relay: Any, logs: LogRegistry) -
 
 def test_http_oversized_body_is_413(tmp_path: Path, logs: LogRegistry) -> None:
     config = write_config(
-        tmp_path, {"ex": {"command": str(EXAMPLE), "args": ["--name", "ex"]}}, maxMessageBytes=2048
+        tmp_path, {"ex": {"command": str(EXAMPLE), "args": ["--name", "ex"]}}, maxMessageBytes=16384
     )
     with http_relay(config, logs) as relay:
         relay.wait_for_tools(["ex"])
         with RawHttp(relay.url) as raw:
             raw.initialize()
-            big = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "ex__echo", "arguments": {"message": "x" * 4096}}}
+            big = {"jsonrpc": "2.0", "id": 1, "method": "tools/call", "params": {"name": "ex__echo", "arguments": {"message": "x" * 32768}}}
             r = raw.post(big)
             assert r.status_code == 413, (r.status_code, r.text)
             assert r.json()["error"]["code"] == -32003, r.text
@@ -598,15 +598,17 @@ def test_stdio_malformed_json_and_unknown_tool(stdio_workdir: Path, logs: LogReg
 
 def test_stdio_oversized_line_is_refused(stdio_workdir: Path, logs: LogRegistry) -> None:
     config = write_config(
-        stdio_workdir, {"ex": {"command": str(EXAMPLE), "args": ["--name", "ex"]}}, maxMessageBytes=2048
+        stdio_workdir, {"ex": {"command": str(EXAMPLE), "args": ["--name", "ex"]}}, maxMessageBytes=16384
     )
     log = config.with_suffix(".log")
     logs.add("relay stderr (raw stdio)", log)
     with RawStdio(config, log) as raw:
         raw.initialize()
-        raw.send({"jsonrpc": "2.0", "id": 50, "method": "tools/call", "params": {"name": "ex__echo", "arguments": {"message": "x" * 4096}}})
+        raw.send({"jsonrpc": "2.0", "id": 50, "method": "tools/call", "params": {"name": "ex__echo", "arguments": {"message": "x" * 32768}}})
         err = raw.read()
         assert err["error"]["code"] == -32003, err
+        # The refusal carries the id of the refused request.
+        assert err["id"] == 50, err
         assert "maxMessageBytes" in err["error"]["message"], err
         reply, _ = raw.rpc("tools/call", {"name": "ex__echo", "arguments": {"message": "small"}})
         assert reply["result"]["content"][0]["text"] == "Echo: small", reply
