@@ -27,6 +27,8 @@ pub struct Relay {
     started: Instant,
     /// The client capabilities backends are told (see [`backend::Settings`]).
     declared: tokio::sync::watch::Sender<Option<String>>,
+    /// When backends were released to run their handshakes.
+    released: Mutex<Instant>,
 }
 
 /// Which front the relay serves: it decides what backends hear of client capabilities.
@@ -101,6 +103,15 @@ impl backend::Hub for HubRef {
     }
 }
 
+/// Removes a request from its session's in-flight table when dropped.
+struct EndOnDrop<'a>(&'a Session, &'a str);
+
+impl Drop for EndOnDrop<'_> {
+    fn drop(&mut self) {
+        self.0.end(self.1);
+    }
+}
+
 /// What one request produced: a raw result or a ready error response.
 enum Answer {
     Result(Box<serde_json::value::RawValue>),
@@ -122,6 +133,7 @@ impl Relay {
             sessions: Mutex::new(HashMap::new()),
             started: Instant::now(),
             declared,
+            released: Mutex::new(Instant::now()),
         });
         let settings = backend::Settings {
             request_timeout: relay.config.relay.request_timeout,
@@ -257,8 +269,10 @@ impl Relay {
 
     /// Waits (bounded by `startupWaitMs` from relay start) for backends still starting.
     async fn settle(&self) {
-        let deadline =
-            tokio::time::Instant::from_std(self.started + self.config.relay.startup_wait);
+        // From when the backends could start their handshakes (over stdio: the client's
+        // initialize), so a late client still gets their instructions and capabilities.
+        let from = *lock(&self.released);
+        let deadline = tokio::time::Instant::from_std(from + self.config.relay.startup_wait);
         if tokio::time::Instant::now() >= deadline {
             return;
         }
@@ -291,6 +305,8 @@ impl Relay {
             Kind::Request => {
                 let id = msg.id_text().to_owned();
                 let cancel = session.begin(&id);
+                // Ends the request's bookkeeping even if this future is dropped.
+                let _end = EndOnDrop(session, &id);
                 let ctx = ReqCtx {
                     session: session.clone(),
                     stream,
@@ -304,7 +320,6 @@ impl Relay {
                     },
                     Err(e) => e.to_response(&id),
                 };
-                session.end(&id);
                 Some(out)
             }
         }
@@ -326,8 +341,12 @@ impl Relay {
                 // front); then the answer waits for them to settle, bounded by
                 // `startupWaitMs`, so that it carries their instructions and capabilities.
                 let routable = backend::routable_capabilities(params.get("capabilities"));
-                self.declared
+                let released = self
+                    .declared
                     .send_if_modified(|d| d.is_none().then(|| *d = Some(routable)).is_some());
+                if released {
+                    *lock(&self.released) = Instant::now();
+                }
                 self.settle().await;
                 Ok(Answer::Result(self.initialize(&ctx.session, &params)))
             }

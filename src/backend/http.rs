@@ -136,12 +136,21 @@ impl Http {
                 }
             }
             if status == reqwest::StatusCode::NOT_FOUND && had_session && attempt == 0 {
-                // The server forgot our session: re-initialize once, then resend.
-                if self.generation.load(Ordering::Acquire) == generation {
-                    lock(&self.session).take();
-                    self.generation.fetch_add(1, Ordering::AcqRel);
-                    b.reinitialize().await?;
-                }
+                // The server forgot our session: re-initialize once, then resend. The
+                // handshake runs in a task of its own, so a caller that goes away (timeout,
+                // client disconnect) cannot leave the backend half re-initialized; requests
+                // that lost the race wait for it (bounded) and resend with the new session.
+                let me = self.clone();
+                tokio::spawn(b.reinitialize(move || {
+                    if me.generation.load(Ordering::Acquire) != generation {
+                        return false;
+                    }
+                    lock(&me.session).take();
+                    me.generation.fetch_add(1, Ordering::AcqRel);
+                    true
+                }))
+                .await
+                .map_err(|e| format!("re-initialization failed: {e}"))??;
                 continue;
             }
             if status == reqwest::StatusCode::ACCEPTED || status == reqwest::StatusCode::NO_CONTENT

@@ -464,14 +464,23 @@ impl Backend {
         Ok(())
     }
 
-    /// Re-runs the handshake after the server forgot our session (HTTP 404).
-    /// Boxed: the handshake sends through the same transport that calls this.
+    /// Re-runs the handshake after the server forgot our session (HTTP 404), once per loss:
+    /// waits (bounded) for a re-initialization under way, then runs one only if `still_needed`
+    /// says so (it also resets the transport's session). Boxed: the handshake sends through
+    /// the transport that calls this.
     pub(crate) fn reinitialize(
         self: &Arc<Self>,
+        still_needed: impl FnOnce() -> bool + Send + 'static,
     ) -> futures::future::BoxFuture<'static, Result<(), String>> {
         let me = self.clone();
         Box::pin(async move {
-            let _g = me.reinit.lock().await;
+            let limit = me.settings.request_timeout;
+            let Ok(_guard) = tokio::time::timeout(limit, me.reinit.lock()).await else {
+                return Err("re-initialization of the server is stuck".to_owned());
+            };
+            if !still_needed() {
+                return Ok(());
+            }
             tracing::info!(server = %me.name, "Backend session expired; re-initializing.");
             me.handshake().await
         })
@@ -754,13 +763,18 @@ impl Backend {
                 r#"{{"requestId":{id},"reason":{}}}"#,
                 protocol::raw_string(reason).get()
             );
-            let _ = self
-                .send_raw(
+            // In the background and bounded: a stuck server must not delay the error the
+            // client is owed.
+            let me = self.clone();
+            let limit = self.settings.request_timeout;
+            tokio::spawn(async move {
+                let send = me.send_raw(
                     protocol::notification(method::CANCELLED, Some(&protocol::raw(&params))),
                     None,
                     None,
-                )
-                .await;
+                );
+                let _ = tokio::time::timeout(limit, send).await;
+            });
         }
     }
 
@@ -862,10 +876,12 @@ impl Backend {
             return;
         }
         let (msg, task) = self.namespace_related(msg);
-        // Never guess between sessions: a wrong guess would show one client's request to another.
-        let target = self
-            .attribute(related, false)
-            .or_else(|| task.and_then(|t| self.hub.task_owner(&t)));
+        // Never guess between sessions: a wrong guess would show one client's request to
+        // another. A task's request belongs to the session that created the task.
+        let target = related
+            .cloned()
+            .or_else(|| task.and_then(|t| self.hub.task_owner(&t)))
+            .or_else(|| self.attribute(None, false));
         match &target {
             Some(ctx) => {
                 tracing::debug!(server = %self.name, method = msg.method(), session = %ctx.session.id, "Routing server request to its session.")
@@ -941,7 +957,7 @@ impl Backend {
                 msg.params = Some(params);
                 // Only the session that created the task hears of it.
                 let owner = ids.first().and_then(|t| self.hub.task_owner(t));
-                match owner.or_else(|| self.attribute(related, false)) {
+                match owner.or_else(|| related.cloned()) {
                     Some(ctx) => {
                         let _ = ctx.stream.send(reserialize(&msg));
                     }
@@ -952,10 +968,7 @@ impl Backend {
             }
             _ => match self.namespace_related(msg) {
                 (msg, Some(task)) => {
-                    if let Some(ctx) = self
-                        .attribute(related, false)
-                        .or_else(|| self.hub.task_owner(&task))
-                    {
+                    if let Some(ctx) = related.cloned().or_else(|| self.hub.task_owner(&task)) {
                         let _ = ctx.stream.send(reserialize(&msg));
                     }
                 }

@@ -232,7 +232,10 @@ async fn read_loop(b: &Arc<Backend>, mut pipe: pipe::Receiver, max: usize) {
                 Frame::TooLong { size, head, tail } => {
                     tracing::warn!(server = %b.name, bytes = size, "Backend sent a message over maxMessageBytes; dropped.");
                     // If it answered one of our requests, fail that request now (not at its timeout).
-                    if let Some(id) = crate::protocol::lines::sniff_id(&head, &tail)
+                    // (A server request carries its own id space: never fail ours by it.)
+                    if let Some(id) = Some(())
+                        .filter(|()| !crate::protocol::lines::has_method(&head, &tail))
+                        .and_then(|()| crate::protocol::lines::sniff_id(&head, &tail))
                         .and_then(|id| id.parse::<u64>().ok())
                     {
                         b.fail(id, format!(

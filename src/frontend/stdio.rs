@@ -91,7 +91,10 @@ pub async fn serve_io(
         while let Some(frame) = lines.next_frame() {
             match frame {
                 Frame::TooLong { size, head, tail } => {
-                    let id = crate::protocol::lines::sniff_id(&head, &tail);
+                    // Only a request gets an answer under its id.
+                    let id = Some(())
+                        .filter(|()| crate::protocol::lines::has_method(&head, &tail))
+                        .and_then(|()| crate::protocol::lines::sniff_id(&head, &tail));
                     let id = id.as_deref().unwrap_or("null");
                     let _ = tx.send(RpcError::TooLarge { size, max }.to_response(id));
                 }

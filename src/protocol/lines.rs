@@ -121,6 +121,12 @@ impl LineBuffer {
     }
 }
 
+/// Whether a message known only by its ends is a request or notification (has `"method"`).
+pub fn has_method(head: &[u8], tail: &[u8]) -> bool {
+    let key = br#""method""#;
+    head.windows(key.len()).any(|w| w == key) || tail.windows(key.len()).any(|w| w == key)
+}
+
 /// The id of a JSON-RPC message known only by its ends (an oversized line): the id is
 /// either near the start (`{"jsonrpc":"2.0","id":7,...`) or the last member
 /// (`...,"id":7}`), as the common SDKs write it. Returns the raw id token.
@@ -133,7 +139,11 @@ pub fn sniff_id(head: &[u8], tail: &[u8]) -> Option<String> {
             s.find(|c: char| !(c.is_ascii_digit() || c == '-'))
                 .unwrap_or(s.len())
         };
-        Some(&s[..end]).filter(|t| !t.is_empty() && *t != "\"\"" && !t.contains('\\'))
+        Some(&s[..end]).filter(|t| {
+            *t != "\"\""
+                && !t.contains('\\')
+                && serde_json::from_str::<serde_json::Value>(t).is_ok()
+        })
     }
     let head = String::from_utf8_lossy(head);
     let mut h = head.trim_start().strip_prefix('{')?.trim_start();
