@@ -7,6 +7,7 @@
 //! - [`backend`]: one MCP server per backend, one file per transport, restart with backoff.
 //! - [`catalog`]: merged tools/prompts/resources, `server__name` namespacing, pagination.
 //! - [`session`]: per-client state (serializable) and the channels back to the client.
+//! - [`sync`]: lock helpers shared by every module.
 //! - [`tasks`]: task ids namespaced per backend (`server+taskId`).
 //! - [`router`]: the hot path; the running [`router::Relay`].
 //! - [`frontend`]: stdio and Streamable HTTP servers facing clients.
@@ -22,5 +23,6 @@ pub mod frontend;
 pub mod protocol;
 pub mod router;
 pub mod session;
+pub mod sync;
 pub mod tasks;
 pub mod telemetry;

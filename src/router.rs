@@ -11,6 +11,7 @@ use crate::config::Config;
 use crate::error::RpcError;
 use crate::protocol::{self, Kind, Message, RawMap, method};
 use crate::session::{Outbox, ReqCtx, Session};
+use crate::sync::{lock, read, write};
 use crate::tasks;
 use indexmap::IndexMap;
 use std::collections::HashMap;
@@ -24,7 +25,6 @@ pub struct Relay {
     catalog: RwLock<Arc<Catalog>>,
     rebuild: Mutex<()>,
     sessions: Mutex<HashMap<String, Weak<Session>>>,
-    started: Instant,
     /// The client capabilities backends are told (see [`backend::Settings`]).
     declared: tokio::sync::watch::Sender<Option<String>>,
     /// When backends were released to run their handshakes.
@@ -39,18 +39,6 @@ pub enum Front {
     Stdio,
     /// Many sessions: backends are told every capability the relay can route.
     Http,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    m.read().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    m.write().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 struct HubRef(Weak<Relay>);
@@ -131,7 +119,6 @@ impl Relay {
             catalog: RwLock::new(Arc::new(Catalog::default())),
             rebuild: Mutex::new(()),
             sessions: Mutex::new(HashMap::new()),
-            started: Instant::now(),
             declared,
             released: Mutex::new(Instant::now()),
         });
@@ -171,10 +158,6 @@ impl Relay {
         read(&self.backends).get(name).cloned()
     }
 
-    pub fn uptime(&self) -> std::time::Duration {
-        self.started.elapsed()
-    }
-
     /// Registers a new session.
     pub fn open_session(&self, id: String, outbox: Outbox) -> Arc<Session> {
         let s = Session::new(id, outbox);
@@ -200,10 +183,6 @@ impl Relay {
             .filter_map(Weak::upgrade)
             .filter(|s| !s.is_closed())
             .collect()
-    }
-
-    pub fn session_count(&self) -> usize {
-        self.live_sessions().len()
     }
 
     /// Rebuilds the merged catalog and tells sessions whose lists changed.

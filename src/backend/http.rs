@@ -4,6 +4,7 @@
 
 use super::Backend;
 use crate::session::ReqCtx;
+use crate::sync::lock;
 use eventsource_stream::Eventsource;
 use futures::StreamExt;
 use reqwest::header::{ACCEPT, CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
@@ -30,10 +31,6 @@ pub struct Http {
     generation: AtomicU64,
     /// Never fires on its own: HTTP has no connection to lose; set on shutdown.
     pub closed: CancellationToken,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// The HTTP client every remote backend uses: `TCP_NODELAY`, pooled connections.

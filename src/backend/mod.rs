@@ -14,11 +14,12 @@ use crate::catalog::{self, Lists};
 use crate::config::{ServerConfig, TransportConfig};
 use crate::protocol::{self, Kind, Message, RawMap, method};
 use crate::session::ReqCtx;
+use crate::sync::{lock, read, write};
 use crate::tasks;
 use serde_json::value::RawValue;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, Instant};
 use tokio::sync::{oneshot, watch};
 use tokio_util::sync::CancellationToken;
@@ -210,18 +211,6 @@ pub struct Backend {
     stop: CancellationToken,
     reinit: tokio::sync::Mutex<()>,
     restarts: AtomicU64,
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn read<T>(m: &RwLock<T>) -> std::sync::RwLockReadGuard<'_, T> {
-    m.read().unwrap_or_else(std::sync::PoisonError::into_inner)
-}
-
-fn write<T>(m: &RwLock<T>) -> std::sync::RwLockWriteGuard<'_, T> {
-    m.write().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 /// Client capabilities the relay can route, declared to backends when the clients are not

@@ -7,6 +7,7 @@
 //! `cancellations` (the `notifications/cancelled` it received), `client_capabilities`;
 //! `--tools N` adds N generated tools (`generated_00000`...) for catalog-size benchmarks.
 
+use mcp_relay::sync::lock;
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::io::Write as _;
@@ -37,10 +38,6 @@ struct Server {
 fn task_json(id: &str, status: &str) -> Value {
     json!({"taskId": id, "status": status, "ttl": null, "pollInterval": 20,
            "createdAt": "2026-01-01T00:00:00Z", "lastUpdatedAt": "2026-01-01T00:00:00Z"})
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn tools(extra: &[String]) -> Value {

@@ -7,6 +7,7 @@ use crate::error::RpcError;
 use crate::protocol::{self, Kind, Message};
 use crate::router::Relay;
 use crate::session::Session;
+use crate::sync::lock;
 use axum::Router;
 use axum::body::{Body, Bytes};
 use axum::extract::State;
@@ -55,10 +56,6 @@ struct StreamBuf {
     /// Sequence numbers below this were handed to some connection.
     delivered: u64,
     done: bool,
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 fn sse_event(stream: u64, seq: u64, data: &str) -> Bytes {

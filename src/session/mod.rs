@@ -6,6 +6,7 @@
 //! here: the router and the backends use the session to reach the client.
 
 use crate::protocol::{self, Message, RawMap};
+use crate::sync::lock;
 use serde::{Deserialize, Serialize};
 use serde_json::value::RawValue;
 use std::collections::{BTreeSet, HashMap};
@@ -72,11 +73,6 @@ pub enum ClientError {
     Timeout { method: String, secs: u64 },
     #[error("the client session ended before answering `{0}`")]
     Gone(String),
-}
-
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    // A poisoned lock only means another task panicked mid-update of plain data; keep going.
-    m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)
 }
 
 impl Session {

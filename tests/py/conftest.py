@@ -85,6 +85,15 @@ def _alive(pid: int) -> bool:
     return True
 
 
+
+def request_message(client: Any, method: str, params: dict[str, Any] | None) -> dict[str, Any]:
+    """The next JSON-RPC request of a raw client (its `next_id` counter is advanced)."""
+    msg: dict[str, Any] = {"jsonrpc": "2.0", "id": client.next_id, "method": method}
+    client.next_id += 1
+    if params is not None:
+        msg["params"] = params
+    return msg
+
 class ProcessTree:
     """A process we started in its own session, plus the process groups of its descendants."""
 
@@ -482,11 +491,8 @@ class RawHttp:
 
     def rpc(self, method: str, params: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
         """Sends one request; returns (its response, the other messages of the answer)."""
-        rid = self.next_id
-        self.next_id += 1
-        msg: dict[str, Any] = {"jsonrpc": "2.0", "id": rid, "method": method}
-        if params is not None:
-            msg["params"] = params
+        msg = request_message(self, method, params)
+        rid = msg["id"]
         r = self.post(msg)
         assert r.status_code == 200, (method, r.status_code, r.text)
         msgs = parse_http_messages(r)
@@ -569,11 +575,8 @@ class RawStdio:
             others.append(msg)
 
     def rpc(self, method: str, params: dict[str, Any] | None = None) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-        rid = self.next_id
-        self.next_id += 1
-        msg: dict[str, Any] = {"jsonrpc": "2.0", "id": rid, "method": method}
-        if params is not None:
-            msg["params"] = params
+        msg = request_message(self, method, params)
+        rid = msg["id"]
         self.send(msg)
         return self.read_response(rid)
 

@@ -9,8 +9,10 @@ the relay must keep.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -75,6 +77,17 @@ class Notes:
         raise AssertionError(
             f"no {what} within {timeout} s; got {[type(m).__name__ for m in self.items]} {self.errors}"
         )
+
+
+@contextlib.contextmanager
+def example_over_raw_stdio(workdir: Path, logs: LogRegistry, **settings: Any) -> Iterator[RawStdio]:
+    """`mcp-relay stdio` in front of the example server `ex`, initialized, as a raw client."""
+    config = write_config(workdir, {"ex": {"command": str(EXAMPLE), "args": ["--name", "ex"]}}, **settings)
+    log = config.with_suffix(".log")
+    logs.add("relay stderr (raw stdio)", log)
+    with RawStdio(config, log) as raw:
+        raw.initialize()
+        yield raw
 
 
 # =============================================================================== catalog
@@ -471,11 +484,7 @@ def test_lossless_round_trip_http(shared_http_relay: Any, logs: LogRegistry) -> 
 
 
 def test_lossless_round_trip_stdio(stdio_workdir: Path, logs: LogRegistry) -> None:
-    config = write_config(stdio_workdir, {"ex": {"command": str(EXAMPLE), "args": ["--name", "ex"]}})
-    log = config.with_suffix(".log")
-    logs.add("relay stderr (raw stdio)", log)
-    with RawStdio(config, log) as raw:
-        raw.initialize()
+    with example_over_raw_stdio(stdio_workdir, logs) as raw:
         reply, _ = raw.rpc("tools/list", {})
         _check_lossless_listing(reply["result"]["tools"])
         reply, _ = raw.rpc("tools/call", {"name": "ex__lossless", "arguments": {}})
@@ -582,11 +591,7 @@ def test_http_oversized_body_is_413(tmp_path: Path, logs: LogRegistry) -> None:
 
 
 def test_stdio_malformed_json_and_unknown_tool(stdio_workdir: Path, logs: LogRegistry) -> None:
-    config = write_config(stdio_workdir, {"ex": {"command": str(EXAMPLE), "args": ["--name", "ex"]}})
-    log = config.with_suffix(".log")
-    logs.add("relay stderr (raw stdio)", log)
-    with RawStdio(config, log) as raw:
-        raw.initialize()
+    with example_over_raw_stdio(stdio_workdir, logs) as raw:
         raw.send_line(b'{"jsonrpc": "2.0", "id": 41, "method": ')
         err = raw.read()
         assert err["error"]["code"] == -32700 and err["id"] is None, err
@@ -597,13 +602,7 @@ def test_stdio_malformed_json_and_unknown_tool(stdio_workdir: Path, logs: LogReg
 
 
 def test_stdio_oversized_line_is_refused(stdio_workdir: Path, logs: LogRegistry) -> None:
-    config = write_config(
-        stdio_workdir, {"ex": {"command": str(EXAMPLE), "args": ["--name", "ex"]}}, maxMessageBytes=16384
-    )
-    log = config.with_suffix(".log")
-    logs.add("relay stderr (raw stdio)", log)
-    with RawStdio(config, log) as raw:
-        raw.initialize()
+    with example_over_raw_stdio(stdio_workdir, logs, maxMessageBytes=16384) as raw:
         raw.send({"jsonrpc": "2.0", "id": 50, "method": "tools/call", "params": {"name": "ex__echo", "arguments": {"message": "x" * 32768}}})
         err = raw.read()
         assert err["error"]["code"] == -32003, err
