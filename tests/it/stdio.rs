@@ -426,11 +426,15 @@ fn list_changed_reaches_the_client_and_new_tool_works() -> Result {
     let mut c = StdioClient::start(json!({"mcpServers": {"ex": example("ex")}}))?;
     c.initialize(json!({}))?;
     c.request(1, "tools/list", json!({}))?;
-    c.request(
+    let added = c.request(
         2,
         "tools/call",
         json!({"name":"ex__add_tool","arguments":{"name":"fresh"}}),
     )?;
+    assert_eq!(
+        added["result"]["content"][0]["text"], "added fresh",
+        "{added}"
+    );
     let mut skipped = Vec::new();
     c.recv_until(
         |l| l.contains("notifications/tools/list_changed"),

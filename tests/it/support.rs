@@ -26,9 +26,20 @@ pub fn example(name: &str) -> Value {
 }
 
 /// Writes a config file into `dir`.
+/// Writes a config file into `dir`. Unless the test sets it, `startupWaitMs` is raised to
+/// [`TIMEOUT`]: on a loaded CI machine a backend may need more than the default 5 s to come
+/// up, and a test's first request must then wait for it rather than see an empty catalog.
 pub fn write_config(dir: &Path, cfg: &Value) -> Result<PathBuf> {
+    let mut cfg = cfg.clone();
+    if let Some(root) = cfg.as_object_mut() {
+        let relay = root.entry("relay").or_insert_with(|| json!({}));
+        if let Some(r) = relay.as_object_mut() {
+            r.entry("startupWaitMs")
+                .or_insert_with(|| json!(TIMEOUT.as_millis()));
+        }
+    }
     let path = dir.join("relay.json");
-    std::fs::write(&path, serde_json::to_vec_pretty(cfg)?)?;
+    std::fs::write(&path, serde_json::to_vec_pretty(&cfg)?)?;
     Ok(path)
 }
 
