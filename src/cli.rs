@@ -1,5 +1,9 @@
-//! Command-line interface: `serve` (Streamable HTTP), `stdio`, `config check`.
+//! Command-line interface: `serve` (Streamable HTTP), `stdio`, `status`, `reload`,
+//! `servers …`, `config check|backups|restore`.
 
+mod manage;
+
+use crate::admin;
 use crate::config::{self, Config};
 use crate::frontend;
 use crate::router::{Front, Relay};
@@ -16,6 +20,9 @@ use tokio_util::sync::CancellationToken;
     about = "Many MCP servers behind one MCP endpoint"
 )]
 struct Cli {
+    /// Config file; default ./relay.json, then $XDG_CONFIG_HOME/mcp-relay/relay.json.
+    #[arg(long, short, global = true)]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -24,17 +31,28 @@ struct Cli {
 enum Command {
     /// Serve Streamable HTTP (default 127.0.0.1:7800, endpoint /mcp).
     Serve {
-        /// Config file; default ./relay.json, then $XDG_CONFIG_HOME/mcp-relay/relay.json.
-        #[arg(long, short)]
-        config: Option<PathBuf>,
         /// Listen address, overriding relay.listen.
         #[arg(long)]
         listen: Option<SocketAddr>,
     },
     /// Serve one client on stdin/stdout (for Claude Code, Cursor and other local clients).
-    Stdio {
-        #[arg(long, short)]
-        config: Option<PathBuf>,
+    Stdio,
+    /// Show the running relays of the config file: servers, states, sessions.
+    Status {
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Make the running relays re-read the config file now.
+    Reload {
+        #[arg(long)]
+        json: bool,
+    },
+    /// List, add, remove, update or restart servers (the running relays apply changes at
+    /// once; the config file is updated with a backup).
+    Servers {
+        #[command(subcommand)]
+        command: ServersCommand,
     },
     /// Config file tools.
     Config {
@@ -46,21 +64,102 @@ enum Command {
 #[derive(Subcommand)]
 enum ConfigCommand {
     /// Validate a config file; prints every problem and exits 2 if there are any.
-    Check {
-        #[arg(long, short)]
-        config: Option<PathBuf>,
+    Check,
+    /// List the config file's backups, newest last.
+    Backups,
+    /// Restore a backup (default: the newest) over the config file; the running relays
+    /// apply it.
+    Restore {
+        /// A backup's file name or path, as `config backups` lists them.
+        backup: Option<PathBuf>,
     },
+}
+
+#[derive(Subcommand)]
+enum ServersCommand {
+    /// List the configured servers with their state.
+    List {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Add a server: `servers add NAME -- CMD ARGS…` or `servers add NAME --url URL`.
+    Add(EntryArgs),
+    /// Replace a server's entry (same options as `add`).
+    Update(EntryArgs),
+    /// Remove a server.
+    Remove {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Restart a server in the running relays (clears `failed`).
+    Restart {
+        name: String,
+        #[arg(long)]
+        json: bool,
+    },
+}
+
+#[derive(clap::Args)]
+struct EntryArgs {
+    /// Server name (letters, digits, `_`, `-`).
+    name: String,
+    /// URL of a remote server (Streamable HTTP, or legacy SSE for URLs ending in /sse).
+    #[arg(long)]
+    url: Option<String>,
+    /// Transport: stdio, http or sse (default: from `--url` or the command).
+    #[arg(long = "type")]
+    transport: Option<String>,
+    /// HTTP header for a remote server, `NAME=VALUE` (use `${VAR}` to keep secrets out of the file).
+    #[arg(long = "header", value_name = "NAME=VALUE")]
+    headers: Vec<String>,
+    /// Environment variable for a stdio server, `NAME=VALUE` (`${VAR}` references are kept).
+    #[arg(long = "env", value_name = "NAME=VALUE")]
+    env: Vec<String>,
+    /// Working directory of a stdio server.
+    #[arg(long)]
+    cwd: Option<String>,
+    /// Prefix of its exposed names (default: the server name; "" for none).
+    #[arg(long)]
+    prefix: Option<String>,
+    /// Add it disabled.
+    #[arg(long)]
+    disabled: bool,
+    /// The whole entry as JSON, as in relay.json (instead of the options above).
+    #[arg(long = "entry", value_name = "JSON")]
+    entry: Option<String>,
+    #[arg(long)]
+    json: bool,
+    /// The command of a stdio server and its arguments, after `--`.
+    #[arg(last = true)]
+    command: Vec<String>,
 }
 
 /// Runs the command line; the exit code is 0 on success, 2 for config problems, 1 otherwise.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    let config = cli.config;
     match cli.command {
         Command::Config {
-            command: ConfigCommand::Check { config },
+            command: ConfigCommand::Check,
         } => check(config),
-        Command::Serve { config, listen } => run(config, Some(listen)),
-        Command::Stdio { config } => run(config, None),
+        Command::Config {
+            command: ConfigCommand::Backups,
+        } => manage::backups(config),
+        Command::Config {
+            command: ConfigCommand::Restore { backup },
+        } => manage::restore(config, backup),
+        Command::Serve { listen } => run(config, Some(listen)),
+        Command::Stdio => run(config, None),
+        Command::Status { json } => manage::status(config, json),
+        Command::Reload { json } => manage::reload(config, json),
+        Command::Servers { command } => match command {
+            ServersCommand::List { json } => manage::list(config, json),
+            ServersCommand::Add(e) => manage::put(config, "add_server", e),
+            ServersCommand::Update(e) => manage::put(config, "update_server", e),
+            ServersCommand::Remove { name, json } => manage::remove(config, &name, json),
+            ServersCommand::Restart { name, json } => manage::restart(config, &name, json),
+        },
     }
 }
 
@@ -154,11 +253,16 @@ fn run(path: Option<PathBuf>, http: Option<Option<SocketAddr>>) -> ExitCode {
         let relay = Relay::start(cfg, front);
         let shutdown = CancellationToken::new();
         spawn_signal_handler(shutdown.clone());
+        admin::watch::spawn(relay.clone(), shutdown.clone());
+        // Removes the socket file when dropped, at the end of this block.
+        let _control = admin::control::serve(relay.clone(), shutdown.clone());
         let served = match http {
             Some(listen) => {
-                let addr = listen.unwrap_or(relay.config.relay.listen);
+                let addr = listen.unwrap_or(relay.config().relay.listen);
                 match tokio::net::TcpListener::bind(addr).await {
                     Ok(l) => {
+                        // The management tools are offered over HTTP only on loopback.
+                        relay.allow_admin_front(l.local_addr().is_ok_and(|a| a.ip().is_loopback()));
                         let local = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
                         tracing::info!(addr = %local, "Serving Streamable HTTP at http://{local}/mcp");
                         // A machine-readable line for scripts and tests that bind port 0.
@@ -175,6 +279,7 @@ fn run(path: Option<PathBuf>, http: Option<Option<SocketAddr>>) -> ExitCode {
                 () = shutdown.cancelled() => Ok(()),
             },
         };
+        shutdown.cancel();
         relay.shutdown().await;
         served
     });

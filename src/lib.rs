@@ -1,6 +1,7 @@
 //! mcp-relay: many MCP servers behind one lossless MCP endpoint (stdio and Streamable HTTP).
 //!
 //! Module map (see ARCHITECTURE.md):
+//! - [`admin`]: management tools, config reload and file watch, the control socket.
 //! - [`cli`]: command-line interface; `serve`, `stdio`, `config check`.
 //! - [`config`]: `relay.json` loading, `${VAR}` expansion, validation with JSON paths.
 //! - [`protocol`]: the JSON-RPC envelope with raw payloads, MCP method names, stdio framing.
@@ -14,6 +15,7 @@
 //! - [`error`]: request errors and their single mapping to JSON-RPC.
 //! - [`telemetry`]: tracing setup (logs on stderr only).
 
+pub mod admin;
 pub mod backend;
 pub mod catalog;
 pub mod cli;

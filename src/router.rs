@@ -5,6 +5,7 @@
 //! and forwards everything else to the owning backend. Frontends call [`Relay::handle`]; the
 //! backends call back through [`backend::Hub`].
 
+use crate::admin;
 use crate::backend::{self, Backend, State};
 use crate::catalog::{self, Catalog, Source};
 use crate::config::Config;
@@ -15,12 +16,28 @@ use crate::sync::{lock, read, write};
 use crate::tasks;
 use indexmap::IndexMap;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Instant;
 
 /// The running relay.
 pub struct Relay {
-    pub config: Config,
+    /// The config in force; replaced as a whole by [`Relay::apply`].
+    config: RwLock<Arc<Config>>,
+    /// What backends started from now on are given (limits shared with running ones).
+    settings: backend::Settings,
+    hub: Arc<dyn backend::Hub>,
+    front: Front,
+    /// Whether this front may offer the management tools (set by the front: stdio, or
+    /// HTTP on a loopback address).
+    admin_front: AtomicBool,
+    started: Instant,
+    /// Serializes config changes (tool calls, reloads) so they apply in file order.
+    changing: tokio::sync::Mutex<()>,
+    /// The last config reload that was rejected, for `relay__status`.
+    config_error: Mutex<Option<String>>,
+    /// Backends being stopped in the background (removed or replaced); shutdown waits.
+    stopping: tokio_util::task::TaskTracker,
     backends: RwLock<IndexMap<String, Arc<Backend>>>,
     catalog: RwLock<Arc<Catalog>>,
     rebuild: Mutex<()>,
@@ -29,6 +46,23 @@ pub struct Relay {
     declared: tokio::sync::watch::Sender<Option<String>>,
     /// When backends were released to run their handshakes.
     released: Mutex<Instant>,
+}
+
+/// What [`Relay::apply`] changed, by server name.
+#[derive(Debug, Default, Clone, serde::Serialize)]
+pub struct Applied {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub changed: Vec<String>,
+    /// Changed settings that take effect only after a restart of the relay.
+    #[serde(rename = "needsRestart")]
+    pub needs_restart: Vec<String>,
+}
+
+impl Applied {
+    pub fn is_empty(&self) -> bool {
+        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+    }
 }
 
 /// Which front the relay serves: it decides what backends hear of client capabilities.
@@ -113,8 +147,23 @@ impl Relay {
             Front::Http => Some(backend::RELAY_CLIENT_CAPABILITIES.to_owned()),
             Front::Stdio => None,
         });
-        let relay = Arc::new(Relay {
-            config,
+        let limits = Arc::new(backend::Limits::new(
+            config.relay.request_timeout,
+            config.relay.max_message_bytes,
+        ));
+        let relay = Arc::new_cyclic(|me: &Weak<Relay>| Relay {
+            config: RwLock::new(Arc::new(config)),
+            settings: backend::Settings {
+                limits,
+                client_capabilities: declared.subscribe(),
+            },
+            hub: Arc::new(HubRef(me.clone())),
+            front,
+            admin_front: AtomicBool::new(front == Front::Stdio),
+            started: Instant::now(),
+            changing: tokio::sync::Mutex::new(()),
+            config_error: Mutex::new(None),
+            stopping: tokio_util::task::TaskTracker::new(),
             backends: RwLock::new(IndexMap::new()),
             catalog: RwLock::new(Arc::new(Catalog::default())),
             rebuild: Mutex::new(()),
@@ -122,28 +171,142 @@ impl Relay {
             declared,
             released: Mutex::new(Instant::now()),
         });
-        let settings = backend::Settings {
-            request_timeout: relay.config.relay.request_timeout,
-            max_message_bytes: relay.config.relay.max_message_bytes,
-            client_capabilities: relay.declared.subscribe(),
-        };
-        let hub: Arc<dyn backend::Hub> = Arc::new(HubRef(Arc::downgrade(&relay)));
         {
+            let cfg = relay.config();
             let mut backends = write(&relay.backends);
-            for s in relay.config.servers.iter().filter(|s| !s.disabled) {
-                backends.insert(
-                    s.name.clone(),
-                    Backend::start(s.clone(), settings.clone(), hub.clone()),
-                );
+            for s in cfg.servers.iter().filter(|s| !s.disabled) {
+                backends.insert(s.name.clone(), relay.start_backend(s));
             }
         }
         relay
+    }
+
+    fn start_backend(&self, s: &crate::config::ServerConfig) -> Arc<Backend> {
+        Backend::start(s.clone(), self.settings.clone(), self.hub.clone())
     }
 
     /// Stops every backend and waits for their processes to exit.
     pub async fn shutdown(&self) {
         let all: Vec<Arc<Backend>> = read(&self.backends).values().cloned().collect();
         futures::future::join_all(all.iter().map(|b| b.stop())).await;
+        self.stopping.close();
+        self.stopping.wait().await;
+    }
+
+    /// The config in force.
+    pub fn config(&self) -> Arc<Config> {
+        read(&self.config).clone()
+    }
+
+    pub fn front(&self) -> Front {
+        self.front
+    }
+
+    /// Called by the HTTP front once it knows its address: the management tools are
+    /// offered over HTTP only on a loopback address (until authentication exists).
+    pub fn allow_admin_front(&self, allowed: bool) {
+        self.admin_front.store(allowed, Ordering::Relaxed);
+    }
+
+    /// Whether sessions of this relay see and may call the `relay__*` management tools.
+    pub fn admin_enabled(&self) -> bool {
+        self.admin_front.load(Ordering::Relaxed) && self.config().relay.management
+    }
+
+    pub fn uptime(&self) -> std::time::Duration {
+        self.started.elapsed()
+    }
+
+    pub fn session_count(&self) -> usize {
+        self.live_sessions().len()
+    }
+
+    /// The reason the last config reload was rejected, if it was.
+    pub fn config_error(&self) -> Option<String> {
+        lock(&self.config_error).clone()
+    }
+
+    /// Takes the config-change lock: every change (tool, CLI, file watch) runs under it.
+    pub async fn changing(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.changing.lock().await
+    }
+
+    /// Makes `new` the running config: starts added servers, stops removed ones, replaces
+    /// changed ones and leaves the rest (and their requests in flight) alone. The caller
+    /// holds [`Relay::changing`].
+    pub fn apply(&self, new: Config) -> Applied {
+        let old = self.config();
+        let mut applied = Applied::default();
+        if new.relay.listen != old.relay.listen {
+            applied
+                .needs_restart
+                .push("relay.listen (the HTTP listener stays where it is)".into());
+        }
+        self.settings
+            .limits
+            .set(new.relay.request_timeout, new.relay.max_message_bytes);
+        let wanted: Vec<&crate::config::ServerConfig> =
+            new.servers.iter().filter(|s| !s.disabled).collect();
+        let mut retired = Vec::new();
+        {
+            let mut backends = write(&self.backends);
+            let mut next = IndexMap::with_capacity(wanted.len());
+            for s in &wanted {
+                match backends.shift_remove(&s.name) {
+                    Some(b) if b.config == **s => {
+                        next.insert(s.name.clone(), b);
+                    }
+                    Some(b) => {
+                        applied.changed.push(s.name.clone());
+                        retired.push(b);
+                        next.insert(s.name.clone(), self.start_backend(s));
+                    }
+                    None => {
+                        applied.added.push(s.name.clone());
+                        next.insert(s.name.clone(), self.start_backend(s));
+                    }
+                }
+            }
+            for (name, b) in backends.drain(..) {
+                applied.removed.push(name);
+                retired.push(b);
+            }
+            *backends = next;
+        }
+        *write(&self.config) = Arc::new(new);
+        *lock(&self.config_error) = None;
+        for b in retired {
+            self.stopping.spawn(async move { b.stop().await });
+        }
+        if !(applied.removed.is_empty() && applied.changed.is_empty()) {
+            self.rebuild_catalog();
+        }
+        if !applied.is_empty() {
+            tracing::info!(added = ?applied.added, removed = ?applied.removed, changed = ?applied.changed, "Config applied.");
+        }
+        applied
+    }
+
+    /// Records a rejected reload, for `relay__status`.
+    pub fn reject_config(&self, reason: String) {
+        tracing::error!("Config change rejected; the running config stays:\n{reason}");
+        *lock(&self.config_error) = Some(reason);
+    }
+
+    /// Stops a server and starts it afresh (clears `failed`). False if it is not running.
+    pub fn restart_backend(&self, name: &str) -> bool {
+        let old = {
+            let mut backends = write(&self.backends);
+            let Some(slot) = backends.get_mut(name) else {
+                return false;
+            };
+            let fresh =
+                Backend::start(slot.config.clone(), self.settings.clone(), self.hub.clone());
+            std::mem::replace(slot, fresh)
+        };
+        self.stopping.spawn(async move { old.stop().await });
+        self.rebuild_catalog();
+        true
     }
 
     pub fn catalog(&self) -> Arc<Catalog> {
@@ -251,7 +414,7 @@ impl Relay {
         // From when the backends could start their handshakes (over stdio: the client's
         // initialize), so a late client still gets their instructions and capabilities.
         let from = *lock(&self.released);
-        let deadline = tokio::time::Instant::from_std(from + self.config.relay.startup_wait);
+        let deadline = tokio::time::Instant::from_std(from + self.config().relay.startup_wait);
         if tokio::time::Instant::now() >= deadline {
             return;
         }
@@ -336,27 +499,44 @@ impl Relay {
             | method::RESOURCES_TEMPLATES_LIST => {
                 self.settle().await;
                 let cat = self.catalog();
+                let with_admin;
                 let (items, field) = match m {
-                    method::TOOLS_LIST => (&cat.tools, "tools"),
-                    method::PROMPTS_LIST => (&cat.prompts, "prompts"),
-                    method::RESOURCES_LIST => (&cat.resources, "resources"),
-                    _ => (&cat.templates, "resourceTemplates"),
+                    method::TOOLS_LIST if self.admin_enabled() => {
+                        with_admin = admin::with_tools(&cat.tools);
+                        (&with_admin[..], "tools")
+                    }
+                    method::TOOLS_LIST => (&cat.tools[..], "tools"),
+                    method::PROMPTS_LIST => (&cat.prompts[..], "prompts"),
+                    method::RESOURCES_LIST => (&cat.resources[..], "resources"),
+                    _ => (&cat.templates[..], "resourceTemplates"),
                 };
                 ctx.session.state().listed.insert(m.to_owned());
                 let cursor = params.get_str("cursor");
-                let page =
-                    catalog::page(items, field, cursor.as_deref(), self.config.relay.page_size)
-                        .map_err(|_| {
-                            RpcError::InvalidParams(format!(
-                                "invalid cursor for `{m}`; start again without a cursor"
-                            ))
-                        })?;
+                let page = catalog::page(
+                    items,
+                    field,
+                    cursor.as_deref(),
+                    self.config().relay.page_size,
+                )
+                .map_err(|_| {
+                    RpcError::InvalidParams(format!(
+                        "invalid cursor for `{m}`; start again without a cursor"
+                    ))
+                })?;
                 Ok(Answer::Result(protocol::raw(&page)))
             }
             method::TOOLS_CALL | method::PROMPTS_GET => {
                 let name = params.get_str("name").ok_or_else(|| {
                     RpcError::InvalidParams(format!("`{m}` needs a string `name`"))
                 })?;
+                if m == method::TOOLS_CALL
+                    && let Some(op) = admin::tool(&name)
+                    && self.admin_enabled()
+                {
+                    return Ok(Answer::Result(
+                        admin::call(self, op, params.get("arguments")).await,
+                    ));
+                }
                 self.settle().await;
                 let cat = self.catalog();
                 let (target, what) = if m == method::TOOLS_CALL {

@@ -41,12 +41,47 @@ pub trait Hub: Send + Sync + 'static {
 /// Settings every backend shares.
 #[derive(Debug, Clone)]
 pub struct Settings {
-    pub request_timeout: Duration,
-    pub max_message_bytes: usize,
+    /// Shared with the relay, which changes them when the config is reloaded.
+    pub limits: Arc<Limits>,
     /// The client capabilities to declare in `initialize` (a JSON object). Backends wait
     /// for it before their handshake: the stdio front knows it only once its one client
     /// has initialized, so that a backend never hears of a capability the client lacks.
     pub client_capabilities: watch::Receiver<Option<String>>,
+}
+
+/// Limits that a config reload changes for running backends too.
+#[derive(Debug)]
+pub struct Limits {
+    request_timeout_ms: AtomicU64,
+    max_message_bytes: AtomicU64,
+}
+
+impl Limits {
+    pub fn new(request_timeout: Duration, max_message_bytes: usize) -> Limits {
+        let l = Limits {
+            request_timeout_ms: AtomicU64::new(0),
+            max_message_bytes: AtomicU64::new(0),
+        };
+        l.set(request_timeout, max_message_bytes);
+        l
+    }
+
+    pub fn set(&self, request_timeout: Duration, max_message_bytes: usize) {
+        let ms = u64::try_from(request_timeout.as_millis()).unwrap_or(u64::MAX);
+        self.request_timeout_ms.store(ms, Ordering::Relaxed);
+        let max = u64::try_from(max_message_bytes).unwrap_or(u64::MAX);
+        self.max_message_bytes.store(max, Ordering::Relaxed);
+    }
+}
+
+impl Settings {
+    pub fn request_timeout(&self) -> Duration {
+        Duration::from_millis(self.limits.request_timeout_ms.load(Ordering::Relaxed))
+    }
+
+    pub fn max_message_bytes(&self) -> usize {
+        usize::try_from(self.limits.max_message_bytes.load(Ordering::Relaxed)).unwrap_or(usize::MAX)
+    }
 }
 
 /// A backend's visible state.
@@ -391,7 +426,7 @@ impl Backend {
             TransportConfig::Http { url, headers } => Conn::Http(http::Http::new(
                 url,
                 headers,
-                self.settings.request_timeout,
+                self.settings.request_timeout(),
             )?),
             TransportConfig::Sse { url, headers } => {
                 Conn::Sse(sse::Sse::connect(self, url, headers).await?)
@@ -463,7 +498,7 @@ impl Backend {
     ) -> futures::future::BoxFuture<'static, Result<(), String>> {
         let me = self.clone();
         Box::pin(async move {
-            let limit = me.settings.request_timeout;
+            let limit = me.settings.request_timeout();
             let Ok(_guard) = tokio::time::timeout(limit, me.reinit.lock()).await else {
                 return Err("re-initialization of the server is stuck".to_owned());
             };
@@ -574,7 +609,7 @@ impl Backend {
         m: &str,
         params: Option<RawMap>,
     ) -> Result<Box<RawValue>, String> {
-        let deadline = tokio::time::Instant::now() + self.settings.request_timeout;
+        let deadline = tokio::time::Instant::now() + self.settings.request_timeout();
         let reply = self
             .exchange(m, params, None, deadline, None)
             .await
@@ -582,7 +617,7 @@ impl Backend {
                 Failure::Lost(reason) => reason,
                 Failure::Timeout => format!(
                     "no answer to `{m}` within {} ms",
-                    self.settings.request_timeout.as_millis()
+                    self.settings.request_timeout().as_millis()
                 ),
                 Failure::Cancelled => "cancelled".to_owned(),
             })?;
@@ -652,11 +687,11 @@ impl Backend {
         related: Option<ReqCtx>,
         expect: Option<u64>,
     ) -> Result<(), String> {
-        if msg.len() > self.settings.max_message_bytes {
+        if msg.len() > self.settings.max_message_bytes() {
             return Err(format!(
                 "the message is {} bytes, over maxMessageBytes ({})",
                 msg.len(),
-                self.settings.max_message_bytes
+                self.settings.max_message_bytes()
             ));
         }
         let conn = read(&self.conn).clone();
@@ -695,7 +730,7 @@ impl Backend {
         ctx: ReqCtx,
         cancel: &CancellationToken,
     ) -> Result<Message, Error> {
-        let deadline = tokio::time::Instant::now() + self.settings.request_timeout;
+        let deadline = tokio::time::Instant::now() + self.settings.request_timeout();
         let state = self.state();
         if state == State::Starting {
             self.settled(deadline).await;
@@ -715,7 +750,7 @@ impl Backend {
                 Failure::Timeout => Error::Timeout {
                     server: self.name.clone(),
                     method: m.to_owned(),
-                    ms: self.settings.request_timeout.as_millis(),
+                    ms: self.settings.request_timeout().as_millis(),
                 },
                 Failure::Cancelled => Error::Cancelled,
             })
@@ -755,7 +790,7 @@ impl Backend {
             // In the background and bounded: a stuck server must not delay the error the
             // client is owed.
             let me = self.clone();
-            let limit = self.settings.request_timeout;
+            let limit = self.settings.request_timeout();
             tokio::spawn(async move {
                 let send = me.send_raw(
                     protocol::notification(method::CANCELLED, Some(&protocol::raw(&params))),
@@ -880,7 +915,7 @@ impl Backend {
             }
         }
         let me = self.clone();
-        let timeout = self.settings.request_timeout;
+        let timeout = self.settings.request_timeout();
         tokio::spawn(async move {
             let m = msg.method().to_owned();
             let reply = match target {

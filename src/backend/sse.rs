@@ -27,7 +27,7 @@ impl Sse {
         url: &str,
         headers: &BTreeMap<String, String>,
     ) -> Result<Arc<Sse>, String> {
-        let timeout = b.settings().request_timeout;
+        let timeout = b.settings().request_timeout();
         let client = client(timeout)?;
         let headers = header_map(headers)?;
         let base =

@@ -92,7 +92,7 @@ impl Stdio {
         let closed = CancellationToken::new();
         let reader_done = CancellationToken::new();
         let b = backend.clone();
-        let max = backend.settings().max_message_bytes;
+        let max = backend.settings().max_message_bytes();
         let done = reader_done.clone();
         tokio::spawn(async move {
             read_loop(&b, stdout, max).await;
@@ -240,7 +240,7 @@ async fn read_loop(b: &Arc<Backend>, mut pipe: pipe::Receiver, max: usize) {
                     {
                         b.fail(id, format!(
                             "its answer was {size} bytes, over the relay's maxMessageBytes ({}); raise `relay.maxMessageBytes` if that size is expected",
-                            b.settings().max_message_bytes
+                            b.settings().max_message_bytes()
                         ));
                     }
                 }

@@ -3,6 +3,8 @@
 //! Validation collects every problem with its file and JSON path instead of stopping at the
 //! first, so `mcp-relay config check` can print them all. This module does not start anything.
 
+pub mod store;
+
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
 use std::fmt;
@@ -43,6 +45,13 @@ pub struct RelaySettings {
     pub replay_events: usize,
     /// SSE `retry` hint sent to HTTP clients, in milliseconds. Default 1000.
     pub sse_retry_ms: u64,
+    /// Whether the `relay__*` management tools are offered (stdio front and loopback HTTP
+    /// only). Default true.
+    pub management: bool,
+    /// Timestamped backups of the config file kept when the relay writes it. Default 3.
+    pub config_backups: usize,
+    /// Whether the relay watches its config file and applies changes. Default true.
+    pub watch_config: bool,
 }
 
 impl Default for RelaySettings {
@@ -57,6 +66,9 @@ impl Default for RelaySettings {
             allowed_origins: Vec::new(),
             replay_events: 1024,
             sse_retry_ms: 1000,
+            management: true,
+            config_backups: store::DEFAULT_BACKUPS,
+            watch_config: true,
         }
     }
 }
@@ -140,6 +152,9 @@ const RELAY_KEYS: &[&str] = &[
     "allowedOrigins",
     "replayEvents",
     "sseRetryMs",
+    "management",
+    "configBackups",
+    "watchConfig",
 ];
 const SERVER_KEYS: &[&str] = &[
     "command",
@@ -200,7 +215,7 @@ pub fn load(path: &Path) -> Result<Config, Error> {
     let mut cfg = parse(&text, &path.display().to_string(), &|k| {
         std::env::var(k).ok()
     })?;
-    cfg.path = Some(path.to_path_buf());
+    cfg.path = Some(std::path::absolute(path).unwrap_or_else(|_| path.to_path_buf()));
     Ok(cfg)
 }
 
@@ -339,6 +354,15 @@ impl Validator<'_> {
         if let Some(n) = self.opt_uint(map, "relay", "sseRetryMs", 0) {
             s.sse_retry_ms = n;
         }
+        if let Some(n) = self.opt_uint(map, "relay", "configBackups", 0) {
+            s.config_backups = usize::try_from(n).unwrap_or(usize::MAX);
+        }
+        if let Some(b) = self.opt_bool(map, "relay", "management") {
+            s.management = b;
+        }
+        if let Some(b) = self.opt_bool(map, "relay", "watchConfig") {
+            s.watch_config = b;
+        }
         s.allowed_hosts = self
             .opt_strings(map, "relay", "allowedHosts")
             .unwrap_or_default();
@@ -372,14 +396,7 @@ impl Validator<'_> {
                     .push(format!("{}: {at}.{key}: unknown key, ignored", self.file));
             }
         }
-        let disabled = match map.get("disabled") {
-            None => false,
-            Some(Value::Bool(b)) => *b,
-            Some(_) => {
-                self.problem(&format!("{at}.disabled"), "must be true or false".into());
-                false
-            }
-        };
+        let disabled = self.opt_bool(map, &at, "disabled").unwrap_or(false);
         let prefix = match map.get("prefix") {
             None => name.to_owned(),
             Some(_) => self.opt_string(map, &at, "prefix").unwrap_or_default(),
@@ -388,6 +405,12 @@ impl Validator<'_> {
             self.problem(
                 &format!("{at}.prefix"),
                 "a prefix may use only letters, digits, `_` and `-`; use \"\" for no prefix".into(),
+            );
+        }
+        if prefix == "relay" && name != "relay" {
+            self.problem(
+                &format!("{at}.prefix"),
+                "`relay` is reserved for the relay's own tools; choose another prefix".into(),
             );
         }
         let ty = self.opt_string(map, &at, "type");
@@ -537,6 +560,16 @@ impl Validator<'_> {
             }
             _ => {
                 self.problem(&path, "must be an object of strings".into());
+                None
+            }
+        }
+    }
+
+    fn opt_bool(&mut self, map: &Map<String, Value>, at: &str, key: &str) -> Option<bool> {
+        match map.get(key)? {
+            Value::Bool(b) => Some(*b),
+            _ => {
+                self.problem(&format!("{at}.{key}"), "must be true or false".into());
                 None
             }
         }

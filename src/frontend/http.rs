@@ -157,8 +157,9 @@ impl Front {
         })
     }
 
-    fn settings(&self) -> &crate::config::RelaySettings {
-        &self.relay.config.relay
+    /// The relay settings now in force (a config reload may change them).
+    fn settings(&self) -> Arc<crate::config::Config> {
+        self.relay.config()
     }
 
     fn session(&self, headers: &HeaderMap) -> Result<Arc<HttpSession>, Reject> {
@@ -188,7 +189,7 @@ impl Front {
         // Stream 0 is the standalone (GET) stream; it buffers until a GET attaches.
         let k = hs.new_stream();
         let weak = Arc::downgrade(&hs);
-        let cap = self.settings().replay_events;
+        let cap = self.settings().relay.replay_events;
         let closed = hs.session.closed().clone();
         tokio::spawn(async move {
             loop {
@@ -210,7 +211,7 @@ impl Front {
     fn check_origin(&self, headers: &HeaderMap) -> Result<(), Reject> {
         let s = self.settings();
         if let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok())
-            && !host_allowed(host, &s.allowed_hosts, self.listen)
+            && !host_allowed(host, &s.relay.allowed_hosts, self.listen)
         {
             return Err(reject(
                 StatusCode::FORBIDDEN,
@@ -219,7 +220,7 @@ impl Front {
             ));
         }
         if let Some(origin) = headers.get(header::ORIGIN).and_then(|v| v.to_str().ok())
-            && !origin_allowed(origin, &s.allowed_origins)
+            && !origin_allowed(origin, &s.relay.allowed_origins)
         {
             return Err(reject(
                 StatusCode::FORBIDDEN,
@@ -337,7 +338,7 @@ async fn handle_post(State(front): State<Arc<Front>>, headers: HeaderMap, body: 
     if let Err(r) = front.check_origin(&headers) {
         return r.into_response();
     }
-    let max = front.settings().max_message_bytes;
+    let max = front.settings().relay.max_message_bytes;
     let body = match axum::body::to_bytes(body, max).await {
         Ok(b) => b,
         Err(_) => {
@@ -434,8 +435,8 @@ fn stream_reply(
     mut answer: Answer,
 ) -> Response {
     let k = hs.new_stream();
-    let retry = front.settings().sse_retry_ms;
-    let cap = front.settings().replay_events;
+    let retry = front.settings().relay.sse_retry_ms;
+    let cap = front.settings().relay.replay_events;
     let Some(conn) = hs.attach(k, None, retry) else {
         return error(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -539,7 +540,7 @@ async fn handle_get(State(front): State<Arc<Front>>, headers: HeaderMap) -> Resp
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split_once('-'))
         .and_then(|(k, s)| Some((k.parse::<u64>().ok()?, s.parse::<u64>().ok())));
-    let retry = front.settings().sse_retry_ms;
+    let retry = front.settings().relay.sse_retry_ms;
     let (k, after) = match last {
         Some((k, seq)) => (k, seq),
         None => (0, None),

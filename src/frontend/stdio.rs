@@ -78,7 +78,7 @@ pub async fn serve_io(
         }
     });
     let session = relay.open_session(Session::random_id(), tx.clone());
-    let max = relay.config.relay.max_message_bytes;
+    let max = relay.config().relay.max_message_bytes;
     let mut lines = LineBuffer::new(max);
     let mut chunk = vec![0u8; 64 * 1024];
     let tasks = tokio_util::task::TaskTracker::new();

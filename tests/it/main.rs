@@ -1,5 +1,6 @@
 //! Integration tests: the real `mcp-relay` binary in front of real MCP servers.
 
+mod admin;
 mod http;
 mod rmcp_client;
 mod stdio;

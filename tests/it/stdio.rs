@@ -414,8 +414,9 @@ fn pagination_follows_relay_cursors() -> Result {
             None => break,
         }
     }
-    // 13 tools on each example server, each exactly once.
-    assert_eq!(all.len(), 26, "{all:?}");
+    // 13 tools on each example server and the 7 management tools, each exactly once.
+    assert_eq!(all.len(), 33, "{all:?}");
+    assert_eq!(all.iter().filter(|n| n.starts_with("relay__")).count(), 7);
     let unique: std::collections::BTreeSet<&String> = all.iter().collect();
     assert_eq!(unique.len(), all.len(), "{all:?}");
     Ok(())

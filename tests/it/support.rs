@@ -73,18 +73,31 @@ impl Drop for Proc {
 pub struct StdioClient {
     stdin: ChildStdin,
     lines: mpsc::Receiver<String>,
-    _proc: Proc,
-    _dir: tempfile::TempDir,
+    pub proc: Proc,
+    /// The config file the relay runs from.
+    pub config: PathBuf,
+    pub dir: tempfile::TempDir,
+}
+
+/// The control-socket directory of relays started by these helpers in `dir` (private to
+/// the test, so `mcp-relay status` and friends find exactly that relay).
+pub fn runtime_dir(dir: &Path) -> PathBuf {
+    dir.join("run")
 }
 
 impl StdioClient {
     pub fn start(cfg: Value) -> Result<StdioClient> {
-        let dir = tempfile::tempdir()?;
+        StdioClient::start_in(tempfile::tempdir()?, cfg)
+    }
+
+    /// Starts the relay with its config written into `dir`.
+    pub fn start_in(dir: tempfile::TempDir, cfg: Value) -> Result<StdioClient> {
         let path = write_config(dir.path(), &cfg)?;
         let mut child = Command::new(relay_bin())
             .args(["stdio", "--config"])
             .arg(&path)
             .env("RUST_LOG", "warn")
+            .env("MCP_RELAY_RUNTIME_DIR", runtime_dir(dir.path()))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -103,8 +116,9 @@ impl StdioClient {
         Ok(StdioClient {
             stdin,
             lines: rx,
-            _proc: Proc { child },
-            _dir: dir,
+            proc: Proc { child },
+            config: path,
+            dir,
         })
     }
 
@@ -172,6 +186,7 @@ pub fn serve(cfg: &Value, dir: &Path) -> Result<(Proc, String)> {
         .args(["serve", "--listen", "127.0.0.1:0", "--config"])
         .arg(&path)
         .env("RUST_LOG", "warn")
+        .env("MCP_RELAY_RUNTIME_DIR", runtime_dir(dir))
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -211,4 +226,82 @@ pub fn example_http(name: &str) -> Result<(Proc, String)> {
         .ok_or("no LISTENING line")?
         .to_owned();
     Ok((proc, format!("http://127.0.0.1:{port}/mcp")))
+}
+
+pub const ACCEPT: &str = "application/json, text/event-stream";
+
+/// A plain Streamable HTTP client session.
+pub struct HttpClient {
+    pub http: reqwest::blocking::Client,
+    pub url: String,
+    pub session: Option<String>,
+}
+
+impl HttpClient {
+    pub fn new(url: &str) -> Result<HttpClient> {
+        Ok(HttpClient {
+            http: reqwest::blocking::Client::builder()
+                .timeout(crate::support::TIMEOUT)
+                .build()?,
+            url: url.to_owned(),
+            session: None,
+        })
+    }
+
+    pub fn post_raw(&self, body: impl Into<String>) -> Result<reqwest::blocking::Response> {
+        let mut r = self
+            .http
+            .post(&self.url)
+            .header("accept", ACCEPT)
+            .header("content-type", "application/json")
+            .body(body.into());
+        if let Some(s) = &self.session {
+            r = r.header("mcp-session-id", s);
+        }
+        Ok(r.send()?)
+    }
+
+    /// Posts a message; returns the JSON-RPC answer (from JSON or from the SSE stream).
+    pub fn call(&self, msg: &Value) -> Result<Value> {
+        let resp = self.post_raw(msg.to_string())?;
+        let ctype = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or("")
+            .to_owned();
+        let text = resp.text()?;
+        if ctype.starts_with("text/event-stream") {
+            for line in text.lines() {
+                if let Some(data) = line.strip_prefix("data: ").filter(|d| !d.trim().is_empty()) {
+                    let v: Value = serde_json::from_str(data)?;
+                    if v.get("id") == msg.get("id") && v.get("method").is_none() {
+                        return Ok(v);
+                    }
+                }
+            }
+            return Err(format!("no answer in stream: {text}").into());
+        }
+        Ok(serde_json::from_str(&text)?)
+    }
+
+    pub fn initialize(&mut self) -> Result<Value> {
+        let resp = self.post_raw(json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"it","version":"1"}}}).to_string())?;
+        let sid = resp
+            .headers()
+            .get("mcp-session-id")
+            .and_then(|v| v.to_str().ok())
+            .ok_or("no session id")?
+            .to_owned();
+        assert!(
+            sid.len() >= 32 && sid.bytes().all(|b| (0x21..=0x7e).contains(&b)),
+            "{sid}"
+        );
+        self.session = Some(sid);
+        let v: Value = serde_json::from_str(&resp.text()?)?;
+        let r = self
+            .post_raw(json!({"jsonrpc":"2.0","method":"notifications/initialized"}).to_string())?;
+        assert_eq!(r.status(), 202);
+        Ok(v)
+    }
 }

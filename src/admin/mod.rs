@@ -1,0 +1,565 @@
+//! Changing a running relay: the `relay__*` management tools, config reload and the file
+//! watch, and the control socket the `mcp-relay servers|status|reload` commands talk to.
+//!
+//! Every change goes through [`Admin::run`]: it takes the relay's change lock, edits the
+//! config file through [`crate::config::store`] (locked, atomic, backed up), then applies
+//! the new config to the running relay ([`Relay::apply`]). The file watch applies what
+//! others write the same way, so the running relay always converges on the file.
+
+pub mod control;
+pub mod watch;
+
+use crate::backend::State;
+use crate::config::{self, Config, store};
+use crate::router::{Applied, Relay};
+use serde_json::value::RawValue;
+use serde_json::{Map, Value, json};
+use std::path::PathBuf;
+use std::sync::{Arc, LazyLock};
+
+/// The management tools' names, without the `relay__` prefix.
+pub const TOOLS: &[&str] = &[
+    "status",
+    "list_servers",
+    "add_server",
+    "remove_server",
+    "update_server",
+    "restart_server",
+    "reload_config",
+];
+
+const PREFIX: &str = "relay__";
+
+/// Why a management operation failed; the text goes to the caller as is.
+#[derive(Debug, thiserror::Error)]
+pub enum AdminError {
+    #[error("{0}")]
+    BadArguments(String),
+    #[error(transparent)]
+    Store(#[from] store::StoreError),
+    #[error("the new config is invalid; the running config stays:\n{0}")]
+    Invalid(String),
+    #[error("{0}")]
+    Refused(String),
+}
+
+/// The management tool an exposed name calls, if it is one.
+pub fn tool(name: &str) -> Option<&'static str> {
+    let op = name.strip_prefix(PREFIX)?;
+    TOOLS.iter().copied().find(|t| *t == op)
+}
+
+static DEFINITIONS: LazyLock<Vec<Arc<RawValue>>> = LazyLock::new(|| {
+    let server_config = json!({
+        "type": "object",
+        "description": "The server's entry as in relay.json `mcpServers`: {\"command\", \"args\", \"env\", \"cwd\"} for a stdio server, {\"url\", \"headers\", \"type\"} for a remote one; optional \"prefix\", \"disabled\". `${VAR}` references are kept in the file and expanded when the server starts.",
+    });
+    let name = json!({"type": "string", "description": "Server name (letters, digits, `_`, `-`)."});
+    let defs = [
+        (
+            "status",
+            "Show the relay's version, uptime, config file, session count, the last rejected config change, and per server: transport, state, tool count, last error, restarts. Secret values never appear.",
+            json!({"type": "object", "properties": {}}),
+            true,
+        ),
+        (
+            "list_servers",
+            "List the configured servers with their transport, command or URL, state and tool count (environment and header values are never shown: keys only).",
+            json!({"type": "object", "properties": {}}),
+            true,
+        ),
+        (
+            "add_server",
+            "Add a server: it is started at once, its tools appear in every session, and the config file is updated (with a backup).",
+            json!({"type": "object", "properties": {"name": name, "config": server_config}, "required": ["name", "config"]}),
+            false,
+        ),
+        (
+            "remove_server",
+            "Remove a server: it is stopped, its tools disappear from every session, and the config file is updated (with a backup).",
+            json!({"type": "object", "properties": {"name": name}, "required": ["name"]}),
+            false,
+        ),
+        (
+            "update_server",
+            "Replace a server's config entry: the server restarts with the new config, and the config file is updated (with a backup).",
+            json!({"type": "object", "properties": {"name": name, "config": server_config}, "required": ["name", "config"]}),
+            false,
+        ),
+        (
+            "restart_server",
+            "Restart a running server (also clears a `failed` state). The config file is not changed.",
+            json!({"type": "object", "properties": {"name": name}, "required": ["name"]}),
+            false,
+        ),
+        (
+            "reload_config",
+            "Re-read the config file and apply what changed; unchanged servers keep running. An invalid file is rejected as a whole.",
+            json!({"type": "object", "properties": {}}),
+            false,
+        ),
+    ];
+    defs.into_iter()
+        .map(|(op, description, schema, read_only)| {
+            Arc::from(crate::protocol::to_raw(&json!({
+                "name": format!("{PREFIX}{op}"),
+                "description": description,
+                "inputSchema": schema,
+                "annotations": {"readOnlyHint": read_only, "destructiveHint": !read_only, "openWorldHint": false},
+            })))
+        })
+        .collect()
+});
+
+/// The management tools' definitions followed by `items` (a session's `tools/list`).
+pub fn with_tools(items: &[Arc<RawValue>]) -> Vec<Arc<RawValue>> {
+    let mut all = Vec::with_capacity(DEFINITIONS.len() + items.len());
+    all.extend(DEFINITIONS.iter().cloned());
+    all.extend(items.iter().cloned());
+    all
+}
+
+/// Runs a management tool for an MCP client: the answer is a `CallToolResult`, with
+/// `isError` when the operation failed.
+pub async fn call(relay: &Arc<Relay>, op: &str, arguments: Option<&RawValue>) -> Box<RawValue> {
+    let args: Value = arguments
+        .and_then(|a| serde_json::from_str(a.get()).ok())
+        .unwrap_or(Value::Object(Map::new()));
+    let out = match run(relay, op, &args).await {
+        Ok(v) => {
+            let text = serde_json::to_string_pretty(&v).unwrap_or_default();
+            json!({"content": [{"type": "text", "text": text}], "structuredContent": v})
+        }
+        Err(e) => json!({"content": [{"type": "text", "text": e.to_string()}], "isError": true}),
+    };
+    crate::protocol::to_raw(&out)
+}
+
+/// Runs one management operation (`op` without the `relay__` prefix).
+pub async fn run(relay: &Arc<Relay>, op: &str, args: &Value) -> Result<Value, AdminError> {
+    let name = || -> Result<String, AdminError> {
+        args.get("name")
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+            .ok_or_else(|| {
+                AdminError::BadArguments(format!("`{PREFIX}{op}` needs a string `name`"))
+            })
+    };
+    let entry = || -> Result<Value, AdminError> {
+        match args.get("config") {
+            Some(v @ Value::Object(_)) => Ok(v.clone()),
+            _ => Err(AdminError::BadArguments(format!(
+                "`{PREFIX}{op}` needs `config`, the server's entry as an object, e.g. {{\"command\": \"npx\", \"args\": [\"-y\", \"@modelcontextprotocol/server-memory\"]}}"
+            ))),
+        }
+    };
+    match op {
+        "status" => Ok(status(relay)),
+        "list_servers" => Ok(json!({"servers": servers(relay)})),
+        "add_server" => {
+            let (name, entry) = (name()?, entry()?);
+            let n = name.clone();
+            let applied = change(relay, move |doc| {
+                if doc.server(&n).is_some() {
+                    return Err(store::StoreError::Refused(format!(
+                        "server `{n}` already exists; use update_server to change it"
+                    )));
+                }
+                doc.set_server(&n, entry)
+            })
+            .await?;
+            Ok(report(relay, applied, &name).await)
+        }
+        "update_server" => {
+            let (name, entry) = (name()?, entry()?);
+            let n = name.clone();
+            let applied = change(relay, move |doc| {
+                if doc.server(&n).is_none() {
+                    return Err(store::StoreError::Refused(format!(
+                        "no server `{n}` in the config; use add_server to add it"
+                    )));
+                }
+                doc.set_server(&n, entry)
+            })
+            .await?;
+            Ok(report(relay, applied, &name).await)
+        }
+        "remove_server" => {
+            let name = name()?;
+            let n = name.clone();
+            let applied = change(relay, move |doc| {
+                if doc.remove_server(&n) {
+                    Ok(())
+                } else {
+                    Err(store::StoreError::Refused(format!(
+                        "no server `{n}` in the config; relay__list_servers shows them"
+                    )))
+                }
+            })
+            .await?;
+            Ok(report(relay, applied, &name).await)
+        }
+        "restart_server" => {
+            let name = name()?;
+            if !relay.restart_backend(&name) {
+                return Err(AdminError::Refused(format!(
+                    "server `{name}` is not running (unknown or disabled); relay__list_servers shows them"
+                )));
+            }
+            settle(relay, std::slice::from_ref(&name)).await;
+            Ok(json!({"restarted": name, "server": server_status(relay, &name)}))
+        }
+        "reload_config" => {
+            let applied = reload(relay).await?;
+            let mut names = applied.added.clone();
+            names.extend(applied.changed.iter().cloned());
+            settle(relay, &names).await;
+            Ok(json!({"applied": applied}))
+        }
+        _ => Err(AdminError::BadArguments(format!(
+            "unknown management tool `{PREFIX}{op}`"
+        ))),
+    }
+}
+
+/// The config file the relay runs from.
+fn config_path(relay: &Relay) -> Result<PathBuf, AdminError> {
+    relay.config().path.clone().ok_or_else(|| {
+        AdminError::Refused("the relay was started without a config file; nothing to change".into())
+    })
+}
+
+fn env_var(k: &str) -> Option<String> {
+    std::env::var(k).ok()
+}
+
+/// Edits the config file and applies the result, under the relay's change lock.
+async fn change(
+    relay: &Arc<Relay>,
+    edit: impl FnOnce(&mut store::Document) -> Result<(), store::StoreError> + Send + 'static,
+) -> Result<Applied, AdminError> {
+    let _g = relay.changing().await;
+    let path = config_path(relay)?;
+    let keep = relay.config().relay.config_backups;
+    let file = path.display().to_string();
+    let written = tokio::task::spawn_blocking(move || {
+        let mut parsed: Option<Config> = None;
+        let w = store::edit(&path, keep, edit, |text| {
+            match config::parse(text, &file, &env_var) {
+                Ok(mut c) => {
+                    c.path = Some(path.clone());
+                    parsed = Some(c);
+                    Ok(())
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        })?;
+        Ok::<_, store::StoreError>((w, parsed))
+    })
+    .await
+    .map_err(|e| AdminError::Refused(format!("the config write did not finish: {e}")))??;
+    let (written, parsed) = written;
+    if let Some(b) = &written.backup {
+        tracing::info!(backup = %b.display(), "Config file written; previous version backed up.");
+    }
+    let cfg = parsed.ok_or_else(|| AdminError::Refused("the config was not validated".into()))?;
+    Ok(relay.apply(cfg))
+}
+
+/// Re-reads the config file and applies it; an invalid file is rejected as a whole (the
+/// running config stays and the reason shows in `relay__status`).
+pub async fn reload(relay: &Arc<Relay>) -> Result<Applied, AdminError> {
+    let _g = relay.changing().await;
+    let path = config_path(relay)?;
+    let loaded = tokio::task::spawn_blocking(move || config::load(&path))
+        .await
+        .map_err(|e| AdminError::Refused(format!("the config read did not finish: {e}")))?;
+    match loaded {
+        Ok(cfg) => {
+            for w in &cfg.warnings {
+                tracing::warn!("{w}");
+            }
+            Ok(relay.apply(cfg))
+        }
+        Err(e) => {
+            let reason = e.to_string();
+            relay.reject_config(reason.clone());
+            Err(AdminError::Invalid(reason))
+        }
+    }
+}
+
+/// Waits (bounded by `startupWaitMs`) for the named servers to finish starting, so that an
+/// answer can say how they came up.
+async fn settle(relay: &Relay, names: &[String]) {
+    let deadline = tokio::time::Instant::now() + relay.config().relay.startup_wait;
+    let started: Vec<_> = names.iter().filter_map(|n| relay.backend(n)).collect();
+    futures::future::join_all(started.iter().map(|b| b.settled(deadline))).await;
+}
+
+async fn report(relay: &Relay, applied: Applied, name: &str) -> Value {
+    let mut names = applied.added.clone();
+    names.extend(applied.changed.iter().cloned());
+    settle(relay, &names).await;
+    json!({"applied": applied, "server": server_status(relay, name)})
+}
+
+/// The live state of one server, or null when it is not running.
+fn server_status(relay: &Relay, name: &str) -> Value {
+    let Some(b) = relay.backend(name) else {
+        return Value::Null;
+    };
+    let state = b.state();
+    let (attempt, last_error) = match &state {
+        State::Restarting {
+            attempt,
+            last_error,
+        } => (Some(*attempt), Some(last_error.clone())),
+        State::Failed(e) => (None, Some(e.clone())),
+        _ => (None, None),
+    };
+    let lists = b.lists();
+    let mut v = json!({
+        "name": b.name,
+        "transport": b.config.transport.kind(),
+        "state": state.label(),
+        "tools": lists.tools.len(),
+        "prompts": lists.prompts.len(),
+        "resources": lists.resources.len(),
+        "restarts": b.restarts(),
+        "lastError": last_error,
+    });
+    if let (Some(a), Some(o)) = (attempt, v.as_object_mut()) {
+        o.insert("attempt".into(), json!(a));
+    }
+    v
+}
+
+/// `relay__status`.
+pub fn status(relay: &Relay) -> Value {
+    let cfg = relay.config();
+    let backends: Vec<Value> = relay
+        .backends()
+        .iter()
+        .map(|b| server_status(relay, &b.name))
+        .collect();
+    json!({
+        "version": env!("CARGO_PKG_VERSION"),
+        "pid": std::process::id(),
+        "uptimeSeconds": relay.uptime().as_secs(),
+        "front": match relay.front() { crate::router::Front::Stdio => "stdio", crate::router::Front::Http => "http" },
+        "configPath": cfg.path.as_ref().map(|p| p.display().to_string()),
+        "configError": relay.config_error(),
+        "sessions": relay.session_count(),
+        "servers": backends,
+    })
+}
+
+/// `relay__list_servers`: every configured server (running or not), as written in the file
+/// (`${VAR}` references unexpanded), secrets reduced to their keys.
+pub fn servers(relay: &Relay) -> Vec<Value> {
+    let cfg = relay.config();
+    let doc = cfg.path.as_deref().and_then(|p| store::read(p).ok());
+    cfg.servers
+        .iter()
+        .map(|s| {
+            let raw = doc.as_ref().and_then(|d| d.server(&s.name));
+            let mut v = describe_entry(&s.name, raw, s);
+            if let Some(o) = v.as_object_mut() {
+                let live = server_status(relay, &s.name);
+                o.insert(
+                    "state".into(),
+                    live.get("state").cloned().unwrap_or(json!(if s.disabled {
+                        "disabled"
+                    } else {
+                        "stopped"
+                    })),
+                );
+                for k in ["tools", "restarts", "lastError"] {
+                    if let Some(x) = live.get(k) {
+                        o.insert(k.into(), x.clone());
+                    }
+                }
+            }
+            v
+        })
+        .collect()
+}
+
+/// A server entry for display: command, args and URL as written in the file (`${VAR}`
+/// references stay references), values of secret-looking flags and URL query parameters
+/// redacted, env and header values replaced by their keys.
+pub fn describe_entry(name: &str, raw: Option<&Value>, typed: &config::ServerConfig) -> Value {
+    let mut v = json!({
+        "name": name,
+        "transport": typed.transport.kind(),
+        "prefix": typed.prefix,
+        "disabled": typed.disabled,
+    });
+    let Some(o) = v.as_object_mut() else { return v };
+    let raw = raw.and_then(Value::as_object);
+    let text = |k: &str| {
+        raw.and_then(|r| r.get(k))
+            .and_then(Value::as_str)
+            .map(str::to_owned)
+    };
+    let keys = |k: &str| -> Vec<String> {
+        raw.and_then(|r| r.get(k))
+            .and_then(Value::as_object)
+            .map(|m| m.keys().cloned().collect())
+            .unwrap_or_default()
+    };
+    match &typed.transport {
+        config::TransportConfig::Stdio { .. } => {
+            if let Some(c) = text("command") {
+                o.insert("command".into(), json!(c));
+            }
+            let args: Vec<String> = raw
+                .and_then(|r| r.get("args"))
+                .and_then(Value::as_array)
+                .map(|a| {
+                    a.iter()
+                        .filter_map(Value::as_str)
+                        .map(str::to_owned)
+                        .collect()
+                })
+                .unwrap_or_default();
+            o.insert("args".into(), json!(redact_args(&args)));
+            o.insert("envKeys".into(), json!(keys("env")));
+        }
+        config::TransportConfig::Http { .. } | config::TransportConfig::Sse { .. } => {
+            if let Some(u) = text("url") {
+                o.insert("url".into(), json!(redact_url(&u)));
+            }
+            o.insert("headerKeys".into(), json!(keys("headers")));
+        }
+    }
+    v
+}
+
+const SECRET_WORDS: &[&str] = &[
+    "token",
+    "secret",
+    "password",
+    "passwd",
+    "key",
+    "auth",
+    "credential",
+];
+
+fn secretish(s: &str) -> bool {
+    let s = s.to_ascii_lowercase();
+    SECRET_WORDS.iter().any(|w| s.contains(w))
+}
+
+/// Hides the values of secret-looking flags (`--api-key X`, `--token=X`).
+pub fn redact_args(args: &[String]) -> Vec<String> {
+    let mut out = Vec::with_capacity(args.len());
+    let mut hide_next = false;
+    for a in args {
+        if hide_next && !a.contains("${") {
+            out.push("***".to_owned());
+            hide_next = false;
+            continue;
+        }
+        hide_next = false;
+        if a.starts_with('-') {
+            if let Some((flag, value)) = a.split_once('=') {
+                if secretish(flag) && !value.starts_with("${") {
+                    out.push(format!("{flag}=***"));
+                    continue;
+                }
+            } else if secretish(a) {
+                hide_next = true;
+            }
+        }
+        out.push(a.clone());
+    }
+    out
+}
+
+/// Hides URL userinfo and query values.
+pub fn redact_url(url: &str) -> String {
+    let (base, query) = match url.split_once('?') {
+        Some((b, q)) => (b, Some(q)),
+        None => (url, None),
+    };
+    let base = match base.split_once("://") {
+        Some((scheme, rest)) => {
+            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+            match authority.rsplit_once('@') {
+                Some((_, host)) => format!("{scheme}://***@{host}{path}"),
+                None => base.to_owned(),
+            }
+        }
+        None => base.to_owned(),
+    };
+    match query {
+        None => base,
+        Some(q) => {
+            let q: Vec<String> = q
+                .split('&')
+                .map(|kv| match kv.split_once('=') {
+                    Some((k, _)) => format!("{k}=***"),
+                    None => kv.to_owned(),
+                })
+                .collect();
+            format!("{base}?{}", q.join("&"))
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_secrets() {
+        let args: Vec<String> = [
+            "-y",
+            "srv",
+            "--api-key",
+            "abc",
+            "--token=xyz",
+            "--name",
+            "n",
+            "--auth",
+            "${TOKEN}",
+        ]
+        .iter()
+        .map(|s| (*s).to_owned())
+        .collect();
+        assert_eq!(
+            redact_args(&args),
+            [
+                "-y",
+                "srv",
+                "--api-key",
+                "***",
+                "--token=***",
+                "--name",
+                "n",
+                "--auth",
+                "${TOKEN}"
+            ]
+        );
+        assert_eq!(
+            redact_url("https://user:pw@h.example/mcp?key=1&x"),
+            "https://***@h.example/mcp?key=***&x"
+        );
+        assert_eq!(
+            redact_url("http://127.0.0.1:3000/mcp"),
+            "http://127.0.0.1:3000/mcp"
+        );
+    }
+
+    #[test]
+    fn tool_names() {
+        assert_eq!(tool("relay__status"), Some("status"));
+        assert_eq!(tool("relay__nope"), None);
+        assert_eq!(tool("srv__status"), None);
+        let defs = with_tools(&[]);
+        assert_eq!(defs.len(), TOOLS.len());
+        assert!(defs[0].get().contains("\"relay__status\""));
+    }
+}
