@@ -15,7 +15,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 
 /// Quiet time after the last event before the file is read.
-pub const DEBOUNCE: Duration = Duration::from_millis(100);
+pub const DEBOUNCE: Duration = Duration::from_millis(50);
 
 /// Starts the watch and the SIGHUP handler; both stop with `shutdown`.
 pub fn spawn(relay: Arc<Relay>, shutdown: CancellationToken) {

@@ -7,6 +7,10 @@
 //! 2. Fan-in: N clients (default 1,000) at once, each doing initialize + tools/list + one
 //!    call through the relay: success rate, average and p99 time, relay peak RSS.
 //! 3. `tools/list` over a 5,000-tool catalog, following `nextCursor`, direct vs relayed.
+//! 4. Hot reload: the time from saving the config file (rename-over) to the new server's
+//!    tools being listed, and to a removed server's tools being gone, over N saves. The
+//!    added server is an already running HTTP server, so its own start-up is excluded; what
+//!    is measured is the relay's watch, debounce, parse, diff, connect, handshake and list.
 //!
 //! Usage: `cargo build --release --bins && target/release/mcp-relay-bench [options]`
 //!   --backend example|everything   the echo backend: the bundled Rust `mcp-example-server`
@@ -15,7 +19,8 @@
 //!   --rounds N        rounds per concurrency (default 5)
 //!   --round-ms MS     length of one direct or relayed run (default 1000)
 //!   --clients N       fan-in clients (default 1000)
-//!   --only call|fanin|list   run one part
+//!   --only call|fanin|list|reload   run one part
+//!   --reloads N       config saves of part 4 (default 100)
 //!   --concurrency 1,16,256    the concurrencies of part 1
 //! It starts its processes from the directory of its own executable on ports the OS picks,
 //! and kills them (and their process groups) when done.
@@ -128,7 +133,8 @@ fn start_everything(root: &Path) -> Res<(Proc, String)> {
     Ok((p, format!("http://127.0.0.1:{port}/mcp")))
 }
 
-fn start_relay(backend: &str, dir: &Path) -> Res<(Proc, String)> {
+/// The relay in front of `backend`; returns it, its /mcp URL and its config file.
+fn start_relay(backend: &str, dir: &Path) -> Res<(Proc, String, PathBuf)> {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let cfg = dir.join(format!("bench-relay-{n}.json"));
@@ -141,6 +147,7 @@ fn start_relay(backend: &str, dir: &Path) -> Res<(Proc, String)> {
             .args(["serve", "--listen", "127.0.0.1:0", "--config"])
             .arg(&cfg)
             .env("RUST_LOG", "error")
+            .env("MCP_RELAY_RUNTIME_DIR", dir.join("run"))
             .envs(
                 std::env::var("BENCH_RELAY_THREADS")
                     .ok()
@@ -154,7 +161,7 @@ fn start_relay(backend: &str, dir: &Path) -> Res<(Proc, String)> {
         l.strip_prefix("mcp-relay listening on ")
             .map(|u| u.trim().to_owned())
     })?;
-    Ok((p, url))
+    Ok((p, url, cfg))
 }
 
 /// CPU time (ns) used so far by all threads of a process.
@@ -368,6 +375,7 @@ struct Opts {
     round: Duration,
     clients: usize,
     only: Option<String>,
+    reloads: usize,
     concurrency: Vec<usize>,
 }
 
@@ -377,7 +385,7 @@ async fn bench_calls(o: &Opts, root: &Path, dir: &Path) -> Res<()> {
     } else {
         start_example(0)?
     };
-    let (relay, relayed) = start_relay(&direct, dir)?;
+    let (relay, relayed, _) = start_relay(&direct, dir)?;
     let direct = Target {
         url: direct,
         tool: "echo".into(),
@@ -440,7 +448,7 @@ async fn bench_calls(o: &Opts, root: &Path, dir: &Path) -> Res<()> {
 
 async fn bench_fanin(o: &Opts, dir: &Path) -> Res<()> {
     let (_backend, direct) = start_example(0)?;
-    let (relay, url) = start_relay(&direct, dir)?;
+    let (relay, url, _) = start_relay(&direct, dir)?;
     let rss_before = peak_rss_kib(relay.pid());
     let client = http_client()?;
     let url = Arc::new(url);
@@ -508,7 +516,7 @@ async fn bench_fanin(o: &Opts, dir: &Path) -> Res<()> {
 async fn bench_list(o: &Opts, dir: &Path) -> Res<()> {
     const TOOLS: usize = 5000;
     let (_backend, direct) = start_example(TOOLS)?;
-    let (_relay, relayed) = start_relay(&direct, dir)?;
+    let (_relay, relayed, _) = start_relay(&direct, dir)?;
     let client = http_client()?;
     let dsid = session(&client, &direct).await?;
     let rsid = session(&client, &relayed).await?;
@@ -538,6 +546,77 @@ async fn bench_list(o: &Opts, dir: &Path) -> Res<()> {
     Ok(())
 }
 
+/// Tool names of one `tools/list` page (the catalogs here fit in one).
+async fn tool_names(client: &reqwest::Client, url: &str, sid: &str, id: u64) -> Res<Vec<String>> {
+    let body = json!({"jsonrpc":"2.0","id":id,"method":"tools/list","params":{}});
+    let (reply, _) = post(client, url, Some(sid), &body).await?;
+    Ok(reply["result"]["tools"]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| t["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default())
+}
+
+/// Writes the config the way editors that rename over do.
+fn save(path: &Path, cfg: &Value) -> Res<()> {
+    let tmp = path.with_extension("json.saving");
+    std::fs::write(&tmp, serde_json::to_vec_pretty(cfg)?)?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(f64::total_cmp);
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v.get(i).copied().unwrap_or(f64::NAN)
+}
+
+async fn bench_reload(o: &Opts, dir: &Path) -> Res<()> {
+    let (_web, web) = start_example(0)?;
+    let (_base, base) = start_example(0)?;
+    let (_relay, url, cfg_path) = start_relay(&base, dir)?;
+    let without: Value = serde_json::from_str(&std::fs::read_to_string(&cfg_path)?)?;
+    let mut with = without.clone();
+    with["mcpServers"]["web"] = json!({"type": "http", "url": web});
+    let client = http_client()?;
+    let sid = session(&client, &url).await?;
+    let mut id = 1u64;
+    // Waits (bounded) until the tool list says `present`; polls every millisecond.
+    let mut wait = async |present: bool| -> Res<f64> {
+        let t = Instant::now();
+        while t.elapsed() < Duration::from_secs(30) {
+            id += 1;
+            let names = tool_names(&client, &url, &sid, id).await?;
+            if names.iter().any(|n| n == "web__echo") == present {
+                return Ok(t.elapsed().as_secs_f64() * 1e3);
+            }
+            tokio::time::sleep(Duration::from_millis(1)).await;
+        }
+        Err("the relay did not follow the config file within 30 s".into())
+    };
+    let (mut add, mut remove) = (Vec::new(), Vec::new());
+    for _ in 0..o.reloads {
+        save(&cfg_path, &with)?;
+        add.push(wait(true).await?);
+        save(&cfg_path, &without)?;
+        remove.push(wait(false).await?);
+    }
+    println!(
+        "\n## Hot reload: config saved (rename-over) → tools listed, {} saves each way\n",
+        o.reloads
+    );
+    println!("| change | p50 ms | p99 ms | max ms |");
+    println!("|---|---|---|---|");
+    for (what, v) in [("add an HTTP server", &mut add), ("remove it", &mut remove)] {
+        let (p50, p99, max) = (percentile(v, 0.5), percentile(v, 0.99), percentile(v, 1.0));
+        println!("| {what} | {p50:.1} | {p99:.1} | {max:.1} |");
+    }
+    Ok(())
+}
+
 fn parse_opts() -> Res<Opts> {
     let mut o = Opts {
         backend: "example".into(),
@@ -546,6 +625,7 @@ fn parse_opts() -> Res<Opts> {
         clients: 1000,
         only: None,
         concurrency: vec![1, 16, 256],
+        reloads: 100,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -559,7 +639,10 @@ fn parse_opts() -> Res<Opts> {
             "--concurrency" => {
                 o.concurrency = v.split(',').map(str::parse).collect::<Result<_, _>>()?;
             }
-            "--only" if ["call", "fanin", "list"].contains(&v.as_str()) => o.only = Some(v),
+            "--only" if ["call", "fanin", "list", "reload"].contains(&v.as_str()) => {
+                o.only = Some(v);
+            }
+            "--reloads" => o.reloads = v.parse()?,
             other => return Err(format!(
                 "unknown or invalid option {other} (see the header of src/bin/mcp-relay-bench.rs)"
             )
@@ -596,6 +679,9 @@ fn main() -> Res<()> {
         }
         if part("list") {
             bench_list(&o, &dir).await?;
+        }
+        if part("reload") {
+            bench_reload(&o, &dir).await?;
         }
         Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
     });

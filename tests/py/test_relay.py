@@ -93,6 +93,19 @@ def example_over_raw_stdio(workdir: Path, logs: LogRegistry, **settings: Any) ->
 # =============================================================================== catalog
 
 
+async def test_management_status_through_the_sdk(relay: RelayUnderTest) -> None:
+    async with relay.client() as c:
+        r = await c.call_tool("relay__status", {})
+        assert not r.is_error, r
+        st = r.structured_content
+        assert st is not None and st["version"] and st["sessions"] >= 1
+        states = {s["name"]: s["state"] for s in st["servers"]}
+        assert states.get("ex") == "ready", states
+        listed = await c.call_tool("relay__list_servers", {})
+        names = [s["name"] for s in (listed.structured_content or {}).get("servers", [])]
+        assert "ex" in names and "memory" in names, names
+
+
 async def test_merged_catalog(relay: RelayUnderTest) -> None:
     async with relay.client() as c:
         assert c.protocol_version == "2025-11-25"
@@ -116,8 +129,11 @@ async def test_merged_catalog(relay: RelayUnderTest) -> None:
             "ex__lossless",
         ]:
             assert name in tools, f"{name} missing from the merged tools/list: {sorted(tools)}"
-        # Every exposed name carries a configured prefix; nothing leaks through unprefixed.
-        unprefixed = [n for n in tools if n.split("__", 1)[0] not in STANDARD_PREFIXES]
+        # Every exposed name carries a configured prefix (or the relay's own, for its
+        # management tools); nothing leaks through unprefixed.
+        unprefixed = [
+            n for n in tools if n.split("__", 1)[0] not in (*STANDARD_PREFIXES, "relay")
+        ]
         assert not unprefixed, f"tools without a server prefix: {unprefixed}"
         # Only `name` is rewritten: the rest of the item is the backend's.
         assert tools["ex__echo"].description == "Echoes the message back."
