@@ -36,6 +36,8 @@ pub struct Relay {
     changing: tokio::sync::Mutex<()>,
     /// The last config reload that was rejected, for `relay__status`.
     config_error: Mutex<Option<String>>,
+    /// Set by shutdown: config changes no longer start backends.
+    closing: AtomicBool,
     /// Backends being stopped in the background (removed or replaced); shutdown waits.
     stopping: tokio_util::task::TaskTracker,
     backends: RwLock<IndexMap<String, Arc<Backend>>>,
@@ -54,6 +56,8 @@ pub struct Applied {
     pub added: Vec<String>,
     pub removed: Vec<String>,
     pub changed: Vec<String>,
+    /// Unchanged servers started afresh because they had given up (`failed`).
+    pub restarted: Vec<String>,
     /// Changed settings that take effect only after a restart of the relay.
     #[serde(rename = "needsRestart")]
     pub needs_restart: Vec<String>,
@@ -61,7 +65,10 @@ pub struct Applied {
 
 impl Applied {
     pub fn is_empty(&self) -> bool {
-        self.added.is_empty() && self.removed.is_empty() && self.changed.is_empty()
+        self.added.is_empty()
+            && self.removed.is_empty()
+            && self.changed.is_empty()
+            && self.restarted.is_empty()
     }
 }
 
@@ -163,6 +170,7 @@ impl Relay {
             started: Instant::now(),
             changing: tokio::sync::Mutex::new(()),
             config_error: Mutex::new(None),
+            closing: AtomicBool::new(false),
             stopping: tokio_util::task::TaskTracker::new(),
             backends: RwLock::new(IndexMap::new()),
             catalog: RwLock::new(Arc::new(Catalog::default())),
@@ -187,6 +195,11 @@ impl Relay {
 
     /// Stops every backend and waits for their processes to exit.
     pub async fn shutdown(&self) {
+        // No change may start a backend after this: take the change lock and close.
+        {
+            let _g = self.changing.lock().await;
+            self.closing.store(true, Ordering::Release);
+        }
         let all: Vec<Arc<Backend>> = read(&self.backends).values().cloned().collect();
         futures::future::join_all(all.iter().map(|b| b.stop())).await;
         self.stopping.close();
@@ -210,7 +223,16 @@ impl Relay {
 
     /// Whether sessions of this relay see and may call the `relay__*` management tools.
     pub fn admin_enabled(&self) -> bool {
-        self.admin_front.load(Ordering::Relaxed) && self.config().relay.management
+        if !self.admin_front.load(Ordering::Relaxed) {
+            return false;
+        }
+        let cfg = self.config();
+        let r = &cfg.relay;
+        // Extra allowed hosts mean requests arrive under other names (a proxy, a LAN name),
+        // and a wildcard origin lets any web page in: not a loopback-only front any more.
+        r.management
+            && (self.front == Front::Stdio
+                || (r.allowed_hosts.is_empty() && !r.allowed_origins.iter().any(|o| o == "*")))
     }
 
     pub fn uptime(&self) -> std::time::Duration {
@@ -234,9 +256,12 @@ impl Relay {
     /// Makes `new` the running config: starts added servers, stops removed ones, replaces
     /// changed ones and leaves the rest (and their requests in flight) alone. The caller
     /// holds [`Relay::changing`].
-    pub fn apply(&self, new: Config) -> Applied {
+    pub fn apply(&self, new: Config, restart_failed: bool) -> Applied {
         let old = self.config();
         let mut applied = Applied::default();
+        if self.closing.load(Ordering::Acquire) {
+            return applied;
+        }
         if new.relay.listen != old.relay.listen {
             applied
                 .needs_restart
@@ -253,6 +278,16 @@ impl Relay {
             let mut next = IndexMap::with_capacity(wanted.len());
             for s in &wanted {
                 match backends.shift_remove(&s.name) {
+                    // A reload gives a server that gave up (restart limit) a fresh start.
+                    Some(b)
+                        if restart_failed
+                            && b.config == **s
+                            && matches!(b.state(), State::Failed(_)) =>
+                    {
+                        applied.restarted.push(s.name.clone());
+                        retired.push(b);
+                        next.insert(s.name.clone(), self.start_backend(s));
+                    }
                     Some(b) if b.config == **s => {
                         next.insert(s.name.clone(), b);
                     }
@@ -278,7 +313,10 @@ impl Relay {
         for b in retired {
             self.stopping.spawn(async move { b.stop().await });
         }
-        if !(applied.removed.is_empty() && applied.changed.is_empty()) {
+        if !(applied.removed.is_empty()
+            && applied.changed.is_empty()
+            && applied.restarted.is_empty())
+        {
             self.rebuild_catalog();
         }
         if !applied.is_empty() {
@@ -295,6 +333,9 @@ impl Relay {
 
     /// Stops a server and starts it afresh (clears `failed`). False if it is not running.
     pub fn restart_backend(&self, name: &str) -> bool {
+        if self.closing.load(Ordering::Acquire) {
+            return false;
+        }
         let old = {
             let mut backends = write(&self.backends);
             let Some(slot) = backends.get_mut(name) else {

@@ -48,9 +48,9 @@ pub fn socket_dir() -> Result<PathBuf, String> {
     }
     let meta =
         std::fs::metadata(&dir).map_err(|e| format!("cannot inspect {}: {e}", dir.display()))?;
-    if meta.uid() != nix::unistd::getuid().as_raw() || meta.mode() & 0o022 != 0 {
+    if meta.uid() != nix::unistd::getuid().as_raw() || meta.mode() & 0o077 != 0 {
         return Err(format!(
-            "{} belongs to another user or is writable by others; set MCP_RELAY_RUNTIME_DIR to a private directory",
+            "{} belongs to another user or is open to others (it must be 0700); set MCP_RELAY_RUNTIME_DIR to a private directory",
             dir.display()
         ));
     }
@@ -121,6 +121,13 @@ pub fn serve(relay: Arc<Relay>, shutdown: CancellationToken) -> Option<Listening
 }
 
 async fn connection(relay: Arc<Relay>, stream: tokio::net::UnixStream) {
+    // Only our own user (the directory and socket modes say so too; this holds even if
+    // they were changed).
+    let me = nix::unistd::getuid().as_raw();
+    if !stream.peer_cred().is_ok_and(|c| c.uid() == me) {
+        tracing::warn!("Control socket connection from another user refused.");
+        return;
+    }
     let (read, mut write) = stream.into_split();
     let mut lines = tokio::io::BufReader::new(read);
     let mut line = String::new();
@@ -176,10 +183,23 @@ fn alive(pid: i32) -> bool {
     nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), None).is_ok()
 }
 
-/// Removes sockets of this config whose relay is gone.
+/// Removes sockets of this config whose relay is gone: nothing accepts on them (a pid
+/// alone can be reused).
 fn remove_stale(dir: &Path, key: &str) {
     for s in sockets_in(dir, key) {
-        if pid_of(&s).is_some_and(|p| !alive(p)) {
+        if pid_of(&s).is_some_and(|p| p as u32 == std::process::id()) {
+            continue;
+        }
+        let dead = match std::os::unix::net::UnixStream::connect(&s) {
+            Ok(_) => false,
+            Err(e) => {
+                matches!(
+                    e.kind(),
+                    std::io::ErrorKind::ConnectionRefused | std::io::ErrorKind::NotFound
+                ) || pid_of(&s).is_some_and(|p| !alive(p))
+            }
+        };
+        if dead {
             let _ = std::fs::remove_file(&s);
         }
     }

@@ -10,7 +10,7 @@ pub mod control;
 pub mod watch;
 
 use crate::backend::State;
-use crate::config::{self, Config, store};
+use crate::config::{self, Config, redact, store};
 use crate::router::{Applied, Relay};
 use serde_json::value::RawValue;
 use serde_json::{Map, Value, json};
@@ -201,7 +201,11 @@ pub async fn run(relay: &Arc<Relay>, op: &str, args: &Value) -> Result<Value, Ad
         }
         "restart_server" => {
             let name = name()?;
-            if !relay.restart_backend(&name) {
+            let restarted = {
+                let _g = relay.changing().await;
+                relay.restart_backend(&name)
+            };
+            if !restarted {
                 return Err(AdminError::Refused(format!(
                     "server `{name}` is not running (unknown or disabled); relay__list_servers shows them"
                 )));
@@ -210,9 +214,10 @@ pub async fn run(relay: &Arc<Relay>, op: &str, args: &Value) -> Result<Value, Ad
             Ok(json!({"restarted": name, "server": server_status(relay, &name)}))
         }
         "reload_config" => {
-            let applied = reload(relay).await?;
+            let applied = reload(relay, true).await?;
             let mut names = applied.added.clone();
             names.extend(applied.changed.iter().cloned());
+            names.extend(applied.restarted.iter().cloned());
             settle(relay, &names).await;
             Ok(json!({"applied": applied}))
         }
@@ -233,8 +238,19 @@ fn env_var(k: &str) -> Option<String> {
     std::env::var(k).ok()
 }
 
-/// Edits the config file and applies the result, under the relay's change lock.
+/// Edits the config file and applies the result, under the relay's change lock. Runs in a
+/// task of its own: a caller that goes away cannot leave the file written but not applied.
 async fn change(
+    relay: &Arc<Relay>,
+    edit: impl FnOnce(&mut store::Document) -> Result<(), store::StoreError> + Send + 'static,
+) -> Result<Applied, AdminError> {
+    let r = relay.clone();
+    tokio::spawn(async move { change_now(&r, edit).await })
+        .await
+        .map_err(|e| AdminError::Refused(format!("the config change did not finish: {e}")))?
+}
+
+async fn change_now(
     relay: &Arc<Relay>,
     edit: impl FnOnce(&mut store::Document) -> Result<(), store::StoreError> + Send + 'static,
 ) -> Result<Applied, AdminError> {
@@ -263,12 +279,13 @@ async fn change(
         tracing::info!(backup = %b.display(), "Config file written; previous version backed up.");
     }
     let cfg = parsed.ok_or_else(|| AdminError::Refused("the config was not validated".into()))?;
-    Ok(relay.apply(cfg))
+    Ok(relay.apply(cfg, false))
 }
 
 /// Re-reads the config file and applies it; an invalid file is rejected as a whole (the
-/// running config stays and the reason shows in `relay__status`).
-pub async fn reload(relay: &Arc<Relay>) -> Result<Applied, AdminError> {
+/// running config stays and the reason shows in `relay__status`). `explicit` (SIGHUP,
+/// `reload_config`, `mcp-relay reload`) also gives servers left `failed` a fresh start.
+pub async fn reload(relay: &Arc<Relay>, explicit: bool) -> Result<Applied, AdminError> {
     let _g = relay.changing().await;
     let path = config_path(relay)?;
     let loaded = tokio::task::spawn_blocking(move || config::load(&path))
@@ -279,7 +296,7 @@ pub async fn reload(relay: &Arc<Relay>) -> Result<Applied, AdminError> {
             for w in &cfg.warnings {
                 tracing::warn!("{w}");
             }
-            Ok(relay.apply(cfg))
+            Ok(relay.apply(cfg, explicit))
         }
         Err(e) => {
             let reason = e.to_string();
@@ -424,12 +441,12 @@ pub fn describe_entry(name: &str, raw: Option<&Value>, typed: &config::ServerCon
                         .collect()
                 })
                 .unwrap_or_default();
-            o.insert("args".into(), json!(redact_args(&args)));
+            o.insert("args".into(), json!(redact::args(&args)));
             o.insert("envKeys".into(), json!(keys("env")));
         }
         config::TransportConfig::Http { .. } | config::TransportConfig::Sse { .. } => {
             if let Some(u) = text("url") {
-                o.insert("url".into(), json!(redact_url(&u)));
+                o.insert("url".into(), json!(redact::url(&u)));
             }
             o.insert("headerKeys".into(), json!(keys("headers")));
         }
@@ -437,121 +454,9 @@ pub fn describe_entry(name: &str, raw: Option<&Value>, typed: &config::ServerCon
     v
 }
 
-const SECRET_WORDS: &[&str] = &[
-    "token",
-    "secret",
-    "password",
-    "passwd",
-    "key",
-    "auth",
-    "credential",
-];
-
-fn secretish(s: &str) -> bool {
-    let s = s.to_ascii_lowercase();
-    SECRET_WORDS.iter().any(|w| s.contains(w))
-}
-
-/// Hides the values of secret-looking flags (`--api-key X`, `--token=X`).
-pub fn redact_args(args: &[String]) -> Vec<String> {
-    let mut out = Vec::with_capacity(args.len());
-    let mut hide_next = false;
-    for a in args {
-        if hide_next && !a.contains("${") {
-            out.push("***".to_owned());
-            hide_next = false;
-            continue;
-        }
-        hide_next = false;
-        if a.starts_with('-') {
-            if let Some((flag, value)) = a.split_once('=') {
-                if secretish(flag) && !value.starts_with("${") {
-                    out.push(format!("{flag}=***"));
-                    continue;
-                }
-            } else if secretish(a) {
-                hide_next = true;
-            }
-        }
-        out.push(a.clone());
-    }
-    out
-}
-
-/// Hides URL userinfo and query values.
-pub fn redact_url(url: &str) -> String {
-    let (base, query) = match url.split_once('?') {
-        Some((b, q)) => (b, Some(q)),
-        None => (url, None),
-    };
-    let base = match base.split_once("://") {
-        Some((scheme, rest)) => {
-            let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
-            match authority.rsplit_once('@') {
-                Some((_, host)) => format!("{scheme}://***@{host}{path}"),
-                None => base.to_owned(),
-            }
-        }
-        None => base.to_owned(),
-    };
-    match query {
-        None => base,
-        Some(q) => {
-            let q: Vec<String> = q
-                .split('&')
-                .map(|kv| match kv.split_once('=') {
-                    Some((k, _)) => format!("{k}=***"),
-                    None => kv.to_owned(),
-                })
-                .collect();
-            format!("{base}?{}", q.join("&"))
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn redacts_secrets() {
-        let args: Vec<String> = [
-            "-y",
-            "srv",
-            "--api-key",
-            "abc",
-            "--token=xyz",
-            "--name",
-            "n",
-            "--auth",
-            "${TOKEN}",
-        ]
-        .iter()
-        .map(|s| (*s).to_owned())
-        .collect();
-        assert_eq!(
-            redact_args(&args),
-            [
-                "-y",
-                "srv",
-                "--api-key",
-                "***",
-                "--token=***",
-                "--name",
-                "n",
-                "--auth",
-                "${TOKEN}"
-            ]
-        );
-        assert_eq!(
-            redact_url("https://user:pw@h.example/mcp?key=1&x"),
-            "https://***@h.example/mcp?key=***&x"
-        );
-        assert_eq!(
-            redact_url("http://127.0.0.1:3000/mcp"),
-            "http://127.0.0.1:3000/mcp"
-        );
-    }
 
     #[test]
     fn tool_names() {

@@ -25,10 +25,11 @@ pub fn spawn(relay: Arc<Relay>, shutdown: CancellationToken) {
         (Some(path), true) => watch_file(path, tx),
         _ => None,
     };
+    // Installed before returning, so an early SIGHUP never meets the default action (exit).
+    let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
     tokio::spawn(async move {
         // Kept alive as long as the loop runs.
         let _watcher = watcher;
-        let mut hup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()).ok();
         loop {
             let cause = tokio::select! {
                 () = shutdown.cancelled() => return,
@@ -39,7 +40,8 @@ pub fn spawn(relay: Arc<Relay>, shutdown: CancellationToken) {
                 }
                 Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => "SIGHUP",
             };
-            match super::reload(&relay).await {
+            // An explicit SIGHUP also gives servers that gave up a fresh start.
+            match super::reload(&relay, cause == "SIGHUP").await {
                 Ok(a) if a.is_empty() => {
                     tracing::debug!(cause, "Config re-read; nothing to change.");
                 }
@@ -57,6 +59,8 @@ fn watch_file(
     path: &std::path::Path,
     tx: mpsc::UnboundedSender<()>,
 ) -> Option<notify::RecommendedWatcher> {
+    // A symlinked config is watched where its target lives (that is what writes replace).
+    let path = &crate::config::store::target(path);
     let name = path.file_name()?.to_owned();
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),

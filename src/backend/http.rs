@@ -119,11 +119,10 @@ impl Http {
             let (mut req, generation) = self.request(b, reqwest::Method::POST, is_initialize);
             let had_session = req.headers().contains_key(SESSION);
             *req.body_mut() = Some(body.clone().into());
-            let resp = self
-                .client
-                .execute(req)
-                .await
-                .map_err(|e| format!("cannot reach {}: {}", self.url, without_url(&e)))?;
+            let resp = self.client.execute(req).await.map_err(|e| {
+                let url = crate::config::redact::url(self.url.as_str());
+                format!("cannot reach {url}: {}", without_url(&e))
+            })?;
             let status = resp.status();
             if let Some(sid) = resp.headers().get(SESSION) {
                 let mut s = lock(&self.session);

@@ -433,12 +433,27 @@ impl Backend {
             }
         };
         *write(&self.conn) = Some(conn.clone());
-        self.handshake().await?;
-        if let Conn::Http(h) = &conn {
-            let opened = h.clone().listen(self.clone());
-            let _ = tokio::time::timeout(Duration::from_secs(5), opened).await;
+        // A server that dies while starting (bad arguments, a crash) fails its start at
+        // once, not when the handshake times out.
+        let closed = conn.closed();
+        let setup = async {
+            self.handshake().await?;
+            if let Conn::Http(h) = &conn {
+                let opened = h.clone().listen(self.clone());
+                let _ = tokio::time::timeout(Duration::from_secs(5), opened).await;
+            }
+            self.refresh_lists().await;
+            Ok::<(), String>(())
+        };
+        tokio::select! {
+            r = setup => r?,
+            () = closed.cancelled() => {
+                return Err(match &conn {
+                    Conn::Stdio(s) => s.exit_reason(),
+                    _ => "the connection closed during start-up".to_owned(),
+                });
+            }
         }
-        self.refresh_lists().await;
         Ok(conn)
     }
 

@@ -35,15 +35,18 @@ fn print_json(v: &Value) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 
-fn env_var(k: &str) -> Option<String> {
-    std::env::var(k).ok()
+/// Variables are the relay's business: the shell running this command may not have the
+/// ones the relay gets (e.g. from the client that starts it), so an unset `${VAR}` counts
+/// as set here (as its own text) and the relay reports, on reload, one it lacks.
+fn any_var(k: &str) -> Option<String> {
+    Some(std::env::var(k).unwrap_or_else(|_| format!("${{{k}}}")))
 }
 
-/// Validates a whole config text as the relay would load it.
+/// Validates a whole config text as the relay would load it (structure, names, types).
 fn validate(file: &Path) -> impl FnOnce(&str) -> Result<(), String> {
     let file = file.display().to_string();
     move |text| {
-        config::parse(text, &file, &env_var)
+        config::parse(text, &file, &any_var)
             .map(|_| ())
             .map_err(|e| e.to_string())
     }

@@ -3,6 +3,7 @@
 //! Validation collects every problem with its file and JSON path instead of stopping at the
 //! first, so `mcp-relay config check` can print them all. This module does not start anything.
 
+pub mod redact;
 pub mod store;
 
 use serde_json::{Map, Value};
@@ -470,7 +471,10 @@ impl Validator<'_> {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 self.problem(
                     &format!("{at}.url"),
-                    format!("`{url}` must start with http:// or https://"),
+                    format!(
+                        "`{}` must start with http:// or https://",
+                        redact::url(&url)
+                    ),
                 );
             }
             let headers = headers.unwrap_or_default();

@@ -133,6 +133,37 @@ pub fn read(path: &Path) -> Result<Document, StoreError> {
     Document::parse(&text, path)
 }
 
+/// How long a writer waits for another to finish with the file.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// Takes the file's exclusive lock, waiting at most `wait` (a stuck holder must not freeze
+/// every later change).
+fn lock_within(file: &File, path: &Path, wait: std::time::Duration) -> Result<(), StoreError> {
+    let deadline = std::time::Instant::now() + wait;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Ok(()),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Refused(format!(
+                    "{} stayed locked by another writer for {} s; try again",
+                    path.display(),
+                    wait.as_secs()
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => return Err(io("lock", path)(e)),
+        }
+    }
+}
+
+/// The file a config path names: symlinks resolved, so that a write replaces the target
+/// (a dotfiles-managed link stays a link).
+pub fn target(path: &Path) -> PathBuf {
+    std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf())
+}
+
 /// The locked config file: held while a change is read, applied and written.
 struct Locked {
     file: File,
@@ -147,7 +178,7 @@ impl Locked {
                 .read(true)
                 .open(path)
                 .map_err(io("open", path))?;
-            file.lock().map_err(io("lock", path))?;
+            lock_within(&file, path, LOCK_WAIT)?;
             let held = file.metadata().map_err(io("inspect", path))?;
             match std::fs::metadata(path) {
                 Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => {
@@ -180,6 +211,7 @@ pub fn edit(
     change: impl FnOnce(&mut Document) -> Result<(), StoreError>,
     validate: impl FnOnce(&str) -> Result<(), String>,
 ) -> Result<Written, StoreError> {
+    let path = &target(path);
     let mut locked = Locked::acquire(path)?;
     let old = locked.text(path)?;
     let mut doc = Document::parse(&old, path)?;
@@ -189,7 +221,7 @@ pub fn edit(
     let backup = if old == text {
         None
     } else {
-        Some(write_locked(path, &old, &text, keep)?)
+        write_locked(path, &old, &text, keep)?
     };
     drop(locked);
     Ok(Written { text, backup })
@@ -205,49 +237,67 @@ pub fn restore(
     let text = std::fs::read_to_string(backup).map_err(io("read", backup))?;
     Document::parse(&text, backup)?;
     validate(&text).map_err(StoreError::Invalid)?;
+    let path = &target(path);
     let mut locked = Locked::acquire(path)?;
     let old = locked.text(path)?;
     let made = if old == text {
         None
     } else {
-        Some(write_locked(path, &old, &text, keep)?)
+        write_locked(path, &old, &text, keep)?
     };
     drop(locked);
     Ok(Written { text, backup: made })
 }
 
-/// Backs up `old`, then atomically replaces the file with `text`. The caller holds the lock.
-fn write_locked(path: &Path, old: &str, text: &str, keep: usize) -> Result<PathBuf, StoreError> {
+/// Atomically replaces the file with `text`, keeping `old` as a backup (unless `keep` is
+/// 0). The caller holds the lock. On failure nothing it created is left behind.
+fn write_locked(
+    path: &Path,
+    old: &str,
+    text: &str,
+    keep: usize,
+) -> Result<Option<PathBuf>, StoreError> {
     let dir = parent(path);
-    let mode = std::fs::metadata(path).map(|m| m.mode()).ok();
-    let backup = write_backup(path, old, mode)?;
+    // Temp file and backup get the config's mode from the start (a config may hold literal
+    // tokens): never a moment more readable than the file itself.
+    let mode = std::fs::metadata(path)
+        .map(|m| m.mode() & 0o777)
+        .unwrap_or(0o600);
     let tmp = dir.join(format!(
         ".{}.tmp.{}.{:08x}",
         file_name(path),
         std::process::id(),
         rand::random::<u32>()
     ));
+    let mut backup = None;
     let written = (|| {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&tmp)
-            .map_err(io("create", &tmp))?;
-        if let Some(mode) = mode {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = f.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777));
-        }
+        let mut f = create_new(&tmp, mode).map_err(io("create", &tmp))?;
         f.write_all(text.as_bytes()).map_err(io("write", &tmp))?;
         f.sync_all().map_err(io("sync", &tmp))?;
+        if keep > 0 {
+            backup = Some(write_backup(path, old, mode)?);
+        }
         std::fs::rename(&tmp, path).map_err(io("replace", path))
     })();
     if let Err(e) = written {
         let _ = std::fs::remove_file(&tmp);
+        if let Some(b) = &backup {
+            let _ = std::fs::remove_file(b);
+        }
         return Err(e);
     }
     sync_dir(&dir);
     prune_backups(path, keep);
     Ok(backup)
+}
+
+fn create_new(path: &Path, mode: u32) -> std::io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(mode)
+        .open(path)
 }
 
 fn parent(path: &Path) -> PathBuf {
@@ -271,7 +321,7 @@ fn sync_dir(dir: &Path) {
 
 /// Writes `relay.json.backup.YYYYMMDD_HHMMSS` (UTC), with `_N` appended when a backup of the
 /// same second exists, so names stay unique and sort in creation order.
-fn write_backup(path: &Path, text: &str, mode: Option<u32>) -> Result<PathBuf, StoreError> {
+fn write_backup(path: &Path, text: &str, mode: u32) -> Result<PathBuf, StoreError> {
     let stamp = utc_stamp(SystemTime::now());
     let base = format!("{}.backup.{stamp}", file_name(path));
     let dir = parent(path);
@@ -296,19 +346,11 @@ fn write_backup(path: &Path, text: &str, mode: Option<u32>) -> Result<PathBuf, S
             format!("{base}_{n:04}")
         };
         let target = dir.join(&name);
-        let f = OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .open(&target);
-        let mut f = match f {
+        let mut f = match create_new(&target, mode) {
             Ok(f) => f,
             Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => continue,
             Err(e) => return Err(io("create backup", &target)(e)),
         };
-        if let Some(mode) = mode {
-            use std::os::unix::fs::PermissionsExt;
-            let _ = f.set_permissions(std::fs::Permissions::from_mode(mode & 0o7777));
-        }
         let done = f
             .write_all(text.as_bytes())
             .and_then(|()| f.sync_all())
@@ -327,6 +369,7 @@ fn write_backup(path: &Path, text: &str, mode: Option<u32>) -> Result<PathBuf, S
 
 /// The config's backups, oldest first.
 pub fn backups(path: &Path) -> Vec<PathBuf> {
+    let path = &target(path);
     let prefix = format!("{}.backup.", file_name(path));
     let Ok(entries) = std::fs::read_dir(parent(path)) else {
         return Vec::new();
