@@ -54,6 +54,9 @@ enum Command {
         #[command(subcommand)]
         command: ServersCommand,
     },
+    /// Internal: the watchdog the relay starts to stop its servers if it dies.
+    #[command(hide = true)]
+    Keeper,
     /// Config file tools.
     Config {
         #[command(subcommand)]
@@ -149,6 +152,7 @@ pub fn main() -> ExitCode {
         Command::Config {
             command: ConfigCommand::Restore { backup },
         } => manage::restore(config, backup),
+        Command::Keeper => crate::backend::keeper::run(),
         Command::Serve { listen } => run(config, Some(listen)),
         Command::Stdio => run(config, None),
         Command::Status { json } => manage::status(config, json),

@@ -162,6 +162,7 @@ impl Relay {
             config: RwLock::new(Arc::new(config)),
             settings: backend::Settings {
                 limits,
+                keeper: backend::keeper::Keeper::start().map(Arc::new),
                 client_capabilities: declared.subscribe(),
             },
             hub: Arc::new(HubRef(me.clone())),

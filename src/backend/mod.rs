@@ -7,6 +7,7 @@
 //! list changes go to the [`Hub`] (the relay), which rebuilds the catalog.
 
 pub mod http;
+pub mod keeper;
 pub mod sse;
 pub mod stdio;
 
@@ -43,6 +44,8 @@ pub trait Hub: Send + Sync + 'static {
 pub struct Settings {
     /// Shared with the relay, which changes them when the config is reloaded.
     pub limits: Arc<Limits>,
+    /// The watchdog that stops stdio servers if the relay dies (see [`keeper`]).
+    pub keeper: Option<Arc<keeper::Keeper>>,
     /// The client capabilities to declare in `initialize` (a JSON object). Backends wait
     /// for it before their handshake: the stdio front knows it only once its one client
     /// has initialized, so that a backend never hears of a capability the client lacks.

@@ -54,6 +54,10 @@ impl Stdio {
             .id()
             .and_then(|p| i32::try_from(p).ok())
             .ok_or("the child exited before it could be tracked")?;
+        let keeper = backend.settings().keeper.clone();
+        if let Some(k) = &keeper {
+            k.watch(pgid);
+        }
         let (Some(stdin), Some(stdout), Some(stderr)) =
             (child.stdin.take(), child.stdout.take(), child.stderr.take())
         else {
@@ -109,6 +113,12 @@ impl Stdio {
             };
             let _ = exit_tx.send(Some(reason));
             closed2.cancel();
+            // The server is gone: what it left in its group is orphaned. Then the keeper
+            // can forget the group.
+            let _ = killpg(Pid::from_raw(pgid), Signal::SIGKILL);
+            if let Some(k) = keeper {
+                k.release(pgid);
+            }
         });
 
         Ok(Arc::new(Stdio {

@@ -2,6 +2,7 @@
 
 mod admin;
 mod http;
+mod lifecycle;
 mod rmcp_client;
 mod stdio;
 mod support;

@@ -71,7 +71,7 @@ impl Drop for Proc {
 
 /// A raw newline-JSON client of `mcp-relay stdio`.
 pub struct StdioClient {
-    stdin: ChildStdin,
+    stdin: Option<ChildStdin>,
     lines: mpsc::Receiver<String>,
     pub proc: Proc,
     /// The config file the relay runs from.
@@ -114,7 +114,7 @@ impl StdioClient {
             }
         });
         Ok(StdioClient {
-            stdin,
+            stdin: Some(stdin),
             lines: rx,
             proc: Proc { child },
             config: path,
@@ -123,10 +123,16 @@ impl StdioClient {
     }
 
     pub fn send_raw(&mut self, line: &str) -> Result {
-        self.stdin.write_all(line.as_bytes())?;
-        self.stdin.write_all(b"\n")?;
-        self.stdin.flush()?;
+        let stdin = self.stdin.as_mut().ok_or("stdin is closed")?;
+        stdin.write_all(line.as_bytes())?;
+        stdin.write_all(b"\n")?;
+        stdin.flush()?;
         Ok(())
+    }
+
+    /// Closes the relay's stdin, as a client that goes away does.
+    pub fn close_stdin(&mut self) {
+        self.stdin = None;
     }
 
     pub fn send(&mut self, v: &Value) -> Result {
