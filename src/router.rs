@@ -154,6 +154,7 @@ impl Relay {
             Front::Http => Some(backend::RELAY_CLIENT_CAPABILITIES.to_owned()),
             Front::Stdio => None,
         });
+        let supervision = config.relay.supervision;
         let limits = Arc::new(backend::Limits::new(
             config.relay.request_timeout,
             config.relay.max_message_bytes,
@@ -162,6 +163,7 @@ impl Relay {
             config: RwLock::new(Arc::new(config)),
             settings: backend::Settings {
                 limits,
+                supervision: Arc::new(RwLock::new(supervision)),
                 keeper: backend::keeper::Keeper::start().map(Arc::new),
                 client_capabilities: declared.subscribe(),
             },
@@ -271,6 +273,7 @@ impl Relay {
         self.settings
             .limits
             .set(new.relay.request_timeout, new.relay.max_message_bytes);
+        *write(&self.settings.supervision) = new.relay.supervision;
         let wanted: Vec<&crate::config::ServerConfig> =
             new.servers.iter().filter(|s| !s.disabled).collect();
         let mut retired = Vec::new();
@@ -283,7 +286,7 @@ impl Relay {
                     Some(b)
                         if restart_failed
                             && b.config == **s
-                            && matches!(b.state(), State::Failed(_)) =>
+                            && matches!(b.state(), State::Failed(_) | State::NeedsAuth(_)) =>
                     {
                         applied.restarted.push(s.name.clone());
                         retired.push(b);
@@ -652,7 +655,7 @@ impl Relay {
                 ctx.session.state().log_level = Some(level);
                 let body = params.to_raw();
                 for b in self.backends() {
-                    if b.state() == State::Ready && b.info().has("logging") {
+                    if b.state().is_up() && b.info().has("logging") {
                         let r = b
                             .call(
                                 m,
@@ -729,7 +732,7 @@ impl Relay {
         let owned = ctx.session.state().tasks.clone();
         let mut all = Vec::new();
         for b in self.backends() {
-            if b.state() != State::Ready
+            if !b.state().is_up()
                 || !b.info().has("tasks")
                 || !owned
                     .iter()

@@ -332,7 +332,7 @@ fn server_status(relay: &Relay, name: &str) -> Value {
             attempt,
             last_error,
         } => (Some(*attempt), Some(last_error.clone())),
-        State::Failed(e) => (None, Some(e.clone())),
+        State::Failed(e) | State::NeedsAuth(e) => (None, Some(e.clone())),
         _ => (None, None),
     };
     let lists = b.lists();

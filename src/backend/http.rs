@@ -156,6 +156,7 @@ impl Http {
             if status == reqwest::StatusCode::UNAUTHORIZED
                 || status == reqwest::StatusCode::FORBIDDEN
             {
+                b.note_auth_failure();
                 return Err(format!(
                     "the server answered HTTP {status}: check the credentials in its `headers`"
                 ));

@@ -46,6 +46,8 @@ pub struct Settings {
     pub limits: Arc<Limits>,
     /// The watchdog that stops stdio servers if the relay dies (see [`keeper`]).
     pub keeper: Option<Arc<keeper::Keeper>>,
+    /// Restart, health and wait policy; the relay replaces it on reload.
+    pub supervision: Arc<RwLock<crate::config::Supervision>>,
     /// The client capabilities to declare in `initialize` (a JSON object). Backends wait
     /// for it before their handshake: the stdio front knows it only once its one client
     /// has initialized, so that a backend never hears of a capability the client lacks.
@@ -78,6 +80,10 @@ impl Limits {
 }
 
 impl Settings {
+    pub fn supervision(&self) -> crate::config::Supervision {
+        *read(&self.supervision)
+    }
+
     pub fn request_timeout(&self) -> Duration {
         Duration::from_millis(self.limits.request_timeout_ms.load(Ordering::Relaxed))
     }
@@ -92,6 +98,13 @@ impl Settings {
 pub enum State {
     Starting,
     Ready,
+    /// Connected, but health pings went unanswered (`misses` in a row); requests still go.
+    Degraded {
+        misses: u32,
+    },
+    /// The server refused our credentials (HTTP 401/403): retrying cannot help until they
+    /// change (reload the config or restart the server).
+    NeedsAuth(String),
     /// The connection dropped; another attempt follows.
     Restarting {
         attempt: u32,
@@ -103,10 +116,17 @@ pub enum State {
 }
 
 impl State {
+    /// Connected and serving (ready, or degraded but still answering requests).
+    pub fn is_up(&self) -> bool {
+        matches!(self, State::Ready | State::Degraded { .. })
+    }
+
     pub fn label(&self) -> &'static str {
         match self {
             State::Starting => "starting",
             State::Ready => "ready",
+            State::Degraded { .. } => "degraded",
+            State::NeedsAuth(_) => "needs-auth",
             State::Restarting { .. } => "restarting",
             State::Failed(_) => "failed",
             State::Stopped => "stopped",
@@ -230,10 +250,6 @@ impl Conn {
     }
 }
 
-/// Restart policy: at most this many starts within the window, then `failed`.
-const START_LIMIT_BURST: usize = 5;
-const START_LIMIT_WINDOW: Duration = Duration::from_secs(60);
-
 /// One backend server.
 pub struct Backend {
     pub name: String,
@@ -249,6 +265,8 @@ pub struct Backend {
     stop: CancellationToken,
     reinit: tokio::sync::Mutex<()>,
     restarts: AtomicU64,
+    /// Set by a transport that got HTTP 401/403 during a start.
+    auth_failed: std::sync::atomic::AtomicBool,
 }
 
 /// Client capabilities the relay can route, declared to backends when the clients are not
@@ -289,6 +307,7 @@ impl Backend {
             stop: CancellationToken::new(),
             reinit: tokio::sync::Mutex::new(()),
             restarts: AtomicU64::new(0),
+            auth_failed: std::sync::atomic::AtomicBool::new(false),
         });
         tokio::spawn(b.clone().supervise());
         b
@@ -323,6 +342,11 @@ impl Backend {
         &self.settings
     }
 
+    /// A transport got HTTP 401/403: the start fails as `needs-auth`, without retries.
+    pub(crate) fn note_auth_failure(&self) {
+        self.auth_failed.store(true, Ordering::Relaxed);
+    }
+
     /// Waits until the backend is past `starting`, or `deadline` passes.
     pub async fn settled(&self, deadline: tokio::time::Instant) {
         let mut rx = self.state.subscribe();
@@ -342,37 +366,50 @@ impl Backend {
 
     async fn supervise(self: Arc<Self>) {
         let mut starts: VecDeque<Instant> = VecDeque::new();
-        let mut backoff = Duration::from_millis(250);
+        let mut backoff = self.settings.supervision().backoff;
         loop {
+            let policy = self.settings.supervision();
             starts.push_back(Instant::now());
-            while starts.len() > START_LIMIT_BURST {
+            while starts.len() > policy.start_limit_burst {
                 starts.pop_front();
             }
+            self.auth_failed.store(false, Ordering::Relaxed);
             let outcome = tokio::select! {
                 r = self.connect() => r,
                 () = self.stop.cancelled() => return,
             };
             let reason = match outcome {
                 Ok(conn) => {
-                    backoff = Duration::from_millis(250);
+                    backoff = policy.backoff;
                     // The catalog must hold our lists before anyone sees us ready.
                     self.hub.lists_changed(&self.name);
                     self.state.send_replace(State::Ready);
                     tracing::info!(server = %self.name, "Backend ready.");
                     let closed = conn.closed();
-                    tokio::select! {
-                        () = closed.cancelled() => {},
+                    let hung = tokio::select! {
+                        () = closed.cancelled() => None,
+                        h = self.health(&closed) => h,
                         () = self.stop.cancelled() => return,
-                    }
-                    let reason = match &conn {
-                        Conn::Stdio(s) => s.exit_reason(),
-                        Conn::Sse(_) => "the SSE connection closed".to_owned(),
-                        Conn::Http(_) => "the connection closed".to_owned(),
                     };
-                    write(&self.conn).take();
+                    let reason = match (&conn, hung) {
+                        (_, Some(h)) => h,
+                        (Conn::Stdio(s), None) => s.exit_reason(),
+                        (Conn::Sse(_), None) => "the SSE connection closed".to_owned(),
+                        (Conn::Http(_), None) => "the connection closed".to_owned(),
+                    };
+                    // From now on requests wait for the restart (bounded by
+                    // `restartWaitMs`); the server's items stay listed meanwhile, so a
+                    // restart that brings back the same catalog changes nothing for clients.
+                    self.state.send_replace(State::Restarting {
+                        attempt: u32::try_from(self.restarts() + 1).unwrap_or(u32::MAX),
+                        last_error: reason.clone(),
+                    });
+                    let taken = write(&self.conn).take();
                     self.fail_all(&reason);
-                    *write(&self.lists) = Lists::default();
-                    self.hub.lists_changed(&self.name);
+                    if let Some(c) = taken {
+                        // A hung process is still there: stop it (its group too).
+                        c.shutdown().await;
+                    }
                     reason
                 }
                 Err(reason) => {
@@ -387,13 +424,20 @@ impl Backend {
             if self.stop.is_cancelled() {
                 return;
             }
-            let burst = starts.len() >= START_LIMIT_BURST
+            if self.auth_failed.load(Ordering::Relaxed) {
+                tracing::error!(server = %self.name, error = %reason, "Backend refused our credentials; not retrying until reload or restart.");
+                self.state.send_replace(State::NeedsAuth(reason));
+                self.forget_lists();
+                return;
+            }
+            let burst = starts.len() >= policy.start_limit_burst
                 && starts
                     .front()
-                    .is_some_and(|t| t.elapsed() < START_LIMIT_WINDOW);
+                    .is_some_and(|t| t.elapsed() < policy.start_limit_interval);
             if burst {
                 tracing::error!(server = %self.name, error = %reason, "Backend failed too often; giving up until reload.");
                 self.state.send_replace(State::Failed(reason));
+                self.forget_lists();
                 return;
             }
             let attempt = self.restarts.fetch_add(1, Ordering::Relaxed) + 1;
@@ -407,7 +451,54 @@ impl Backend {
                 () = tokio::time::sleep(backoff + jitter) => {},
                 () = self.stop.cancelled() => return,
             }
-            backoff = (backoff * 2).min(Duration::from_secs(30));
+            backoff = (backoff * 2).min(policy.backoff_max.max(policy.backoff));
+        }
+    }
+
+    /// A server that gave up: its items leave the catalog.
+    fn forget_lists(&self) {
+        *write(&self.lists) = Lists::default();
+        self.hub.lists_changed(&self.name);
+    }
+
+    /// Pings the server every `healthIntervalMs` while it is connected: a miss makes it
+    /// `degraded`, an answer `ready` again, `healthMisses` misses in a row mean it is hung.
+    /// Returns the reason when it is hung (never, while pings are off or answered).
+    async fn health(self: &Arc<Self>, closed: &CancellationToken) -> Option<String> {
+        let mut misses = 0u32;
+        loop {
+            let policy = self.settings.supervision();
+            if policy.health_interval.is_zero() {
+                // Off (a reload may turn it on: look again now and then).
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+            tokio::time::sleep(policy.health_interval).await;
+            if closed.is_cancelled() {
+                return None;
+            }
+            let answered = matches!(
+                tokio::time::timeout(policy.health_timeout, self.internal(method::PING, None))
+                    .await,
+                Ok(Ok(_))
+            );
+            if answered {
+                if misses > 0 {
+                    tracing::info!(server = %self.name, "Backend answers pings again.");
+                    self.state.send_replace(State::Ready);
+                }
+                misses = 0;
+                continue;
+            }
+            misses += 1;
+            if misses >= policy.health_misses {
+                return Some(format!(
+                    "the server did not answer {misses} health pings in a row (each within {} ms); treated as hung",
+                    policy.health_timeout.as_millis()
+                ));
+            }
+            tracing::warn!(server = %self.name, misses, "Backend missed a health ping.");
+            self.state.send_replace(State::Degraded { misses });
         }
     }
 
@@ -728,6 +819,10 @@ impl Backend {
                 format!("{last_error} (restart attempt {attempt} under way; retry shortly)")
             }
             State::Failed(e) => format!("{e} (fix the server or its config, then reload)"),
+            State::NeedsAuth(e) => format!(
+                "{e} (update its credentials, then reload the config or restart the server)"
+            ),
+            State::Degraded { .. } => "not connected".to_owned(),
             State::Stopped => "the server was stopped".to_owned(),
             State::Starting => "the server is still starting; retry shortly".to_owned(),
             State::Ready => "not connected".to_owned(),
@@ -753,8 +848,19 @@ impl Backend {
         if state == State::Starting {
             self.settled(deadline).await;
         }
+        if matches!(self.state(), State::Restarting { .. }) {
+            // A restart under way: wait for it, bounded by `restartWaitMs`.
+            let wait = self.settings.supervision().restart_wait;
+            let until = deadline.min(tokio::time::Instant::now() + wait);
+            let mut rx = self.state.subscribe();
+            let _ = tokio::time::timeout_at(
+                until,
+                rx.wait_for(|s| !matches!(s, State::Restarting { .. } | State::Starting)),
+            )
+            .await;
+        }
         let state = self.state();
-        if state != State::Ready {
+        if !state.is_up() {
             return Err(self.unavailable(&state));
         }
         self.exchange(m, Some(params), Some(ctx), deadline, Some(cancel))
@@ -776,7 +882,7 @@ impl Backend {
 
     /// Forwards a notification from a client (cancellations excepted).
     pub async fn notify(self: &Arc<Self>, m: &str, params: Option<&RawValue>) {
-        if self.state() != State::Ready {
+        if !self.state().is_up() {
             return;
         }
         if let Err(e) = self

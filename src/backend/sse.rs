@@ -39,6 +39,9 @@ impl Sse {
             .send()
             .await
             .map_err(|e| format!("cannot reach the SSE endpoint: {}", without_url(&e)))?;
+        if matches!(resp.status().as_u16(), 401 | 403) {
+            b.note_auth_failure();
+        }
         if !resp.status().is_success() {
             return Err(format!("the SSE endpoint answered HTTP {}", resp.status()));
         }

@@ -53,6 +53,48 @@ pub struct RelaySettings {
     pub config_backups: usize,
     /// Whether the relay watches its config file and applies changes. Default true.
     pub watch_config: bool,
+    /// How backends are supervised (restarts, health checks, waiting for a restart).
+    pub supervision: Supervision,
+}
+
+/// Backend supervision settings (`relay.*`, all optional).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Supervision {
+    /// First restart delay (`restartBackoffMs`, default 250 ms); doubles per attempt, plus
+    /// up to 100 ms of jitter.
+    pub backoff: Duration,
+    /// Longest restart delay (`restartBackoffMaxMs`, default 30 s).
+    pub backoff_max: Duration,
+    /// Starts allowed within `start_limit_interval` before the server is left `failed`
+    /// (`startLimitBurst`, default 5; like systemd's `StartLimitBurst`).
+    pub start_limit_burst: usize,
+    /// `startLimitIntervalMs`, default 60 s.
+    pub start_limit_interval: Duration,
+    /// How long a request to a restarting server waits for it (`restartWaitMs`, default
+    /// 3 s) before failing.
+    pub restart_wait: Duration,
+    /// Interval of health pings (`healthIntervalMs`, default 30 s; 0 turns them off).
+    pub health_interval: Duration,
+    /// A ping not answered within this is a miss (`healthTimeoutMs`, default 5 s).
+    pub health_timeout: Duration,
+    /// Consecutive misses after which a `degraded` server is treated as hung and restarted
+    /// (`healthMisses`, default 3).
+    pub health_misses: u32,
+}
+
+impl Default for Supervision {
+    fn default() -> Self {
+        Supervision {
+            backoff: Duration::from_millis(250),
+            backoff_max: Duration::from_secs(30),
+            start_limit_burst: 5,
+            start_limit_interval: Duration::from_secs(60),
+            restart_wait: Duration::from_secs(3),
+            health_interval: Duration::from_secs(30),
+            health_timeout: Duration::from_secs(5),
+            health_misses: 3,
+        }
+    }
 }
 
 impl Default for RelaySettings {
@@ -70,6 +112,7 @@ impl Default for RelaySettings {
             management: true,
             config_backups: store::DEFAULT_BACKUPS,
             watch_config: true,
+            supervision: Supervision::default(),
         }
     }
 }
@@ -156,6 +199,14 @@ const RELAY_KEYS: &[&str] = &[
     "management",
     "configBackups",
     "watchConfig",
+    "restartBackoffMs",
+    "restartBackoffMaxMs",
+    "startLimitBurst",
+    "startLimitIntervalMs",
+    "restartWaitMs",
+    "healthIntervalMs",
+    "healthTimeoutMs",
+    "healthMisses",
 ];
 const SERVER_KEYS: &[&str] = &[
     "command",
@@ -363,6 +414,32 @@ impl Validator<'_> {
         }
         if let Some(b) = self.opt_bool(map, "relay", "watchConfig") {
             s.watch_config = b;
+        }
+        let sup = &mut s.supervision;
+        let ms = Duration::from_millis;
+        if let Some(v) = self.opt_uint(map, "relay", "restartBackoffMs", 1) {
+            sup.backoff = ms(v);
+        }
+        if let Some(v) = self.opt_uint(map, "relay", "restartBackoffMaxMs", 1) {
+            sup.backoff_max = ms(v);
+        }
+        if let Some(v) = self.opt_uint(map, "relay", "startLimitBurst", 1) {
+            sup.start_limit_burst = usize::try_from(v).unwrap_or(usize::MAX);
+        }
+        if let Some(v) = self.opt_uint(map, "relay", "startLimitIntervalMs", 0) {
+            sup.start_limit_interval = ms(v);
+        }
+        if let Some(v) = self.opt_uint(map, "relay", "restartWaitMs", 0) {
+            sup.restart_wait = ms(v);
+        }
+        if let Some(v) = self.opt_uint(map, "relay", "healthIntervalMs", 0) {
+            sup.health_interval = ms(v);
+        }
+        if let Some(v) = self.opt_uint(map, "relay", "healthTimeoutMs", 1) {
+            sup.health_timeout = ms(v);
+        }
+        if let Some(v) = self.opt_uint(map, "relay", "healthMisses", 1) {
+            sup.health_misses = u32::try_from(v).unwrap_or(u32::MAX);
         }
         s.allowed_hosts = self
             .opt_strings(map, "relay", "allowedHosts")

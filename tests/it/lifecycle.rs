@@ -111,3 +111,211 @@ fn sigterm_leaves_no_process_behind() -> Result {
 fn the_client_closing_stdin_leaves_no_process_behind() -> Result {
     ends_without_leftovers(End::StdinClosed)
 }
+
+fn status_of(c: &mut StdioClient, id: u64, server: &str) -> Result<serde_json::Value> {
+    let s = c.request(
+        id,
+        "tools/call",
+        json!({"name": "relay__status", "arguments": {}}),
+    )?;
+    Ok(s["result"]["structuredContent"]["servers"]
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["name"] == server).cloned())
+        .unwrap_or_default())
+}
+
+/// Polls `relay__status` (bounded) until `server` is in `state`.
+fn wait_state(c: &mut StdioClient, server: &str, state: &str) -> Result<serde_json::Value> {
+    let deadline = Instant::now() + crate::support::TIMEOUT;
+    let mut id = 1000;
+    loop {
+        let s = status_of(c, id, server)?;
+        if s["state"] == state {
+            return Ok(s);
+        }
+        if Instant::now() > deadline {
+            return Err(format!("`{server}` never reached `{state}`: {s}").into());
+        }
+        id += 1;
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+#[test]
+fn a_crash_loop_stops_at_the_start_limit_with_the_stderr_tail() -> Result {
+    let cfg = json!({
+        "mcpServers": {"boom": {"command": "sh", "args": ["-c", "echo kaboom >&2; exit 3"]}},
+        "relay": {"startupWaitMs": 0, "restartBackoffMs": 10, "restartBackoffMaxMs": 20, "startLimitBurst": 3},
+    });
+    let mut c = StdioClient::start(cfg)?;
+    c.initialize(json!({}))?;
+    let s = wait_state(&mut c, "boom", "failed")?;
+    let err = s["lastError"].as_str().unwrap_or_default();
+    assert!(
+        err.contains("kaboom") && err.contains("exit status: 3"),
+        "{s}"
+    );
+    // Three starts: the first and two restarts, then no more.
+    assert_eq!(s["restarts"], 2, "{s}");
+    let call = c.request(1, "tools/call", json!({"name": "boom__x", "arguments": {}}))?;
+    assert!(
+        call["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("unknown tool")),
+        "{call}"
+    );
+    // An explicit reload gives it a fresh start.
+    let r = c.request(
+        2,
+        "tools/call",
+        json!({"name": "relay__reload_config", "arguments": {}}),
+    )?;
+    assert_eq!(
+        r["result"]["structuredContent"]["applied"]["restarted"],
+        json!(["boom"]),
+        "{r}"
+    );
+    Ok(())
+}
+
+#[test]
+fn a_server_refusing_our_credentials_is_not_hammered() -> Result {
+    use std::io::{Read, Write};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+    let port = listener.local_addr()?.port();
+    let hits = Arc::new(AtomicUsize::new(0));
+    let counter = hits.clone();
+    listener.set_nonblocking(true)?;
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stopper = stop.clone();
+    let server = std::thread::spawn(move || {
+        while !stopper.load(Ordering::Relaxed) {
+            match listener.accept() {
+                Ok((mut sock, _)) => {
+                    let _ = sock.set_nonblocking(false);
+                    let _ = sock.set_read_timeout(Some(Duration::from_secs(2)));
+                    let mut buf = [0u8; 8192];
+                    let _ = sock.read(&mut buf);
+                    counter.fetch_add(1, Ordering::Relaxed);
+                    let _ = sock.write_all(b"HTTP/1.1 401 Unauthorized\r\nWWW-Authenticate: Bearer\r\ncontent-length: 0\r\nconnection: close\r\n\r\n");
+                }
+                Err(_) => std::thread::sleep(Duration::from_millis(5)),
+            }
+        }
+    });
+    let cfg = json!({
+        "mcpServers": {"locked": {"type": "http", "url": format!("http://127.0.0.1:{port}/mcp")}},
+        "relay": {"startupWaitMs": 0, "restartBackoffMs": 10},
+    });
+    let mut c = StdioClient::start(cfg)?;
+    c.initialize(json!({}))?;
+    let s = wait_state(&mut c, "locked", "needs-auth")?;
+    assert!(
+        s["lastError"].as_str().is_some_and(|e| e.contains("401")),
+        "{s}"
+    );
+    let seen = hits.load(Ordering::Relaxed);
+    // A while later: still one attempt, no retry loop.
+    std::thread::sleep(Duration::from_millis(1000));
+    assert_eq!(hits.load(Ordering::Relaxed), seen);
+    assert!(seen <= 2, "{seen} requests");
+    assert_eq!(status_of(&mut c, 1, "locked")?["state"], "needs-auth");
+    stop.store(true, Ordering::Relaxed);
+    let _ = server.join();
+    Ok(())
+}
+
+/// The pid of the relay's child whose command line mentions `needle`.
+fn child_with(relay: i32, needle: &str) -> Option<i32> {
+    descendants(relay).into_iter().find(|p| {
+        std::fs::read(format!("/proc/{p}/cmdline"))
+            .is_ok_and(|c| String::from_utf8_lossy(&c).contains(needle))
+    })
+}
+
+#[test]
+fn a_hung_server_fails_its_calls_and_comes_back() -> Result {
+    let cfg = json!({
+        "mcpServers": {"hung": example("hung"), "ok": example("ok")},
+        "relay": {"healthIntervalMs": 200, "healthTimeoutMs": 200, "healthMisses": 2, "restartBackoffMs": 10},
+    });
+    let mut c = StdioClient::start(cfg)?;
+    c.initialize(json!({}))?;
+    c.request(1, "tools/list", json!({}))?;
+    let relay = i32::try_from(c.proc.child.id())?;
+    let old = child_with(relay, "hung").ok_or("no `hung` process")?;
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(old),
+        nix::sys::signal::Signal::SIGSTOP,
+    )?;
+    let asked = Instant::now();
+    let r = c.request(
+        2,
+        "tools/call",
+        json!({"name": "hung__echo", "arguments": {"message": "x"}}),
+    )?;
+    let msg = r["error"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
+    assert!(
+        msg.contains("server `hung`") && msg.contains("health pings"),
+        "{r}"
+    );
+    // 2 misses of 200 ms after 200 ms intervals, with slack for a loaded machine.
+    assert!(
+        asked.elapsed() < Duration::from_secs(10),
+        "{:?}",
+        asked.elapsed()
+    );
+    let ok = c.request(
+        3,
+        "tools/call",
+        json!({"name": "ok__echo", "arguments": {"message": "y"}}),
+    )?;
+    assert_eq!(ok["result"]["content"][0]["text"], "Echo: y", "{ok}");
+    wait_state(&mut c, "hung", "ready")?;
+    let back = c.request(
+        4,
+        "tools/call",
+        json!({"name": "hung__echo", "arguments": {"message": "z"}}),
+    )?;
+    assert_eq!(back["result"]["content"][0]["text"], "Echo: z", "{back}");
+    // The stopped process was killed, not left behind.
+    let deadline = Instant::now() + crate::support::TIMEOUT;
+    while alive(old) {
+        assert!(
+            Instant::now() < deadline,
+            "the hung process {old} is still there"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(())
+}
+
+#[test]
+fn a_call_during_a_restart_waits_for_it() -> Result {
+    let mut c = StdioClient::start(json!({"mcpServers": {"ex": example("ex")}}))?;
+    c.initialize(json!({}))?;
+    let e = c.request(
+        1,
+        "tools/call",
+        json!({"name": "ex__crash", "arguments": {}}),
+    )?;
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("exited")),
+        "{e}"
+    );
+    // No polling: the next call waits (up to restartWaitMs) for the restart.
+    let r = c.request(
+        2,
+        "tools/call",
+        json!({"name": "ex__echo", "arguments": {"message": "again"}}),
+    )?;
+    assert_eq!(r["result"]["content"][0]["text"], "Echo: again", "{r}");
+    Ok(())
+}
