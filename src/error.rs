@@ -50,9 +50,9 @@ impl RpcError {
             RpcError::InvalidParams(_) => code::INVALID_PARAMS,
             RpcError::TooLarge { .. } => code::MESSAGE_TOO_LARGE,
             RpcError::Backend(e) => match e {
-                backend::Error::Unavailable { .. } | backend::Error::Lost { .. } => {
-                    code::BACKEND_UNAVAILABLE
-                }
+                backend::Error::Unavailable { .. }
+                | backend::Error::Lost { .. }
+                | backend::Error::Busy { .. } => code::BACKEND_UNAVAILABLE,
                 backend::Error::Timeout { .. } => code::REQUEST_TIMEOUT,
                 backend::Error::Cancelled => code::REQUEST_CANCELLED,
             },

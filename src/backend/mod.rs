@@ -159,6 +159,14 @@ pub enum Error {
     },
     #[error("the request was cancelled by the client")]
     Cancelled,
+    #[error(
+        "server `{server}` is busy: {in_flight} requests in flight and {queued} waiting (its maxInFlight/maxQueued); retry later"
+    )]
+    Busy {
+        server: String,
+        in_flight: usize,
+        queued: usize,
+    },
 }
 
 /// What `initialize` told us about the server.
@@ -267,6 +275,19 @@ pub struct Backend {
     restarts: AtomicU64,
     /// Set by a transport that got HTTP 401/403 during a start.
     auth_failed: std::sync::atomic::AtomicBool,
+    /// Backpressure: one permit per request in flight (`maxInFlight`).
+    slots: tokio::sync::Semaphore,
+    /// Requests waiting for a slot (at most `maxQueued`).
+    queued: std::sync::atomic::AtomicUsize,
+}
+
+/// Gives a queue place back when a waiting request is served or goes away.
+struct Queued<'a>(&'a std::sync::atomic::AtomicUsize);
+
+impl Drop for Queued<'_> {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// Client capabilities the relay can route, declared to backends when the clients are not
@@ -293,6 +314,9 @@ pub fn routable_capabilities(client: Option<&RawValue>) -> String {
 impl Backend {
     /// Creates the backend and starts connecting in the background.
     pub fn start(config: ServerConfig, settings: Settings, hub: Arc<dyn Hub>) -> Arc<Backend> {
+        let slots = config
+            .max_in_flight
+            .clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
         let b = Arc::new(Backend {
             name: config.name.clone(),
             config,
@@ -308,6 +332,8 @@ impl Backend {
             reinit: tokio::sync::Mutex::new(()),
             restarts: AtomicU64::new(0),
             auth_failed: std::sync::atomic::AtomicBool::new(false),
+            slots: tokio::sync::Semaphore::new(slots),
+            queued: std::sync::atomic::AtomicUsize::new(0),
         });
         tokio::spawn(b.clone().supervise());
         b
@@ -863,6 +889,33 @@ impl Backend {
         if !state.is_up() {
             return Err(self.unavailable(&state));
         }
+        // Backpressure: a slot, else a bounded queue, else "busy". One slow server fills
+        // only its own slots.
+        let _slot = match self.slots.try_acquire() {
+            Ok(p) => p,
+            Err(_) => {
+                let waiting = self.queued.fetch_add(1, Ordering::AcqRel);
+                let _place = Queued(&self.queued);
+                if waiting >= self.config.max_queued {
+                    return Err(Error::Busy {
+                        server: self.name.clone(),
+                        in_flight: self.config.max_in_flight,
+                        queued: waiting,
+                    });
+                }
+                tokio::select! {
+                    p = self.slots.acquire() => p.map_err(|_| self.unavailable(&State::Stopped))?,
+                    () = tokio::time::sleep_until(deadline) => {
+                        return Err(Error::Timeout {
+                            server: self.name.clone(),
+                            method: m.to_owned(),
+                            ms: self.settings.request_timeout().as_millis(),
+                        });
+                    }
+                    () = cancel.cancelled() => return Err(Error::Cancelled),
+                }
+            }
+        };
         self.exchange(m, Some(params), Some(ctx), deadline, Some(cancel))
             .await
             .map_err(|f| match f {

@@ -125,6 +125,12 @@ pub struct ServerConfig {
     pub prefix: String,
     pub transport: TransportConfig,
     pub disabled: bool,
+    /// Requests in flight on this server at most (`maxInFlight`, default 256); beyond it
+    /// requests queue.
+    pub max_in_flight: usize,
+    /// Requests waiting for a slot at most (`maxQueued`, default 1024); beyond it a request
+    /// fails at once with "server busy".
+    pub max_queued: usize,
 }
 
 /// How to reach a backend.
@@ -218,6 +224,8 @@ const SERVER_KEYS: &[&str] = &[
     "headers",
     "disabled",
     "prefix",
+    "maxInFlight",
+    "maxQueued",
     // Keys other tools write into the same entries, accepted without a warning.
     "transport",
     "timeout",
@@ -561,11 +569,19 @@ impl Validator<'_> {
                 TransportConfig::Sse { url, headers }
             }
         };
+        let max_in_flight = self
+            .opt_uint(map, &at, "maxInFlight", 1)
+            .map_or(256, |n| usize::try_from(n).unwrap_or(usize::MAX));
+        let max_queued = self
+            .opt_uint(map, &at, "maxQueued", 0)
+            .map_or(1024, |n| usize::try_from(n).unwrap_or(usize::MAX));
         Some(ServerConfig {
             name: name.to_owned(),
             prefix,
             transport,
             disabled,
+            max_in_flight,
+            max_queued,
         })
     }
 

@@ -319,3 +319,43 @@ fn a_call_during_a_restart_waits_for_it() -> Result {
     assert_eq!(r["result"]["content"][0]["text"], "Echo: again", "{r}");
     Ok(())
 }
+
+#[test]
+fn a_busy_server_queues_then_refuses_and_others_are_unaffected() -> Result {
+    let mut slow = example("slow");
+    slow["maxInFlight"] = json!(1);
+    slow["maxQueued"] = json!(1);
+    let mut c = StdioClient::start(json!({"mcpServers": {"slow": slow, "ok": example("ok")}}))?;
+    c.initialize(json!({}))?;
+    // Three long calls at once: one runs, one waits, one is refused at once.
+    for id in 1..=3u64 {
+        c.send(&json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":{"name":"slow__slow","arguments":{"steps":10,"ms":100}}}))?;
+    }
+    // Another server answers while `slow` is saturated.
+    c.send(&json!({"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"ok__echo","arguments":{"message":"fine"}}}))?;
+    let mut answers = std::collections::HashMap::new();
+    let mut skipped = Vec::new();
+    while answers.len() < 4 {
+        let line = c.recv_until(|_| true, &mut skipped)?;
+        let v: serde_json::Value = serde_json::from_str(&line)?;
+        if let Some(id) = v["id"].as_u64().filter(|_| v.get("method").is_none()) {
+            answers.insert(id, v);
+        }
+    }
+    let ok = answers.remove(&4).unwrap_or_default();
+    assert_eq!(ok["result"]["content"][0]["text"], "Echo: fine", "{ok}");
+    let done = answers
+        .values()
+        .filter(|a| a["result"]["content"][0]["text"] == "done after 10 steps")
+        .count();
+    let busy = answers
+        .values()
+        .filter(|a| {
+            a["error"]["message"]
+                .as_str()
+                .is_some_and(|m| m.contains("server `slow` is busy"))
+        })
+        .count();
+    assert_eq!((done, busy), (2, 1), "{answers:?}");
+    Ok(())
+}
