@@ -122,6 +122,27 @@ impl backend::Hub for HubRef {
             .map(|s| s.ctx())
     }
 
+    fn connected(&self, server: &str) {
+        let Some(r) = self.0.upgrade() else { return };
+        let Some(b) = r.backend(server) else { return };
+        if !b.info().has("resources") {
+            return;
+        }
+        // A restarted server has forgotten every subscription: renew those sessions hold.
+        let uris: std::collections::BTreeSet<String> = r
+            .live_sessions()
+            .iter()
+            .flat_map(|s| s.state().subscriptions.iter().cloned().collect::<Vec<_>>())
+            .collect();
+        for uri in uris {
+            if r.resource_owner(&uri).as_deref() == Some(server) {
+                let mut p = RawMap::default();
+                p.set_str("uri", &uri);
+                b.request_detached(method::RESOURCES_SUBSCRIBE, p);
+            }
+        }
+    }
+
     fn sole_session(&self) -> Option<ReqCtx> {
         let r = self.0.upgrade()?;
         let live = r.live_sessions();

@@ -37,6 +37,8 @@ pub trait Hub: Send + Sync + 'static {
     fn sole_session(&self) -> Option<ReqCtx>;
     /// The session that created a task (by its exposed id, see [`crate::tasks`]).
     fn task_owner(&self, exposed_task_id: &str) -> Option<ReqCtx>;
+    /// The server (re)connected: re-establish what sessions held on it (subscriptions).
+    fn connected(&self, server: &str);
 }
 
 /// Settings every backend shares.
@@ -411,6 +413,7 @@ impl Backend {
                     self.hub.lists_changed(&self.name);
                     self.state.send_replace(State::Ready);
                     tracing::info!(server = %self.name, "Backend ready.");
+                    self.hub.connected(&self.name);
                     let closed = conn.closed();
                     let hung = tokio::select! {
                         () = closed.cancelled() => None,

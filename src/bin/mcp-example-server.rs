@@ -32,6 +32,8 @@ struct Server {
     /// Tasks (2025-11-25) by id: status and, once done, the result. Ids are `task-1`,
     /// `task-2`... on every server, so two servers' ids collide unless a relay namespaces them.
     tasks: Mutex<indexmap::IndexMap<String, (String, Option<Value>)>>,
+    /// Resource URIs the client subscribed to (`touch` with `onlySubscribed` checks them).
+    subscriptions: Mutex<std::collections::HashSet<String>>,
 }
 
 /// A `Task` object.
@@ -155,6 +157,12 @@ impl Server {
                 lock(&self.extra_tools).push(n.clone());
                 self.notify("notifications/tools/list_changed", json!({}));
                 text(format!("added {n}"))
+            }
+            "touch"
+                if args["onlySubscribed"] == true
+                    && !lock(&self.subscriptions).contains(args["uri"].as_str().unwrap_or("")) =>
+            {
+                text("not subscribed")
             }
             "touch" => {
                 self.notify(
@@ -328,7 +336,17 @@ impl Server {
             "resources/read" => Ok(
                 json!({"contents":[{"uri": params["uri"], "mimeType":"text/plain", "text": format!("content of {}", params["uri"].as_str().unwrap_or(""))}]}),
             ),
-            "resources/subscribe" | "resources/unsubscribe" | "logging/setLevel" => Ok(json!({})),
+            "resources/subscribe" | "resources/unsubscribe" => {
+                let uri = params["uri"].as_str().unwrap_or_default().to_owned();
+                let mut subs = lock(&self.subscriptions);
+                if method == "resources/subscribe" {
+                    subs.insert(uri);
+                } else {
+                    subs.remove(&uri);
+                }
+                Ok(json!({}))
+            }
+            "logging/setLevel" => Ok(json!({})),
             "completion/complete" => {
                 Ok(json!({"completion":{"values":["alpha","beta"],"total":2,"hasMore":false}}))
             }
@@ -360,6 +378,7 @@ async fn stdio(name: String, count: usize) {
         cancellations: Mutex::default(),
         client_capabilities: Mutex::default(),
         tasks: Mutex::default(),
+        subscriptions: Mutex::default(),
     });
     let writer = std::thread::spawn(move || {
         let stdout = std::io::stdout();
@@ -408,6 +427,7 @@ async fn http(name: String, addr: &str, count: usize) -> std::io::Result<()> {
         cancellations: Mutex::default(),
         client_capabilities: Mutex::default(),
         tasks: Mutex::default(),
+        subscriptions: Mutex::default(),
     });
     let sessions: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
     let s2 = sessions.clone();

@@ -359,3 +359,44 @@ fn a_busy_server_queues_then_refuses_and_others_are_unaffected() -> Result {
     assert_eq!((done, busy), (2, 1), "{answers:?}");
     Ok(())
 }
+
+#[test]
+fn subscriptions_are_renewed_after_a_restart() -> Result {
+    let mut c = StdioClient::start(json!({"mcpServers": {"ex": example("ex")}}))?;
+    c.initialize(json!({}))?;
+    let uri = "example://greeting";
+    c.request(1, "resources/subscribe", json!({"uri": uri}))?;
+    let touch = json!({"name": "ex__touch", "arguments": {"uri": uri, "onlySubscribed": true}});
+    let r = c.request(2, "tools/call", touch.clone())?;
+    assert_eq!(r["result"]["content"][0]["text"], "touched", "{r}");
+    c.request(
+        3,
+        "tools/call",
+        json!({"name": "ex__crash", "arguments": {}}),
+    )?;
+    wait_state(&mut c, "ex", "ready")?;
+    // The new process knows the subscription only if the relay renewed it (bounded wait:
+    // the renewal is sent in the background right after the restart).
+    let deadline = Instant::now() + crate::support::TIMEOUT;
+    let mut id = 10u64;
+    let mut seen = Vec::new();
+    loop {
+        c.send(&json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":touch}))?;
+        let line = c.recv_until(|l| crate::support::is_response(l, &json!(id)), &mut seen)?;
+        let r: serde_json::Value = serde_json::from_str(&line)?;
+        if r["result"]["content"][0]["text"] == "touched" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "subscription not renewed: {r}");
+        id += 1;
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // The update reaches the client (before or after the tool's answer).
+    if !seen
+        .iter()
+        .any(|l| l.contains("notifications/resources/updated"))
+    {
+        c.recv_until(|l| l.contains("notifications/resources/updated"), &mut seen)?;
+    }
+    Ok(())
+}
