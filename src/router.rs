@@ -70,6 +70,14 @@ impl Applied {
             && self.changed.is_empty()
             && self.restarted.is_empty()
     }
+
+    /// The servers this change started (added, changed or restarted).
+    pub fn started(&self) -> impl Iterator<Item = &String> {
+        self.added
+            .iter()
+            .chain(&self.changed)
+            .chain(&self.restarted)
+    }
 }
 
 /// Which front the relay serves: it decides what backends hear of client capabilities.
@@ -366,8 +374,7 @@ impl Relay {
             let Some(slot) = backends.get_mut(name) else {
                 return false;
             };
-            let fresh =
-                Backend::start(slot.config.clone(), self.settings.clone(), self.hub.clone());
+            let fresh = self.start_backend(&slot.config);
             std::mem::replace(slot, fresh)
         };
         self.stopping.spawn(async move { old.stop().await });

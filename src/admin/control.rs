@@ -172,7 +172,8 @@ async fn connection(relay: Arc<Relay>, stream: tokio::net::UnixStream) {
     }
 }
 
-fn pid_of(socket: &Path) -> Option<i32> {
+/// The pid in a socket's name (`<key>-<pid>.sock`).
+pub fn pid_of(socket: &Path) -> Option<i32> {
     let name = socket.file_name()?.to_str()?;
     let stem = name.strip_suffix(".sock")?;
     stem.rsplit_once('-')?.1.parse().ok()
@@ -263,9 +264,4 @@ pub fn request(
         (None, Some(e)) => Err(e.as_str().map_or_else(|| e.to_string(), str::to_owned)),
         (None, None) => Err(format!("empty answer from {who}")),
     }
-}
-
-/// The pid a socket belongs to, for display.
-pub fn socket_pid(socket: &Path) -> Option<i32> {
-    pid_of(socket)
 }

@@ -156,47 +156,20 @@ pub async fn run(relay: &Arc<Relay>, op: &str, args: &Value) -> Result<Value, Ad
     match op {
         "status" => Ok(status(relay)),
         "list_servers" => Ok(json!({"servers": servers(relay)})),
-        "add_server" => {
-            let (name, entry) = (name()?, entry()?);
-            let n = name.clone();
-            let applied = change(relay, move |doc| {
-                if doc.server(&n).is_some() {
-                    return Err(store::StoreError::Refused(format!(
-                        "server `{n}` already exists; use update_server to change it"
-                    )));
-                }
-                doc.set_server(&n, entry)
-            })
-            .await?;
-            Ok(report(relay, applied, &name).await)
-        }
-        "update_server" => {
-            let (name, entry) = (name()?, entry()?);
-            let n = name.clone();
-            let applied = change(relay, move |doc| {
-                if doc.server(&n).is_none() {
-                    return Err(store::StoreError::Refused(format!(
-                        "no server `{n}` in the config; use add_server to add it"
-                    )));
-                }
-                doc.set_server(&n, entry)
-            })
-            .await?;
-            Ok(report(relay, applied, &name).await)
-        }
-        "remove_server" => {
+        "add_server" | "update_server" | "remove_server" => {
             let name = name()?;
             let n = name.clone();
-            let applied = change(relay, move |doc| {
-                if doc.remove_server(&n) {
-                    Ok(())
-                } else {
-                    Err(store::StoreError::Refused(format!(
-                        "no server `{n}` in the config; relay__list_servers shows them"
-                    )))
+            let applied = match op {
+                "add_server" => {
+                    let e = entry()?;
+                    change(relay, move |doc| doc.add_server(&n, e)).await?
                 }
-            })
-            .await?;
+                "update_server" => {
+                    let e = entry()?;
+                    change(relay, move |doc| doc.update_server(&n, e)).await?
+                }
+                _ => change(relay, move |doc| doc.remove_server(&n)).await?,
+            };
             Ok(report(relay, applied, &name).await)
         }
         "restart_server" => {
@@ -210,15 +183,12 @@ pub async fn run(relay: &Arc<Relay>, op: &str, args: &Value) -> Result<Value, Ad
                     "server `{name}` is not running (unknown or disabled); relay__list_servers shows them"
                 )));
             }
-            settle(relay, std::slice::from_ref(&name)).await;
+            settle(relay, std::iter::once(&name)).await;
             Ok(json!({"restarted": name, "server": server_status(relay, &name)}))
         }
         "reload_config" => {
             let applied = reload(relay, true).await?;
-            let mut names = applied.added.clone();
-            names.extend(applied.changed.iter().cloned());
-            names.extend(applied.restarted.iter().cloned());
-            settle(relay, &names).await;
+            settle(relay, applied.started()).await;
             Ok(json!({"applied": applied}))
         }
         _ => Err(AdminError::BadArguments(format!(
@@ -308,16 +278,14 @@ pub async fn reload(relay: &Arc<Relay>, explicit: bool) -> Result<Applied, Admin
 
 /// Waits (bounded by `startupWaitMs`) for the named servers to finish starting, so that an
 /// answer can say how they came up.
-async fn settle(relay: &Relay, names: &[String]) {
+async fn settle<'a>(relay: &Relay, names: impl Iterator<Item = &'a String>) {
     let deadline = tokio::time::Instant::now() + relay.config().relay.startup_wait;
-    let started: Vec<_> = names.iter().filter_map(|n| relay.backend(n)).collect();
+    let started: Vec<_> = names.filter_map(|n| relay.backend(n)).collect();
     futures::future::join_all(started.iter().map(|b| b.settled(deadline))).await;
 }
 
 async fn report(relay: &Relay, applied: Applied, name: &str) -> Value {
-    let mut names = applied.added.clone();
-    names.extend(applied.changed.iter().cloned());
-    settle(relay, &names).await;
+    settle(relay, applied.started()).await;
     json!({"applied": applied, "server": server_status(relay, name)})
 }
 

@@ -31,17 +31,17 @@ pub fn spawn(relay: Arc<Relay>, shutdown: CancellationToken) {
         // Kept alive as long as the loop runs.
         let _watcher = watcher;
         loop {
-            let cause = tokio::select! {
+            let (cause, explicit) = tokio::select! {
                 () = shutdown.cancelled() => return,
                 Some(()) = rx.recv() => {
                     // Debounce: wait until events stop for a moment.
                     while let Ok(Some(())) = tokio::time::timeout(DEBOUNCE, rx.recv()).await {}
-                    "file change"
+                    ("file change", false)
                 }
-                Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => "SIGHUP",
+                Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => std::future::pending().await } } => ("SIGHUP", true),
             };
             // An explicit SIGHUP also gives servers that gave up a fresh start.
-            match super::reload(&relay, cause == "SIGHUP").await {
+            match super::reload(&relay, explicit).await {
                 Ok(a) if a.is_empty() => {
                     tracing::debug!(cause, "Config re-read; nothing to change.");
                 }

@@ -3,7 +3,7 @@
 //! answers only), and deliberately returns fields a lossy proxy would drop.
 //!
 //! Tools: `echo`, `add`, `slow` (progress), `lossless`, `sample`, `elicit`, `roots`, `log`,
-//! `add_tool` (list_changed), `touch` (resources/updated), `crash` (exits at once),
+//! `add_tool` (list_changed), `touch` (resources/updated; with `onlySubscribed` only for a subscribed URI), `crash` (exits at once),
 //! `cancellations` (the `notifications/cancelled` it received), `client_capabilities`;
 //! `--tools N` adds N generated tools (`generated_00000`...) for catalog-size benchmarks.
 
@@ -60,7 +60,7 @@ fn tools(extra: &[String]) -> Value {
         json!({"name":"roots","description":"Lists the client's roots.","inputSchema":{"type":"object","properties":{}}}),
         json!({"name":"log","description":"Sends a log message, then answers.","inputSchema":{"type":"object","properties":{"text":{"type":"string"}}}}),
         json!({"name":"add_tool","description":"Adds a tool named by `name` and announces list_changed.","inputSchema":{"type":"object","properties":{"name":{"type":"string"}},"required":["name"]}}),
-        json!({"name":"touch","description":"Announces that a resource changed.","inputSchema":{"type":"object","properties":{"uri":{"type":"string"}},"required":["uri"]}}),
+        json!({"name":"touch","description":"Announces that a resource changed.","inputSchema":{"type":"object","properties":{"uri":{"type":"string"},"onlySubscribed":{"type":"boolean"}},"required":["uri"]}}),
         json!({"name":"crash","description":"Exits the server process at once.","inputSchema":{"type":"object","properties":{}}}),
         json!({"name":"client_capabilities","description":"Returns the capabilities the client declared in initialize.","inputSchema":{"type":"object","properties":{}}}),
         json!({"name":"cancellations","description":"Lists the notifications/cancelled received (requestId, reason, inFlight).","inputSchema":{"type":"object","properties":{}}}),

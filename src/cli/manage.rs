@@ -62,15 +62,28 @@ fn reload_all(sockets: &[PathBuf]) -> Result<usize, String> {
     Ok(done)
 }
 
-pub fn status(config: Option<PathBuf>, as_json: bool) -> ExitCode {
-    let path = match locate(config) {
-        Ok(p) => p,
-        Err(c) => return c,
-    };
+/// The control sockets of the relays running on the config; an error if there are none.
+fn running(config: Option<PathBuf>) -> Result<Vec<PathBuf>, ExitCode> {
+    let path = locate(config)?;
     let sockets = control::find(&path);
     if sockets.is_empty() {
-        return fail(format!("no relay is running on {}", path.display()));
+        return Err(fail(format!("no relay is running on {}", path.display())));
     }
+    Ok(sockets)
+}
+
+/// `relay.configBackups` of the config file (the default if it cannot be read).
+fn keep_backups(path: &Path) -> usize {
+    config::load(path)
+        .map(|c| c.relay.config_backups)
+        .unwrap_or(store::DEFAULT_BACKUPS)
+}
+
+pub fn status(config: Option<PathBuf>, as_json: bool) -> ExitCode {
+    let sockets = match running(config) {
+        Ok(s) => s,
+        Err(c) => return c,
+    };
     let mut all = Vec::new();
     for s in &sockets {
         match control::request(s, "status", &json!({}), ANSWER_TIMEOUT) {
@@ -163,17 +176,13 @@ fn table(header: &[&str], rows: &[Vec<String>]) {
 }
 
 pub fn reload(config: Option<PathBuf>, as_json: bool) -> ExitCode {
-    let path = match locate(config) {
-        Ok(p) => p,
+    let sockets = match running(config) {
+        Ok(s) => s,
         Err(c) => return c,
     };
-    let sockets = control::find(&path);
-    if sockets.is_empty() {
-        return fail(format!("no relay is running on {}", path.display()));
-    }
     let mut code = ExitCode::SUCCESS;
     for s in &sockets {
-        let pid = control::socket_pid(s).unwrap_or_default();
+        let pid = control::pid_of(s).unwrap_or_default();
         match control::request(s, "reload_config", &json!({}), ANSWER_TIMEOUT) {
             Ok(v) if as_json => print_json(&json!({"pid": pid, "result": v})),
             Ok(v) => println!("relay pid {pid}: {}", summary(&v["applied"])),
@@ -363,15 +372,10 @@ pub fn put(config: Option<PathBuf>, op: &'static str, e: EntryArgs) -> ExitCode 
         json!({"name": name, "config": entry}),
         e.json,
         move |doc| {
-            let exists = doc.server(&name).is_some();
-            match (op, exists) {
-                ("add_server", true) => Err(store::StoreError::Refused(format!(
-                    "server `{name}` already exists; use `servers update` to change it"
-                ))),
-                ("update_server", false) => Err(store::StoreError::Refused(format!(
-                    "no server `{name}` in the config; use `servers add`"
-                ))),
-                _ => doc.set_server(&name, entry),
+            if op == "add_server" {
+                doc.add_server(&name, entry)
+            } else {
+                doc.update_server(&name, entry)
             }
         },
     )
@@ -384,15 +388,7 @@ pub fn remove(config: Option<PathBuf>, name: &str, as_json: bool) -> ExitCode {
         "remove_server",
         json!({"name": name}),
         as_json,
-        move |doc| {
-            if doc.remove_server(&n) {
-                Ok(())
-            } else {
-                Err(store::StoreError::Refused(format!(
-                    "no server `{n}` in the config"
-                )))
-            }
-        },
+        move |doc| doc.remove_server(&n),
     )
 }
 
@@ -410,10 +406,7 @@ fn change(
     };
     let sockets = control::find(&path);
     let Some((first, others)) = sockets.split_first() else {
-        let keep = config::load(&path)
-            .map(|c| c.relay.config_backups)
-            .unwrap_or(store::DEFAULT_BACKUPS);
-        return match store::edit(&path, keep, edit, validate(&path)) {
+        return match store::edit(&path, keep_backups(&path), edit, validate(&path)) {
             Ok(w) => {
                 if as_json {
                     print_json(&json!({"written": path, "backup": w.backup}));
@@ -456,20 +449,16 @@ fn change(
 }
 
 pub fn restart(config: Option<PathBuf>, name: &str, as_json: bool) -> ExitCode {
-    let path = match locate(config) {
-        Ok(p) => p,
+    let sockets = match running(config) {
+        Ok(s) => s,
         Err(c) => return c,
     };
-    let sockets = control::find(&path);
-    if sockets.is_empty() {
-        return fail(format!("no relay is running on {}", path.display()));
-    }
     for s in &sockets {
         match control::request(s, "restart_server", &json!({"name": name}), ANSWER_TIMEOUT) {
             Ok(v) if as_json => print_json(&v),
             Ok(v) => println!(
                 "restarted `{name}` in relay pid {}: {}",
-                control::socket_pid(s).unwrap_or_default(),
+                control::pid_of(s).unwrap_or_default(),
                 v["server"]["state"].as_str().unwrap_or("?")
             ),
             Err(e) => return fail(e),
@@ -507,10 +496,7 @@ pub fn restore(config: Option<PathBuf>, backup: Option<PathBuf>) -> ExitCode {
             None => return fail(format!("no backups of {}", path.display())),
         },
     };
-    let keep = config::load(&path)
-        .map(|c| c.relay.config_backups)
-        .unwrap_or(store::DEFAULT_BACKUPS);
-    match store::restore(&path, &chosen, keep, validate(&path)) {
+    match store::restore(&path, &chosen, keep_backups(&path), validate(&path)) {
         Ok(w) => {
             println!(
                 "restored {} over {}{}",

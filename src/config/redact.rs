@@ -25,73 +25,55 @@ fn secretish(s: &str) -> bool {
     SECRET_WORDS.iter().any(|w| s.contains(w))
 }
 
+/// `NAME=***` or `Name: ***` for an assignment or a header line, else `***`.
+fn masked(a: &str) -> String {
+    match a.find(['=', ':']) {
+        Some(at) if !a[..at].contains(' ') => {
+            let sep = if a[at..].starts_with('=') { "=" } else { ": " };
+            format!("{}{sep}***", &a[..at])
+        }
+        _ => "***".to_owned(),
+    }
+}
+
 /// Masks one argument that carries its own secret: a URL with userinfo or query values,
 /// `NAME=value` or `Name: value` with a secret-looking name.
 fn one(a: &str) -> String {
-    if a.contains("${") {
-        // A reference to the environment, not a value.
-        return a.to_owned();
-    }
     if a.contains("://") {
         return url(a);
     }
-    if let Some((name, _)) = a
-        .split_once(':')
-        .filter(|(n, _)| !n.contains(' ') || secretish(n))
-        && secretish(name)
-    {
-        return format!("{name}: ***");
+    match a.find(['=', ':']) {
+        Some(at) if secretish(&a[..at]) => masked(a),
+        _ => a.to_owned(),
     }
-    if let Some((name, _)) = a.split_once('=')
-        && secretish(name)
-    {
-        return format!("{name}=***");
-    }
-    a.to_owned()
 }
 
 /// Masks secrets in command arguments: values of secret-looking flags (`--api-key X`,
 /// `--token=X`), the argument after `--header`/`-H`/`-e`/`--env`, URLs' userinfo and query
-/// values, and `NAME=value` / `Name: value` with a secret-looking name.
+/// values, and `NAME=value` / `Name: value` with a secret-looking name. `${VAR}` references
+/// are not values and stay as written.
 pub fn args(args: &[String]) -> Vec<String> {
     let mut out = Vec::with_capacity(args.len());
     let mut hide_next = false;
     for a in args {
-        if hide_next {
-            hide_next = false;
-            if !a.contains("${") {
-                out.push(match a.split_once(['=', ':']) {
-                    Some((name, _)) if !name.contains(' ') => {
-                        let sep = if a[name.len()..].starts_with('=') {
-                            "="
-                        } else {
-                            ": "
-                        };
-                        format!("{name}{sep}***")
-                    }
-                    _ => "***".to_owned(),
-                });
-                continue;
-            }
-        }
-        if VALUE_FLAGS.contains(&a.as_str()) {
-            hide_next = true;
+        let hide = std::mem::take(&mut hide_next);
+        if a.contains("${") {
             out.push(a.clone());
-            continue;
-        }
-        if a.starts_with('-') && !a.contains("://") {
-            if let Some((flag, value)) = a.split_once('=') {
-                if secretish(flag) && !value.starts_with("${") {
-                    out.push(format!("{flag}=***"));
-                    continue;
+        } else if hide {
+            out.push(masked(a));
+        } else if a.starts_with('-') && !a.contains("://") {
+            // A flag: `--token=X` masks its value, `--token` / `--header` the next argument.
+            match a.split_once('=') {
+                Some((flag, _)) if secretish(flag) => out.push(format!("{flag}=***")),
+                Some(_) => out.push(a.clone()),
+                None => {
+                    hide_next = secretish(a) || VALUE_FLAGS.contains(&a.as_str());
+                    out.push(a.clone());
                 }
-            } else if secretish(a) {
-                hide_next = true;
-                out.push(a.clone());
-                continue;
             }
+        } else {
+            out.push(one(a));
         }
-        out.push(one(a));
     }
     out
 }

@@ -68,18 +68,42 @@ impl Document {
         self.root.get("mcpServers")?.as_object()?.get(name)
     }
 
-    /// Names of the configured servers, in file order.
-    pub fn server_names(&self) -> Vec<String> {
-        self.root
-            .get("mcpServers")
-            .and_then(Value::as_object)
-            .map(|m| m.keys().cloned().collect())
-            .unwrap_or_default()
+    /// Adds a server entry (last in the file); refused if the name is taken.
+    pub fn add_server(&mut self, name: &str, entry: Value) -> Result<(), StoreError> {
+        if self.server(name).is_some() {
+            return Err(StoreError::Refused(format!(
+                "server `{name}` already exists; update it instead"
+            )));
+        }
+        self.set_server(name, entry)
     }
 
-    /// Inserts or replaces a server entry; a new entry goes last, a replaced one keeps its
-    /// place in the file.
-    pub fn set_server(&mut self, name: &str, entry: Value) -> Result<(), StoreError> {
+    /// Replaces a server entry in its place in the file; refused if there is none.
+    pub fn update_server(&mut self, name: &str, entry: Value) -> Result<(), StoreError> {
+        if self.server(name).is_none() {
+            return Err(StoreError::Refused(format!(
+                "no server `{name}` in the config; add it instead"
+            )));
+        }
+        self.set_server(name, entry)
+    }
+
+    /// Removes a server entry; refused if there is none.
+    pub fn remove_server(&mut self, name: &str) -> Result<(), StoreError> {
+        let removed = self
+            .root
+            .get_mut("mcpServers")
+            .and_then(Value::as_object_mut)
+            .and_then(|m| m.shift_remove(name));
+        match removed {
+            Some(_) => Ok(()),
+            None => Err(StoreError::Refused(format!(
+                "no server `{name}` in the config"
+            ))),
+        }
+    }
+
+    fn set_server(&mut self, name: &str, entry: Value) -> Result<(), StoreError> {
         let servers = self
             .root
             .entry("mcpServers")
@@ -91,15 +115,6 @@ impl Document {
         };
         map.insert(name.to_owned(), entry);
         Ok(())
-    }
-
-    /// Removes a server entry; false if there was none.
-    pub fn remove_server(&mut self, name: &str) -> bool {
-        self.root
-            .get_mut("mcpServers")
-            .and_then(Value::as_object_mut)
-            .and_then(|m| m.shift_remove(name))
-            .is_some()
     }
 
     fn parse(text: &str, file: &Path) -> Result<Document, StoreError> {
@@ -211,23 +226,16 @@ pub fn edit(
     change: impl FnOnce(&mut Document) -> Result<(), StoreError>,
     validate: impl FnOnce(&str) -> Result<(), String>,
 ) -> Result<Written, StoreError> {
-    let path = &target(path);
-    let mut locked = Locked::acquire(path)?;
-    let old = locked.text(path)?;
-    let mut doc = Document::parse(&old, path)?;
-    change(&mut doc)?;
-    let text = doc.render();
-    validate(&text).map_err(StoreError::Invalid)?;
-    let backup = if old == text {
-        None
-    } else {
-        write_locked(path, &old, &text, keep)?
-    };
-    drop(locked);
-    Ok(Written { text, backup })
+    replace(path, keep, |path, old| {
+        let mut doc = Document::parse(old, path)?;
+        change(&mut doc)?;
+        let text = doc.render();
+        validate(&text).map_err(StoreError::Invalid)?;
+        Ok(text)
+    })
 }
 
-/// Replaces the config with a backup's content (itself backed up first).
+/// Replaces the config with a backup's content, as it is (itself backed up first).
 pub fn restore(
     path: &Path,
     backup: &Path,
@@ -237,16 +245,27 @@ pub fn restore(
     let text = std::fs::read_to_string(backup).map_err(io("read", backup))?;
     Document::parse(&text, backup)?;
     validate(&text).map_err(StoreError::Invalid)?;
+    replace(path, keep, |_, _| Ok(text))
+}
+
+/// The one write path: lock the file (symlinks resolved), compute the new text from the
+/// current one, and write it (with a backup) only if it differs.
+fn replace(
+    path: &Path,
+    keep: usize,
+    new_text: impl FnOnce(&Path, &str) -> Result<String, StoreError>,
+) -> Result<Written, StoreError> {
     let path = &target(path);
     let mut locked = Locked::acquire(path)?;
     let old = locked.text(path)?;
-    let made = if old == text {
+    let text = new_text(path, &old)?;
+    let backup = if old == text {
         None
     } else {
         write_locked(path, &old, &text, keep)?
     };
     drop(locked);
-    Ok(Written { text, backup: made })
+    Ok(Written { text, backup })
 }
 
 /// Atomically replaces the file with `text`, keeping `old` as a backup (unless `keep` is
@@ -470,8 +489,8 @@ mod tests {
             &path,
             3,
             |d| {
-                d.set_server("c", serde_json::json!({"command": "y"}))?;
-                d.set_server("b", serde_json::json!({"command": "z", "other": true}))?;
+                d.add_server("c", serde_json::json!({"command": "y"}))?;
+                d.update_server("b", serde_json::json!({"command": "z", "other": true}))?;
                 Ok(())
             },
             ok,
@@ -508,7 +527,7 @@ mod tests {
             edit(
                 &path,
                 3,
-                |d| d.set_server(&format!("s{i}"), serde_json::json!({"command": "x"})),
+                |d| d.add_server(&format!("s{i}"), serde_json::json!({"command": "x"})),
                 ok,
             )?;
         }
@@ -537,7 +556,7 @@ mod tests {
         let r = edit(
             &path,
             3,
-            |d| d.set_server("x", serde_json::json!(1)),
+            |d| d.add_server("x", serde_json::json!(1)),
             |_| Err("mcpServers.x: must be an object".into()),
         );
         assert!(matches!(r, Err(StoreError::Invalid(ref m)) if m.contains("mcpServers.x")));

@@ -208,7 +208,8 @@ impl Front {
     }
 
     /// Host and Origin checks (DNS-rebinding protection).
-    fn check_origin(&self, headers: &HeaderMap) -> Result<(), Reject> {
+    /// Also returns the config in force, so a request reads it once.
+    fn check_origin(&self, headers: &HeaderMap) -> Result<Arc<crate::config::Config>, Reject> {
         let s = self.settings();
         if let Some(host) = headers.get(header::HOST).and_then(|v| v.to_str().ok())
             && !host_allowed(host, &s.relay.allowed_hosts, self.listen)
@@ -240,7 +241,7 @@ impl Front {
                 ),
             ));
         }
-        Ok(())
+        Ok(s)
     }
 
     /// Closes every session (on shutdown), ending their streams.
@@ -335,10 +336,10 @@ fn accepts_sse(headers: &HeaderMap) -> bool {
 }
 
 async fn handle_post(State(front): State<Arc<Front>>, headers: HeaderMap, body: Body) -> Response {
-    if let Err(r) = front.check_origin(&headers) {
-        return r.into_response();
-    }
-    let max = front.settings().relay.max_message_bytes;
+    let max = match front.check_origin(&headers) {
+        Ok(cfg) => cfg.relay.max_message_bytes,
+        Err(r) => return r.into_response(),
+    };
     let body = match axum::body::to_bytes(body, max).await {
         Ok(b) => b,
         Err(_) => {
@@ -435,8 +436,10 @@ fn stream_reply(
     mut answer: Answer,
 ) -> Response {
     let k = hs.new_stream();
-    let retry = front.settings().relay.sse_retry_ms;
-    let cap = front.settings().relay.replay_events;
+    let (retry, cap) = {
+        let s = front.settings();
+        (s.relay.sse_retry_ms, s.relay.replay_events)
+    };
     let Some(conn) = hs.attach(k, None, retry) else {
         return error(
             StatusCode::INTERNAL_SERVER_ERROR,
@@ -521,9 +524,10 @@ async fn handle_batch(front: &Arc<Front>, headers: &HeaderMap, body: &[u8]) -> R
 }
 
 async fn handle_get(State(front): State<Arc<Front>>, headers: HeaderMap) -> Response {
-    if let Err(r) = front.check_origin(&headers) {
-        return r.into_response();
-    }
+    let retry = match front.check_origin(&headers) {
+        Ok(cfg) => cfg.relay.sse_retry_ms,
+        Err(r) => return r.into_response(),
+    };
     if !accepts_sse(&headers) {
         return error(
             StatusCode::NOT_ACCEPTABLE,
@@ -540,7 +544,6 @@ async fn handle_get(State(front): State<Arc<Front>>, headers: HeaderMap) -> Resp
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.split_once('-'))
         .and_then(|(k, s)| Some((k.parse::<u64>().ok()?, s.parse::<u64>().ok())));
-    let retry = front.settings().relay.sse_retry_ms;
     let (k, after) = match last {
         Some((k, seq)) => (k, seq),
         None => (0, None),

@@ -2,23 +2,16 @@
 //! CLI, and safe config persistence (atomic, locked, backed up, disk full).
 
 use crate::support::{
-    HttpClient, Result, StdioClient, TIMEOUT, example, example_bin, relay_bin, runtime_dir, serve,
+    HttpClient, Result, StdioClient, example, example_bin, names, poll, relay_bin, runtime_dir,
+    serve,
 };
 use serde_json::{Value, json};
-use std::collections::{BTreeSet, HashMap};
+use std::collections::BTreeSet;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
 
 fn tool_names(list: &Value) -> Vec<String> {
-    list["result"]["tools"]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|t| t["name"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
+    names(list, "tools")
 }
 
 fn call(c: &mut StdioClient, id: u64, name: &str, args: Value) -> Result<Value> {
@@ -40,19 +33,16 @@ fn wait_for_tools(
     first_id: u64,
     pred: impl Fn(&[String]) -> bool,
 ) -> Result<Vec<String>> {
-    let deadline = Instant::now() + TIMEOUT;
     let mut id = first_id;
-    loop {
-        let names = tool_names(&c.request(id, "tools/list", json!({}))?);
-        if pred(&names) {
-            return Ok(names);
-        }
-        if Instant::now() > deadline {
-            return Err(format!("tools never matched; last: {names:?}").into());
-        }
+    poll("the tool list changes", || {
         id += 1;
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        let names = tool_names(&c.request(id, "tools/list", json!({}))?);
+        Ok(if pred(&names) {
+            Ok(names)
+        } else {
+            Err(format!("{names:?}"))
+        })
+    })
 }
 
 fn read_json(path: &Path) -> Result<Value> {
@@ -105,18 +95,7 @@ fn management_tools_change_servers_live_and_persist() -> Result {
         c.send(&json!({"jsonrpc":"2.0","id":100 + i,"method":"tools/call","params":{"name":"ex__slow","arguments":{"steps":4,"ms":50}}}))?;
     }
     c.send(&json!({"jsonrpc":"2.0","id":2,"method":"tools/call","params":{"name":"relay__add_server","arguments":{"name":"more","config":example("more")}}}))?;
-    let mut answers: HashMap<u64, Value> = HashMap::new();
-    let mut seen = Vec::new();
-    while answers.len() < 11 {
-        let line = c.recv_until(|_| true, &mut seen)?;
-        let v: Value = serde_json::from_str(&line)?;
-        match v["id"].as_u64() {
-            Some(id) if v.get("method").is_none() => {
-                answers.insert(id, v);
-            }
-            _ => seen.push(line),
-        }
-    }
+    let (answers, seen) = c.answers(11)?;
     for i in 0..10u64 {
         assert_eq!(
             text(&answers[&(100 + i)]),
@@ -240,17 +219,15 @@ fn config_file_edits_are_followed_and_invalid_edits_rejected() -> Result {
 
     // Broken JSON: rejected as a whole, the running config stays, status says why.
     std::fs::write(&c.config, "{\"mcpServers\": {\"ex\": ")?;
-    let deadline = Instant::now() + TIMEOUT;
     let mut id = 300;
-    let err = loop {
-        let s = call(&mut c, id, "relay__status", json!({}))?;
-        if let Some(e) = s["result"]["structuredContent"]["configError"].as_str() {
-            break e.to_owned();
-        }
-        assert!(Instant::now() < deadline, "no config error reported: {s}");
+    let err = poll("a config error in status", || {
         id += 1;
-        std::thread::sleep(Duration::from_millis(50));
-    };
+        let s = call(&mut c, id, "relay__status", json!({}))?;
+        Ok(s["result"]["structuredContent"]["configError"]
+            .as_str()
+            .map(str::to_owned)
+            .ok_or_else(|| s.to_string()))
+    })?;
     assert!(
         err.contains("relay.json") && err.contains("not valid JSON"),
         "{err}"
@@ -490,26 +467,22 @@ fn concurrent_changes_from_sessions_and_the_cli_lose_nothing() -> Result {
     // The relay follows what the CLI wrote (file watch): it converges on the file.
     let mut s = HttpClient::new(&url)?;
     s.initialize()?;
-    let deadline = Instant::now() + TIMEOUT;
-    loop {
+    poll("the relay converges on the file", || {
         let r = s.call(&json!({"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"relay__list_servers","arguments":{}}}))?;
-        let listed: BTreeSet<String> = r["result"]["structuredContent"]["servers"]
-            .as_array()
-            .map(|a| {
-                a.iter()
-                    .filter_map(|x| x["name"].as_str().map(str::to_owned))
-                    .collect()
-            })
-            .unwrap_or_default();
-        if listed.contains("c2") && !listed.contains("c4") && listed.len() == 14 {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "relay never converged: {listed:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        let listed: BTreeSet<String> = names(
+            &json!({"result": r["result"]["structuredContent"]}),
+            "servers",
+        )
+        .into_iter()
+        .collect();
+        Ok(
+            if listed.contains("c2") && !listed.contains("c4") && listed.len() == 14 {
+                Ok(())
+            } else {
+                Err(format!("{listed:?}"))
+            },
+        )
+    })?;
     let file = read_json(&config)?;
     let servers = file["mcpServers"].as_object().ok_or("no servers")?;
     let got: BTreeSet<String> = servers.keys().cloned().collect();
@@ -688,21 +661,20 @@ fn status_never_shows_secrets() -> Result {
     let mut c = StdioClient::start(cfg)?;
     c.initialize(json!({}))?;
     // Wait until the unreachable server has an error to show.
-    let deadline = Instant::now() + TIMEOUT;
     let mut id = 10;
-    let status = loop {
+    let status = poll("an error for `down`", || {
+        id += 1;
         let s = call(&mut c, id, "relay__status", json!({}))?;
         let down = s["result"]["structuredContent"]["servers"]
             .as_array()
             .and_then(|a| a.iter().find(|x| x["name"] == "down").cloned())
             .unwrap_or_default();
-        if down["lastError"].is_string() {
-            break s;
-        }
-        assert!(Instant::now() < deadline, "no error for `down`: {s}");
-        id += 1;
-        std::thread::sleep(Duration::from_millis(50));
-    };
+        Ok(if down["lastError"].is_string() {
+            Ok(s)
+        } else {
+            Err(s.to_string())
+        })
+    })?;
     let listing = call(&mut c, 1, "relay__list_servers", json!({}))?;
     for r in [&status, &listing] {
         let t = r.to_string();

@@ -1,6 +1,6 @@
 //! No zombies, no orphans: however the relay ends, every process it started goes too.
 
-use crate::support::{Result, StdioClient, example, example_bin};
+use crate::support::{Result, StdioClient, example, example_bin, poll};
 use serde_json::json;
 use std::time::{Duration, Instant};
 
@@ -82,18 +82,14 @@ fn ends_without_leftovers(how: End) -> Result {
         End::Sigterm => nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM)?,
         End::StdinClosed => c.close_stdin(),
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
+    poll(&format!("{how:?}: every process gone"), || {
         let left: Vec<i32> = started.iter().copied().filter(|p| alive(*p)).collect();
-        if left.is_empty() {
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{how:?}: processes left 20 s after the relay ended: {left:?}"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        Ok(if left.is_empty() {
+            Ok(())
+        } else {
+            Err(format!("{left:?}"))
+        })
+    })?;
     Ok(())
 }
 
@@ -126,19 +122,16 @@ fn status_of(c: &mut StdioClient, id: u64, server: &str) -> Result<serde_json::V
 
 /// Polls `relay__status` (bounded) until `server` is in `state`.
 fn wait_state(c: &mut StdioClient, server: &str, state: &str) -> Result<serde_json::Value> {
-    let deadline = Instant::now() + crate::support::TIMEOUT;
     let mut id = 1000;
-    loop {
-        let s = status_of(c, id, server)?;
-        if s["state"] == state {
-            return Ok(s);
-        }
-        if Instant::now() > deadline {
-            return Err(format!("`{server}` never reached `{state}`: {s}").into());
-        }
+    poll(&format!("`{server}` reaches `{state}`"), || {
         id += 1;
-        std::thread::sleep(Duration::from_millis(20));
-    }
+        let s = status_of(c, id, server)?;
+        Ok(if s["state"] == state {
+            Ok(s)
+        } else {
+            Err(s.to_string())
+        })
+    })
 }
 
 #[test]
@@ -284,14 +277,13 @@ fn a_hung_server_fails_its_calls_and_comes_back() -> Result {
     )?;
     assert_eq!(back["result"]["content"][0]["text"], "Echo: z", "{back}");
     // The stopped process was killed, not left behind.
-    let deadline = Instant::now() + crate::support::TIMEOUT;
-    while alive(old) {
-        assert!(
-            Instant::now() < deadline,
-            "the hung process {old} is still there"
-        );
-        std::thread::sleep(Duration::from_millis(50));
-    }
+    poll("the hung process is killed", || {
+        Ok(if alive(old) {
+            Err(format!("{old} alive"))
+        } else {
+            Ok(())
+        })
+    })?;
     Ok(())
 }
 
@@ -333,15 +325,7 @@ fn a_busy_server_queues_then_refuses_and_others_are_unaffected() -> Result {
     }
     // Another server answers while `slow` is saturated.
     c.send(&json!({"jsonrpc":"2.0","id":4,"method":"tools/call","params":{"name":"ok__echo","arguments":{"message":"fine"}}}))?;
-    let mut answers = std::collections::HashMap::new();
-    let mut skipped = Vec::new();
-    while answers.len() < 4 {
-        let line = c.recv_until(|_| true, &mut skipped)?;
-        let v: serde_json::Value = serde_json::from_str(&line)?;
-        if let Some(id) = v["id"].as_u64().filter(|_| v.get("method").is_none()) {
-            answers.insert(id, v);
-        }
-    }
+    let (mut answers, _) = c.answers(4)?;
     let ok = answers.remove(&4).unwrap_or_default();
     assert_eq!(ok["result"]["content"][0]["text"], "Echo: fine", "{ok}");
     let done = answers
@@ -377,20 +361,19 @@ fn subscriptions_are_renewed_after_a_restart() -> Result {
     wait_state(&mut c, "ex", "ready")?;
     // The new process knows the subscription only if the relay renewed it (bounded wait:
     // the renewal is sent in the background right after the restart).
-    let deadline = Instant::now() + crate::support::TIMEOUT;
     let mut id = 10u64;
     let mut seen = Vec::new();
-    loop {
+    poll("the subscription is renewed", || {
+        id += 1;
         c.send(&json!({"jsonrpc":"2.0","id":id,"method":"tools/call","params":touch}))?;
         let line = c.recv_until(|l| crate::support::is_response(l, &json!(id)), &mut seen)?;
         let r: serde_json::Value = serde_json::from_str(&line)?;
-        if r["result"]["content"][0]["text"] == "touched" {
-            break;
-        }
-        assert!(Instant::now() < deadline, "subscription not renewed: {r}");
-        id += 1;
-        std::thread::sleep(Duration::from_millis(50));
-    }
+        Ok(if r["result"]["content"][0]["text"] == "touched" {
+            Ok(())
+        } else {
+            Err(line)
+        })
+    })?;
     // The update reaches the client (before or after the tool's answer).
     if !seen
         .iter()

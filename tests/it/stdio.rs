@@ -1,21 +1,10 @@
 //! The stdio front: merged catalog, lossless forwarding, routing, reverse requests, bad input.
 
-use crate::support::{Result, StdioClient, example, is_response};
+use crate::support::{Result, StdioClient, example, is_response, names, poll};
 use serde_json::{Value, json};
 
 fn two_examples() -> Value {
     json!({"mcpServers": {"ex": example("ex"), "other": example("other")}})
-}
-
-fn names(list: &Value, field: &str) -> Vec<String> {
-    list["result"][field]
-        .as_array()
-        .map(|a| {
-            a.iter()
-                .filter_map(|t| t["name"].as_str().map(str::to_owned))
-                .collect()
-        })
-        .unwrap_or_default()
 }
 
 #[test]
@@ -230,20 +219,17 @@ fn bad_input_gets_clear_errors_and_nothing_breaks() -> Result {
 /// Polls the example server's `cancellations` tool until it reports a cancellation of a
 /// request it was still handling; returns that record.
 fn wait_for_cancellation(c: &mut StdioClient, first_id: u64, tool: &str) -> Result<Value> {
-    let deadline = std::time::Instant::now() + crate::support::TIMEOUT;
-    for id in first_id.. {
+    let mut id = first_id;
+    poll("the backend sees the cancellation", || {
+        id += 1;
         let r = c.request(id, "tools/call", json!({"name": tool, "arguments": {}}))?;
         let text = r["result"]["content"][0]["text"].as_str().unwrap_or("[]");
         let list: Vec<Value> = serde_json::from_str(text)?;
-        if let Some(hit) = list.into_iter().find(|c| c["inFlight"] == true) {
-            return Ok(hit);
-        }
-        if std::time::Instant::now() > deadline {
-            return Err(format!("the backend never saw the cancellation: {r}").into());
-        }
-        std::thread::sleep(std::time::Duration::from_millis(50));
-    }
-    Err("unreachable".into())
+        Ok(list
+            .into_iter()
+            .find(|c| c["inFlight"] == true)
+            .ok_or_else(|| r.to_string()))
+    })
 }
 
 #[test]

@@ -25,7 +25,37 @@ pub fn example(name: &str) -> Value {
     json!({"command": example_bin(), "args": ["--name", name]})
 }
 
-/// Writes a config file into `dir`.
+/// Calls `check` every 20 ms until it yields `Ok(value)`, for at most [`TIMEOUT`]; while
+/// not yet, it yields `Err(what it saw)`, which the timeout error shows. Errors of its own
+/// (`?` inside) end the wait at once.
+pub fn poll<T>(
+    what: &str,
+    mut check: impl FnMut() -> Result<std::result::Result<T, String>>,
+) -> Result<T> {
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        match check()? {
+            Ok(v) => return Ok(v),
+            Err(last) if Instant::now() > deadline => {
+                return Err(format!("{what}: not within {TIMEOUT:?}; last seen: {last}").into());
+            }
+            Err(_) => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
+}
+
+/// Names of the items of a list result (`tools`, `prompts`, ...).
+pub fn names(list: &Value, field: &str) -> Vec<String> {
+    list["result"][field]
+        .as_array()
+        .map(|a| {
+            a.iter()
+                .filter_map(|t| t["name"].as_str().map(str::to_owned))
+                .collect()
+        })
+        .unwrap_or_default()
+}
+
 /// Writes a config file into `dir`. Unless the test sets it, `startupWaitMs` is raised to
 /// [`TIMEOUT`]: on a loaded CI machine a backend may need more than the default 5 s to come
 /// up, and a test's first request must then wait for it rather than see an empty catalog.
@@ -157,6 +187,27 @@ impl StdioClient {
             }
             skipped.push(line);
         }
+    }
+
+    /// Reads until `n` responses (numeric ids) have arrived; returns them by id and the
+    /// other lines (notifications, server requests) in order.
+    pub fn answers(
+        &mut self,
+        n: usize,
+    ) -> Result<(std::collections::HashMap<u64, Value>, Vec<String>)> {
+        let mut answers = std::collections::HashMap::new();
+        let mut others = Vec::new();
+        while answers.len() < n {
+            let line = self.recv_until(|_| true, &mut others)?;
+            let v: Value = serde_json::from_str(&line)?;
+            match v["id"].as_u64() {
+                Some(id) if v.get("method").is_none() => {
+                    answers.insert(id, v);
+                }
+                _ => others.push(line),
+            }
+        }
+        Ok((answers, others))
     }
 
     /// Sends a request and returns the raw response line with that id.
