@@ -2,6 +2,7 @@
 //! `servers …`, `config check|backups|restore`.
 
 mod manage;
+mod tools;
 
 use crate::admin;
 use crate::config::{self, Config};
@@ -61,6 +62,29 @@ enum Command {
     Config {
         #[command(subcommand)]
         command: ConfigCommand,
+    },
+    /// Tool selection: rank a tool catalog against prompts offline.
+    Tools {
+        #[command(subcommand)]
+        command: ToolsCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ToolsCommand {
+    /// Rank a catalog for each query with the ranking `relay__analyze_prompt` uses; prints
+    /// one `{"id", "ranked": [tool ids]}` line per query.
+    Rank {
+        /// Tools, one JSON object a line: `id`, `name`, `description`, optional `server`,
+        /// `title`, `input_schema` (or `inputSchema`), `server_title`, `server_description`.
+        #[arg(long)]
+        catalog: PathBuf,
+        /// Queries, one JSON object a line: `id` and `query`.
+        #[arg(long)]
+        queries: PathBuf,
+        /// Tools ranked per query.
+        #[arg(long, default_value_t = 10)]
+        top: usize,
     },
 }
 
@@ -153,6 +177,14 @@ pub fn main() -> ExitCode {
             command: ConfigCommand::Restore { backup },
         } => manage::restore(config, backup),
         Command::Keeper => crate::backend::keeper::run(),
+        Command::Tools {
+            command:
+                ToolsCommand::Rank {
+                    catalog,
+                    queries,
+                    top,
+                },
+        } => tools::rank(&catalog, &queries, top),
         Command::Serve { listen } => run(config, Some(listen)),
         Command::Stdio => run(config, None),
         Command::Status { json } => manage::status(config, json),

@@ -11,6 +11,7 @@
 //! - [`sync`]: lock helpers shared by every module.
 //! - [`tasks`]: task ids namespaced per backend (`server+taskId`).
 //! - [`router`]: the hot path; the running [`router::Relay`].
+//! - [`selection`]: which tools a session sees; `relay__analyze_prompt` and its ranker.
 //! - [`frontend`]: stdio and Streamable HTTP servers facing clients.
 //! - [`error`]: request errors and their single mapping to JSON-RPC.
 //! - [`telemetry`]: tracing setup (logs on stderr only).
@@ -24,6 +25,7 @@ pub mod error;
 pub mod frontend;
 pub mod protocol;
 pub mod router;
+pub mod selection;
 pub mod session;
 pub mod sync;
 pub mod tasks;

@@ -11,6 +11,7 @@ use crate::catalog::{self, Catalog, Source};
 use crate::config::Config;
 use crate::error::RpcError;
 use crate::protocol::{self, Kind, Message, RawMap, method};
+use crate::selection::{self, View};
 use crate::session::{Outbox, ReqCtx, Session};
 use crate::sync::{lock, read, write};
 use crate::tasks;
@@ -42,7 +43,13 @@ pub struct Relay {
     stopping: tokio_util::task::TaskTracker,
     backends: RwLock<IndexMap<String, Arc<Backend>>>,
     catalog: RwLock<Arc<Catalog>>,
-    rebuild: Mutex<()>,
+    /// The catalog as `toolFiltering` lets sessions see it, with its ranking index.
+    view: RwLock<Arc<View>>,
+    /// Serializes catalog rebuilds; holds the analyzed tool texts between them.
+    rebuild: Mutex<selection::DocCache>,
+    /// Client for the optional LLM of `relay__analyze_prompt`.
+    pub(crate) llm_client: reqwest::Client,
+    pub(crate) llm_stats: selection::llm::Stats,
     sessions: Mutex<HashMap<String, Weak<Session>>>,
     /// The client capabilities backends are told (see [`backend::Settings`]).
     declared: tokio::sync::watch::Sender<Option<String>>,
@@ -171,7 +178,7 @@ impl Drop for EndOnDrop<'_> {
 }
 
 /// What one request produced: a raw result or a ready error response.
-enum Answer {
+pub(crate) enum Answer {
     Result(Box<serde_json::value::RawValue>),
     Forwarded(Message),
 }
@@ -206,7 +213,10 @@ impl Relay {
             stopping: tokio_util::task::TaskTracker::new(),
             backends: RwLock::new(IndexMap::new()),
             catalog: RwLock::new(Arc::new(Catalog::default())),
-            rebuild: Mutex::new(()),
+            view: RwLock::new(Arc::new(View::default())),
+            rebuild: Mutex::new(selection::DocCache::default()),
+            llm_client: reqwest::Client::new(),
+            llm_stats: selection::llm::Stats::default(),
             sessions: Mutex::new(HashMap::new()),
             declared,
             released: Mutex::new(Instant::now()),
@@ -290,6 +300,7 @@ impl Relay {
     /// holds [`Relay::changing`].
     pub fn apply(&self, new: Config, restart_failed: bool) -> Applied {
         let old = self.config();
+        let filtering_changed = old.tool_filtering != new.tool_filtering;
         let mut applied = Applied::default();
         if self.closing.load(Ordering::Acquire) {
             return applied;
@@ -346,9 +357,10 @@ impl Relay {
         for b in retired {
             self.stopping.spawn(async move { b.stop().await });
         }
-        if !(applied.removed.is_empty()
-            && applied.changed.is_empty()
-            && applied.restarted.is_empty())
+        if filtering_changed
+            || !(applied.removed.is_empty()
+                && applied.changed.is_empty()
+                && applied.restarted.is_empty())
         {
             self.rebuild_catalog();
         }
@@ -423,7 +435,7 @@ impl Relay {
 
     /// Rebuilds the merged catalog and tells sessions whose lists changed.
     fn rebuild_catalog(&self) {
-        let _g = lock(&self.rebuild);
+        let mut cache = lock(&self.rebuild);
         let backends = self.backends();
         let lists: Vec<(Arc<Backend>, catalog::Lists)> = backends
             .into_iter()
@@ -441,16 +453,30 @@ impl Relay {
             })
             .collect();
         let new = Arc::new(Catalog::build(&sources));
+        let servers: Vec<selection::ServerText> = lists
+            .iter()
+            .map(|(b, _)| selection::ServerText {
+                server: b.name.clone(),
+                text: b.info().describe(),
+            })
+            .collect();
+        let view = Arc::new(View::build(
+            &new,
+            &self.config().tool_filtering,
+            &servers,
+            &mut cache,
+        ));
         let old = std::mem::replace(&mut *write(&self.catalog), new.clone());
+        let old_view = std::mem::replace(&mut *write(&self.view), view.clone());
         let same = |a: &[Arc<serde_json::value::RawValue>],
                     b: &[Arc<serde_json::value::RawValue>]| {
-            a.len() == b.len() && a.iter().zip(b).all(|(x, y)| x.get() == y.get())
+            a.len() == b.len()
+                && a.iter()
+                    .zip(b)
+                    .all(|(x, y)| Arc::ptr_eq(x, y) || x.get() == y.get())
         };
         // (notification, the list methods whose callers need it)
         let mut notes: Vec<(&str, &[&str])> = Vec::new();
-        if !same(&old.tools, &new.tools) {
-            notes.push((method::TOOLS_CHANGED, &[method::TOOLS_LIST]));
-        }
         if !same(&old.prompts, &new.prompts) {
             notes.push((method::PROMPTS_CHANGED, &[method::PROMPTS_LIST]));
         }
@@ -460,30 +486,88 @@ impl Relay {
                 &[method::RESOURCES_LIST, method::RESOURCES_TEMPLATES_LIST],
             ));
         }
-        if notes.is_empty() {
+        let tools_moved =
+            !same(&old_view.tools, &view.tools) || old_view.filtering != view.filtering;
+        if notes.is_empty() && !tools_moved {
             return;
         }
         for c in &new.collisions {
             tracing::warn!("Catalog collision: {c}");
         }
-        // A session that never listed a kind has nothing stale to refresh.
+        let admin = self.admin_tools();
+        // A session that never listed a kind has nothing stale to refresh; a session's tool
+        // list is compared as that session sees it (prompt mode shows each its own).
         for s in self.live_sessions() {
-            let due: Vec<&str> = {
+            let (due, tools_due) = {
                 let st = s.state();
-                notes
+                let due: Vec<&str> = notes
                     .iter()
                     .filter(|(_, lists)| lists.iter().any(|l| st.listed.contains(*l)))
                     .map(|(n, _)| *n)
-                    .collect()
+                    .collect();
+                let tools_due = tools_moved
+                    && st.listed.contains(method::TOOLS_LIST)
+                    && !same(
+                        &selection::session_tools(&old_view, st.exposed.as_deref(), admin),
+                        &selection::session_tools(&view, st.exposed.as_deref(), admin),
+                    );
+                (due, tools_due)
             };
             for n in due {
                 let _ = s.outbox.send(protocol::notification(n, None));
             }
+            if tools_due {
+                let _ = s
+                    .outbox
+                    .send(protocol::notification(method::TOOLS_CHANGED, None));
+            }
         }
     }
 
+    /// The management tools' definitions when this front offers them, else none.
+    pub(crate) fn admin_tools(&self) -> &'static [Arc<serde_json::value::RawValue>] {
+        if self.admin_enabled() {
+            admin::definitions()
+        } else {
+            &[]
+        }
+    }
+
+    /// The catalog as the filtering rules let sessions see it.
+    pub fn view(&self) -> Arc<View> {
+        read(&self.view).clone()
+    }
+
+    /// The tool list `session` sees.
+    pub fn session_tools(&self, session: &Session) -> Vec<Arc<serde_json::value::RawValue>> {
+        let view = self.view();
+        let st = session.state();
+        selection::session_tools(&view, st.exposed.as_deref(), self.admin_tools())
+    }
+
+    /// Calls a catalog tool by its exposed name (`tools/call`, and `relay__call_tool`).
+    pub(crate) async fn call_tool(
+        &self,
+        name: &str,
+        mut params: RawMap,
+        ctx: &ReqCtx,
+        cancel: &tokio_util::sync::CancellationToken,
+    ) -> Result<Answer, RpcError> {
+        self.settle().await;
+        let target = self.view().target(name).cloned().ok_or_else(|| {
+            RpcError::InvalidParams(format!(
+                "unknown tool `{name}`; list the tools to see what is available"
+            ))
+        })?;
+        if *target.name != *name {
+            params.set_str("name", &target.name);
+        }
+        self.forward(&target.server, method::TOOLS_CALL, params, ctx, cancel)
+            .await
+    }
+
     /// Waits (bounded by `startupWaitMs` from relay start) for backends still starting.
-    async fn settle(&self) {
+    pub(crate) async fn settle(&self) {
         // From when the backends could start their handshakes (over stdio: the client's
         // initialize), so a late client still gets their instructions and capabilities.
         let from = *lock(&self.released);
@@ -572,13 +656,12 @@ impl Relay {
             | method::RESOURCES_TEMPLATES_LIST => {
                 self.settle().await;
                 let cat = self.catalog();
-                let with_admin;
+                let tools;
                 let (items, field) = match m {
-                    method::TOOLS_LIST if self.admin_enabled() => {
-                        with_admin = admin::with_tools(&cat.tools);
-                        (&with_admin[..], "tools")
+                    method::TOOLS_LIST => {
+                        tools = self.session_tools(&ctx.session);
+                        (&tools[..], "tools")
                     }
-                    method::TOOLS_LIST => (&cat.tools[..], "tools"),
                     method::PROMPTS_LIST => (&cat.prompts[..], "prompts"),
                     method::RESOURCES_LIST => (&cat.resources[..], "resources"),
                     _ => (&cat.templates[..], "resourceTemplates"),
@@ -598,31 +681,34 @@ impl Relay {
                 })?;
                 Ok(Answer::Result(protocol::raw(&page)))
             }
-            method::TOOLS_CALL | method::PROMPTS_GET => {
+            method::TOOLS_CALL => {
                 let name = params.get_str("name").ok_or_else(|| {
                     RpcError::InvalidParams(format!("`{m}` needs a string `name`"))
                 })?;
-                if m == method::TOOLS_CALL
-                    && let Some(op) = admin::tool(&name)
+                if let Some(op) = admin::tool(&name)
                     && self.admin_enabled()
                 {
                     return Ok(Answer::Result(
                         admin::call(self, op, params.get("arguments")).await,
                     ));
                 }
+                if selection::is_meta(&name)
+                    && self.view().filtering.mode == crate::config::filtering::Mode::Prompt
+                {
+                    return selection::meta::call(self, &name, params, ctx, cancel).await;
+                }
+                self.call_tool(&name, params, ctx, cancel).await
+            }
+            method::PROMPTS_GET => {
+                let name = params.get_str("name").ok_or_else(|| {
+                    RpcError::InvalidParams(format!("`{m}` needs a string `name`"))
+                })?;
                 self.settle().await;
-                let cat = self.catalog();
-                let (target, what) = if m == method::TOOLS_CALL {
-                    (cat.tool(&name), "tool")
-                } else {
-                    (cat.prompt(&name), "prompt")
-                };
-                let target = target.cloned().ok_or_else(|| {
+                let target = self.catalog().prompt(&name).cloned().ok_or_else(|| {
                     RpcError::InvalidParams(format!(
-                        "unknown {what} `{name}`; list the {what}s to see what is available"
+                        "unknown prompt `{name}`; list the prompts to see what is available"
                     ))
                 })?;
-                drop(cat);
                 let mut params = params;
                 if *target.name != *name {
                     params.set_str("name", &target.name);

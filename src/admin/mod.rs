@@ -111,12 +111,9 @@ static DEFINITIONS: LazyLock<Vec<Arc<RawValue>>> = LazyLock::new(|| {
         .collect()
 });
 
-/// The management tools' definitions followed by `items` (a session's `tools/list`).
-pub fn with_tools(items: &[Arc<RawValue>]) -> Vec<Arc<RawValue>> {
-    let mut all = Vec::with_capacity(DEFINITIONS.len() + items.len());
-    all.extend(DEFINITIONS.iter().cloned());
-    all.extend(items.iter().cloned());
-    all
+/// The management tools' definitions.
+pub fn definitions() -> &'static [Arc<RawValue>] {
+    &DEFINITIONS
 }
 
 /// Runs a management tool for an MCP client: the answer is a `CallToolResult`, with
@@ -337,7 +334,32 @@ pub fn status(relay: &Relay) -> Value {
         "configError": relay.config_error(),
         "sessions": relay.session_count(),
         "servers": backends,
+        "toolSelection": tool_selection(relay, &cfg),
     })
+}
+
+/// The filtering mode, how many tools sessions may see, and the LLM step's counters.
+fn tool_selection(relay: &Relay, cfg: &Config) -> Value {
+    use crate::config::filtering::{Exposure, Mode};
+    let f = &cfg.tool_filtering;
+    let mut v = json!({
+        "mode": match f.mode { Mode::All => "all", Mode::Static => "static", Mode::Prompt => "prompt" },
+        "visibleTools": relay.view().tools.len(),
+    });
+    if f.mode == Mode::Prompt {
+        v["defaultExposure"] = json!(match f.default_exposure {
+            Exposure::MetaOnly => "meta-only",
+            Exposure::None => "none",
+            Exposure::All => "all",
+        });
+        if let Some(llm) = &f.llm {
+            let mut stats = relay.llm_stats.snapshot();
+            stats["model"] = json!(llm.model);
+            stats["baseUrl"] = json!(redact::url(&llm.base_url));
+            v["llm"] = stats;
+        }
+    }
+    v
 }
 
 /// `relay__list_servers`: every configured server (running or not), as written in the file
@@ -431,7 +453,7 @@ mod tests {
         assert_eq!(tool("relay__status"), Some("status"));
         assert_eq!(tool("relay__nope"), None);
         assert_eq!(tool("srv__status"), None);
-        let defs = with_tools(&[]);
+        let defs = definitions();
         assert_eq!(defs.len(), TOOLS.len());
         assert!(defs[0].get().contains("\"relay__status\""));
     }

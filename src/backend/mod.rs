@@ -181,6 +181,28 @@ pub struct Info {
 }
 
 impl Info {
+    /// What the server says about itself (`serverInfo` title and description, the start of
+    /// its instructions), for ranking its tools.
+    pub fn describe(&self) -> String {
+        let mut out = String::new();
+        if let Some(si) = self
+            .server_info
+            .as_deref()
+            .and_then(|s| serde_json::from_str::<serde_json::Value>(s.get()).ok())
+        {
+            for key in ["title", "description"] {
+                if let Some(t) = si.get(key).and_then(|v| v.as_str()) {
+                    out.push_str(t);
+                    out.push(' ');
+                }
+            }
+        }
+        if let Some(i) = &self.instructions {
+            out.push_str(crate::selection::truncate(i, 500));
+        }
+        out
+    }
+
     pub fn has(&self, capability: &str) -> bool {
         self.capabilities
             .as_deref()

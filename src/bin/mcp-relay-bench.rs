@@ -11,6 +11,11 @@
 //!    tools being listed, and to a removed server's tools being gone, over N saves. The
 //!    added server is an already running HTTP server, so its own start-up is excluded; what
 //!    is measured is the relay's watch, debounce, parse, diff, connect, handshake and list.
+//! 5. Tool ranking (`relay__analyze_prompt`'s local ranker, in process): a 10,000-tool
+//!    catalog (the LiveMCPBench catalog of `tests/data/toolsel` copied 19 times under other
+//!    server names): the cost of analyzing every tool, of building the index from analyzed
+//!    tools (what a catalog change costs beyond re-analyzing the changed tools), and query
+//!    latency p50/p99 over the labelled prompts of both sets.
 //!
 //! Usage: `cargo build --release --bins && target/release/mcp-relay-bench [options]`
 //!   --backend example|everything   the echo backend: the bundled Rust `mcp-example-server`
@@ -19,7 +24,7 @@
 //!   --rounds N        rounds per concurrency (default 5)
 //!   --round-ms MS     length of one direct or relayed run (default 1000)
 //!   --clients N       fan-in clients (default 1000)
-//!   --only call|fanin|list|reload   run one part
+//!   --only call|fanin|list|reload|rank   run one part
 //!   --reloads N       config saves of part 4 (default 100)
 //!   --concurrency 1,16,256    the concurrencies of part 1
 //! It starts its processes from the directory of its own executable on ports the OS picks,
@@ -617,6 +622,94 @@ async fn bench_reload(o: &Opts, dir: &Path) -> Res<()> {
     Ok(())
 }
 
+fn jsonl(path: &Path) -> Res<Vec<Value>> {
+    let mut out = Vec::new();
+    for line in std::fs::read_to_string(path)?.lines() {
+        if !line.trim().is_empty() {
+            out.push(serde_json::from_str(line)?);
+        }
+    }
+    Ok(out)
+}
+
+fn bench_rank(root: &Path) -> Res<()> {
+    use mcp_relay::selection::{self, rank};
+    let data = root.join("tests/data/toolsel");
+    let tools = jsonl(&data.join("livemcpbench/tools.jsonl"))?;
+    let mut docs = Vec::new();
+    for copy in 0..19 {
+        for t in &tools {
+            let server = format!("{}-{copy}", t["server"].as_str().unwrap_or_default());
+            let name = t["name"].as_str().unwrap_or_default();
+            let text = format!(
+                "{} {}",
+                t["server_title"].as_str().unwrap_or_default(),
+                t["server_description"].as_str().unwrap_or_default()
+            );
+            docs.push(rank::ToolDoc::from_tool(
+                format!("{server}__{name}"),
+                &server,
+                &text,
+                t,
+            ));
+        }
+    }
+    let n = docs.len();
+    let t = Instant::now();
+    let analyzed: Vec<Arc<rank::Analyzed>> = docs
+        .into_iter()
+        .map(|d| Arc::new(rank::Analyzed::new(d)))
+        .collect();
+    let analyze_ms = t.elapsed().as_secs_f64() * 1e3;
+    let mut builds = Vec::new();
+    let mut index = None;
+    for _ in 0..5 {
+        let t = Instant::now();
+        index = Some(rank::Index::build(
+            analyzed.clone(),
+            rank::Params::default(),
+        ));
+        builds.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    let index = index.ok_or("no index")?;
+    let mut queries: Vec<String> = Vec::new();
+    for set in ["livemcpbench", "metatool_toole"] {
+        for q in jsonl(&data.join(set).join("queries.public.jsonl"))?
+            .iter()
+            .take(1000)
+        {
+            queries.push(q["query"].as_str().unwrap_or_default().to_owned());
+        }
+    }
+    let mut lat = Vec::with_capacity(queries.len() * 3);
+    for _ in 0..3 {
+        for q in &queries {
+            let t = Instant::now();
+            let hits = selection::rank_index(&index, q, 10);
+            lat.push(t.elapsed().as_secs_f64() * 1e3);
+            std::hint::black_box(hits);
+        }
+    }
+    println!(
+        "\n## Tool ranking over {n} tools ({} prompts × 3)\n",
+        queries.len()
+    );
+    println!("| step | figure |");
+    println!("|---|---|");
+    println!("| analyze every tool (cold) | {analyze_ms:.1} ms |");
+    println!(
+        "| build the index from analyzed tools (median of 5) | {:.1} ms |",
+        median(builds)
+    );
+    let (p50, p99, max) = (
+        percentile(&mut lat, 0.5),
+        percentile(&mut lat, 0.99),
+        percentile(&mut lat, 1.0),
+    );
+    println!("| rank one prompt, p50 / p99 / max | {p50:.3} / {p99:.3} / {max:.3} ms |");
+    Ok(())
+}
+
 fn parse_opts() -> Res<Opts> {
     let mut o = Opts {
         backend: "example".into(),
@@ -639,7 +732,7 @@ fn parse_opts() -> Res<Opts> {
             "--concurrency" => {
                 o.concurrency = v.split(',').map(str::parse).collect::<Result<_, _>>()?;
             }
-            "--only" if ["call", "fanin", "list", "reload"].contains(&v.as_str()) => {
+            "--only" if ["call", "fanin", "list", "reload", "rank"].contains(&v.as_str()) => {
                 o.only = Some(v);
             }
             "--reloads" => o.reloads = v.parse()?,
@@ -682,6 +775,9 @@ fn main() -> Res<()> {
         }
         if part("reload") {
             bench_reload(&o, &dir).await?;
+        }
+        if part("rank") {
+            bench_rank(&root)?;
         }
         Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
     });

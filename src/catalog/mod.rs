@@ -52,6 +52,8 @@ pub struct Target {
 #[derive(Debug, Default)]
 pub struct Catalog {
     pub tools: Vec<Arc<RawValue>>,
+    /// The exposed name of each of `tools`, in the same order.
+    pub tool_names: Vec<String>,
     pub prompts: Vec<Arc<RawValue>>,
     pub resources: Vec<Arc<RawValue>>,
     pub templates: Vec<Arc<RawValue>>,
@@ -72,6 +74,7 @@ impl Catalog {
             for item in &s.lists.tools {
                 let (exposed, raw) = c.expose(&server, s.prefix, item, Kind::Tool);
                 c.tools.push(raw);
+                c.tool_names.push(exposed.clone());
                 c.tool_index.insert(
                     exposed,
                     Target {

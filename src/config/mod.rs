@@ -3,8 +3,11 @@
 //! Validation collects every problem with its file and JSON path instead of stopping at the
 //! first, so `mcp-relay config check` can print them all. This module does not start anything.
 
+pub mod filtering;
 pub mod redact;
 pub mod store;
+
+pub use filtering::ToolFiltering;
 
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
@@ -20,6 +23,8 @@ pub struct Config {
     pub path: Option<PathBuf>,
     pub servers: Vec<ServerConfig>,
     pub relay: RelaySettings,
+    /// Which tools sessions see (`toolFiltering`).
+    pub tool_filtering: ToolFiltering,
     /// Non-fatal findings (unknown keys in server entries and the like).
     pub warnings: Vec<String>,
 }
@@ -312,6 +317,10 @@ pub fn parse(
         None => RelaySettings::default(),
         Some(r) => v.relay(r),
     };
+    let tool_filtering = match root.get("toolFiltering") {
+        None => ToolFiltering::default(),
+        Some(f) => v.tool_filtering(f),
+    };
     let mut servers = Vec::new();
     match root.get("mcpServers") {
         None => v.warnings.push(format!(
@@ -347,6 +356,7 @@ pub fn parse(
             path: None,
             servers,
             relay,
+            tool_filtering,
             warnings: v.warnings,
         })
     } else {

@@ -39,6 +39,10 @@ pub struct SessionState {
     /// Exposed ids (`server+taskId`) of the tasks this session created.
     #[serde(default)]
     pub tasks: BTreeSet<String>,
+    /// Tools `relay__analyze_prompt` exposed to this session (exposed names, newest picks
+    /// first); `None` until it first picks, and after a reset.
+    #[serde(default)]
+    pub exposed: Option<Vec<String>>,
 }
 
 /// A request the relay sent to the client on a backend's behalf, awaiting its answer.

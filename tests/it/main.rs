@@ -4,5 +4,6 @@ mod admin;
 mod http;
 mod lifecycle;
 mod rmcp_client;
+mod selection;
 mod stdio;
 mod support;

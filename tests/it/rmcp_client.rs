@@ -63,3 +63,68 @@ async fn rmcp_client_over_http() -> Result {
     client.cancel().await?;
     Ok(())
 }
+
+/// Counts `notifications/tools/list_changed`.
+#[derive(Clone, Default)]
+struct ListWatcher(std::sync::Arc<tokio::sync::Notify>);
+
+impl rmcp::ClientHandler for ListWatcher {
+    fn on_tool_list_changed(
+        &self,
+        _context: rmcp::service::NotificationContext<rmcp::RoleClient>,
+    ) -> impl Future<Output = ()> + Send + '_ {
+        self.0.notify_one();
+        std::future::ready(())
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rmcp_client_in_prompt_mode() -> Result {
+    let dir = tempfile::tempdir()?;
+    let path = write_config(
+        dir.path(),
+        &json!({"mcpServers": {"ex": example("ex"), "two": example("two")},
+                "toolFiltering": {"mode": "prompt"}}),
+    )?;
+    let mut cmd = tokio::process::Command::new(relay_bin());
+    cmd.arg("stdio")
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "warn");
+    let watcher = ListWatcher::default();
+    let changed = watcher.0.clone();
+    let client = watcher.serve(TokioChildProcess::new(cmd)?).await?;
+    let names = |tools: Vec<rmcp::model::Tool>| -> Vec<String> {
+        tools.iter().map(|t| t.name.to_string()).collect()
+    };
+    let before = names(client.list_all_tools().await?);
+    assert!(
+        before.iter().all(|n| n.starts_with("relay__")),
+        "{before:?}"
+    );
+    let mut a = serde_json::Map::new();
+    a.insert("prompt".into(), json!("add two numbers together"));
+    a.insert("maxTools".into(), json!(2));
+    let r = client
+        .call_tool(CallToolRequestParams::new("relay__analyze_prompt").with_arguments(a))
+        .await?;
+    let picked = r
+        .structured_content
+        .as_ref()
+        .and_then(|s| s["tools"][0]["name"].as_str())
+        .ok_or("no pick")?
+        .to_owned();
+    assert!(picked.ends_with("__add"), "{r:?}");
+    tokio::time::timeout(crate::support::TIMEOUT, changed.notified()).await?;
+    let after = names(client.list_all_tools().await?);
+    assert!(after.contains(&picked), "{after:?}");
+    let mut sum = serde_json::Map::new();
+    sum.insert("a".into(), json!(20));
+    sum.insert("b".into(), json!(22));
+    let r = client
+        .call_tool(CallToolRequestParams::new(picked).with_arguments(sum))
+        .await?;
+    assert_eq!(text_of(&r), "42");
+    client.cancel().await?;
+    Ok(())
+}

@@ -1,0 +1,339 @@
+//! `toolFiltering`: which tools a session sees (all, a static allow/deny list, or the tools
+//! `relay__analyze_prompt` picked for it), and the optional LLM that helps pick.
+
+use super::Validator;
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// How the tool list of a session is decided.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Mode {
+    /// Every tool of every server.
+    #[default]
+    All,
+    /// Every tool the per-server allow/deny rules let through.
+    Static,
+    /// What `relay__analyze_prompt` picked for the session (from the tools the rules let
+    /// through), starting from `defaultExposure`.
+    Prompt,
+}
+
+/// What a session in prompt mode sees before it analyzes a prompt (and after a reset).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Exposure {
+    /// The selection tools and the management tools.
+    #[default]
+    MetaOnly,
+    /// The selection tools only.
+    None,
+    /// The selection tools and every tool.
+    All,
+}
+
+/// Allow/deny globs (`*`, `?`, `[...]`) over one server's original tool names.
+#[derive(Debug, Clone, PartialEq, Default)]
+pub struct ToolRules {
+    /// When not empty, only tools matching one of these are kept.
+    pub allow: Vec<glob::Pattern>,
+    /// Tools matching one of these are removed (after `allow`).
+    pub deny: Vec<glob::Pattern>,
+}
+
+impl ToolRules {
+    pub fn permits(&self, tool: &str) -> bool {
+        (self.allow.is_empty() || self.allow.iter().any(|p| p.matches(tool)))
+            && !self.deny.iter().any(|p| p.matches(tool))
+    }
+}
+
+/// An OpenAI-compatible chat model that picks among the local ranker's candidates.
+#[derive(Debug, Clone, PartialEq)]
+pub struct LlmSettings {
+    /// Base URL of the API, e.g. `https://api.openai.com/v1` or `http://127.0.0.1:11434/v1`;
+    /// the relay posts to `<baseUrl>/chat/completions`.
+    pub base_url: String,
+    pub model: String,
+    /// Sent as `Authorization: Bearer …` when set (usually `${OPENAI_API_KEY}`).
+    pub api_key: Option<String>,
+    /// Default 5 s.
+    pub timeout: Duration,
+    /// Answers whose confidence is below this are ignored (default 0.5).
+    pub confidence_threshold: f64,
+    /// Use the local ranking when the model fails, times out or is unsure (default true);
+    /// when false, `relay__analyze_prompt` reports the model's failure instead.
+    pub fallback_to_local: bool,
+    /// How many of the local ranker's best tools the model chooses from (default 30).
+    pub candidates: usize,
+}
+
+/// The whole `toolFiltering` section.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ToolFiltering {
+    pub mode: Mode,
+    pub default_exposure: Exposure,
+    /// Tools one `relay__analyze_prompt` exposes at most (`maxTools`, default 10).
+    pub max_tools: usize,
+    /// Tools a session keeps exposed across prompts at most (`maxExposed`, default 30):
+    /// the newest prompt's picks first, the oldest picks dropped beyond it.
+    pub max_exposed: usize,
+    /// Per server name.
+    pub servers: BTreeMap<String, ToolRules>,
+    pub llm: Option<LlmSettings>,
+}
+
+impl Default for ToolFiltering {
+    fn default() -> Self {
+        ToolFiltering {
+            mode: Mode::All,
+            default_exposure: Exposure::MetaOnly,
+            max_tools: 10,
+            max_exposed: 30,
+            servers: BTreeMap::new(),
+            llm: None,
+        }
+    }
+}
+
+impl ToolFiltering {
+    /// Whether the rules let a server's tool through (always, in mode `all`).
+    pub fn permits(&self, server: &str, tool: &str) -> bool {
+        self.mode == Mode::All || self.servers.get(server).is_none_or(|r| r.permits(tool))
+    }
+}
+
+const KEYS: &[&str] = &[
+    "mode",
+    "defaultExposure",
+    "maxTools",
+    "maxExposed",
+    "servers",
+    "llmCategorization",
+];
+const LLM_KEYS: &[&str] = &[
+    "provider",
+    "baseUrl",
+    "model",
+    "apiKey",
+    "timeoutMs",
+    "confidenceThreshold",
+    "fallbackToLocal",
+    "candidates",
+];
+
+impl Validator<'_> {
+    pub(super) fn tool_filtering(&mut self, v: &Value) -> ToolFiltering {
+        let mut f = ToolFiltering::default();
+        let at = "toolFiltering";
+        let Some(map) = v.as_object() else {
+            self.problem(at, "must be an object".into());
+            return f;
+        };
+        self.unknown_keys(map, at, KEYS);
+        if let Some(m) = self.opt_string(map, at, "mode") {
+            match m.as_str() {
+                "all" => f.mode = Mode::All,
+                "static" => f.mode = Mode::Static,
+                "prompt" => f.mode = Mode::Prompt,
+                _ => self.problem(
+                    &format!("{at}.mode"),
+                    format!("`{m}` is not a mode; use \"all\", \"static\" or \"prompt\""),
+                ),
+            }
+        }
+        if let Some(e) = self.opt_string(map, at, "defaultExposure") {
+            match e.as_str() {
+                "meta-only" => f.default_exposure = Exposure::MetaOnly,
+                "none" => f.default_exposure = Exposure::None,
+                "all" => f.default_exposure = Exposure::All,
+                _ => self.problem(
+                    &format!("{at}.defaultExposure"),
+                    format!("`{e}` is not an exposure; use \"meta-only\", \"none\" or \"all\""),
+                ),
+            }
+        }
+        if let Some(n) = self.opt_uint(map, at, "maxTools", 1) {
+            f.max_tools = usize::try_from(n).unwrap_or(usize::MAX);
+        }
+        if let Some(n) = self.opt_uint(map, at, "maxExposed", 1) {
+            f.max_exposed = usize::try_from(n).unwrap_or(usize::MAX);
+        }
+        match map.get("servers") {
+            None => {}
+            Some(Value::Object(servers)) => {
+                for (name, rules) in servers {
+                    let at = format!("{at}.servers.{name}");
+                    let Some(rules) = rules.as_object() else {
+                        self.problem(&at, "must be an object with `allow` and/or `deny`".into());
+                        continue;
+                    };
+                    self.unknown_keys(rules, &at, &["allow", "deny"]);
+                    let allow = self.globs(rules, &at, "allow");
+                    let deny = self.globs(rules, &at, "deny");
+                    f.servers.insert(name.clone(), ToolRules { allow, deny });
+                }
+            }
+            Some(_) => self.problem(
+                &format!("{at}.servers"),
+                "must map server names to {\"allow\": [...], \"deny\": [...]}".into(),
+            ),
+        }
+        if let Some(l) = map.get("llmCategorization") {
+            f.llm = self.llm(l);
+        }
+        if f.mode == Mode::All && !f.servers.is_empty() {
+            self.warnings.push(format!(
+                "{}: {at}.servers: allow/deny rules apply only in mode \"static\" or \"prompt\"; mode is \"all\"",
+                self.file
+            ));
+        }
+        f
+    }
+
+    fn globs(&mut self, map: &Map<String, Value>, at: &str, key: &str) -> Vec<glob::Pattern> {
+        let mut out = Vec::new();
+        for (i, g) in self
+            .opt_strings(map, at, key)
+            .unwrap_or_default()
+            .into_iter()
+            .enumerate()
+        {
+            match glob::Pattern::new(&g) {
+                Ok(p) => out.push(p),
+                Err(e) => self.problem(
+                    &format!("{at}.{key}[{i}]"),
+                    format!("`{g}` is not a valid glob ({e})"),
+                ),
+            }
+        }
+        out
+    }
+
+    fn llm(&mut self, v: &Value) -> Option<LlmSettings> {
+        let at = "toolFiltering.llmCategorization";
+        let Some(map) = v.as_object() else {
+            self.problem(at, "must be an object".into());
+            return None;
+        };
+        self.unknown_keys(map, at, LLM_KEYS);
+        if let Some(p) = self.opt_string(map, at, "provider")
+            && p != "openai-compatible"
+        {
+            self.problem(
+                &format!("{at}.provider"),
+                format!("`{p}` is not supported; use \"openai-compatible\" (OpenAI, Gemini's OpenAI endpoint, Ollama, vLLM, llama.cpp)"),
+            );
+        }
+        let base_url = self.opt_string(map, at, "baseUrl");
+        let model = self.opt_string(map, at, "model");
+        let (Some(base_url), Some(model)) = (base_url, model) else {
+            self.problem(at, "needs `baseUrl` and `model`".into());
+            return None;
+        };
+        if !(base_url.starts_with("http://") || base_url.starts_with("https://")) {
+            self.problem(
+                &format!("{at}.baseUrl"),
+                "must be an http:// or https:// URL".into(),
+            );
+        }
+        let threshold = match map.get("confidenceThreshold") {
+            None => 0.5,
+            Some(Value::Number(n)) if n.as_f64().is_some_and(|x| (0.0..=1.0).contains(&x)) => {
+                n.as_f64().unwrap_or(0.5)
+            }
+            Some(_) => {
+                self.problem(
+                    &format!("{at}.confidenceThreshold"),
+                    "must be a number from 0 to 1".into(),
+                );
+                0.5
+            }
+        };
+        Some(LlmSettings {
+            base_url: base_url.trim_end_matches('/').to_owned(),
+            model,
+            api_key: self.opt_string(map, at, "apiKey").filter(|k| !k.is_empty()),
+            timeout: Duration::from_millis(self.opt_uint(map, at, "timeoutMs", 1).unwrap_or(5000)),
+            confidence_threshold: threshold,
+            fallback_to_local: self.opt_bool(map, at, "fallbackToLocal").unwrap_or(true),
+            candidates: self
+                .opt_uint(map, at, "candidates", 1)
+                .map_or(30, |n| usize::try_from(n).unwrap_or(usize::MAX)),
+        })
+    }
+
+    fn unknown_keys(&mut self, map: &Map<String, Value>, at: &str, known: &[&str]) {
+        for key in map.keys() {
+            if !known.contains(&key.as_str()) {
+                self.problem(
+                    &format!("{at}.{key}"),
+                    format!("unknown setting; known settings: {}", known.join(", ")),
+                );
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<ToolFiltering, Vec<String>> {
+        match super::super::parse(text, "relay.json", &|_| None) {
+            Ok(c) => Ok(c.tool_filtering),
+            Err(super::super::Error::Invalid(p)) => {
+                Err(p.iter().map(ToString::to_string).collect())
+            }
+            Err(e) => Err(vec![e.to_string()]),
+        }
+    }
+
+    #[test]
+    fn defaults_to_every_tool() -> Result<(), Vec<String>> {
+        let f = parse(r#"{"mcpServers": {}}"#)?;
+        assert_eq!(f.mode, Mode::All);
+        assert!(f.permits("any", "thing"));
+        Ok(())
+    }
+
+    #[test]
+    fn static_rules_allow_then_deny() -> Result<(), Vec<String>> {
+        let f = parse(
+            r#"{"mcpServers": {}, "toolFiltering": {"mode": "static", "servers": {
+                "fs": {"allow": ["read_*", "list_*"], "deny": ["*_media_*"]},
+                "mem": {"deny": ["delete*"]}}}}"#,
+        )?;
+        assert!(f.permits("fs", "read_text_file"));
+        assert!(!f.permits("fs", "read_media_file"));
+        assert!(!f.permits("fs", "write_file"));
+        assert!(f.permits("mem", "create_entities"));
+        assert!(!f.permits("mem", "delete_entities"));
+        assert!(f.permits("other", "anything"));
+        Ok(())
+    }
+
+    #[test]
+    fn reports_bad_values_with_paths() {
+        let Err(problems) = parse(
+            r#"{"mcpServers": {}, "toolFiltering": {"mode": "smart", "defaultExposure": 3,
+                "maxTools": 0, "servers": {"fs": {"allow": ["[a"]}},
+                "llmCategorization": {"provider": "x", "baseUrl": "ftp://h", "model": "m",
+                "confidenceThreshold": 2}, "extra": 1}}"#,
+        ) else {
+            panic!("invalid filtering accepted");
+        };
+        let all = problems.join("\n");
+        for needle in [
+            "toolFiltering.mode: `smart` is not a mode",
+            "toolFiltering.defaultExposure: must be a string",
+            "toolFiltering.maxTools: must be a whole number of at least 1",
+            "toolFiltering.servers.fs.allow[0]: `[a` is not a valid glob",
+            "toolFiltering.llmCategorization.provider: `x` is not supported",
+            "toolFiltering.llmCategorization.baseUrl: must be an http",
+            "toolFiltering.llmCategorization.confidenceThreshold: must be a number from 0 to 1",
+            "toolFiltering.extra: unknown setting",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+    }
+}

@@ -1,0 +1,104 @@
+"""Prompt-mode tool selection through the official Python SDK (cache=None): two HTTP sessions
+of one relay fronting server-everything, server-filesystem, server-memory and the example
+server; each session's tool list is its own."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import mcp_types as types
+
+from conftest import LogRegistry, http_relay, http_relay_client, server_entries
+from test_relay import Notes, text_of
+
+pytestmark = pytest.mark.anyio
+
+
+def prompt_config(workdir: Path, **filtering: object) -> Path:
+    servers = server_entries(workdir, None)
+    path = workdir / "relay-prompt.json"
+    path.write_text(
+        json.dumps(
+            {
+                "mcpServers": servers,
+                "relay": {"requestTimeoutMs": 30000, "startupWaitMs": 30000},
+                "toolFiltering": {"mode": "prompt", **filtering},
+            },
+            indent=2,
+        )
+    )
+    return path
+
+
+async def tool_names(client: object) -> set[str]:
+    return {t.name for t in (await client.list_tools()).tools}  # type: ignore[attr-defined]
+
+
+async def test_analyze_prompt_exposes_filesystem_tools_to_one_session(tmp_path: Path, logs: LogRegistry) -> None:
+    config = prompt_config(tmp_path)
+    notes_file = tmp_path / "fsroot" / "notes.txt"
+    notes_file.write_text("the relay keeps its notes here\n")
+    with http_relay(config, logs, "relay stderr (prompt mode)") as relay:
+        relay.wait_for_tools([])
+        notes_a = Notes()
+        async with (
+            http_relay_client(relay.url, message_handler=notes_a) as a,
+            http_relay_client(relay.url) as b,
+        ):
+            initial = await tool_names(a)
+            assert "relay__analyze_prompt" in initial and "relay__call_tool" in initial, initial
+            assert all(n.startswith("relay__") for n in initial), initial
+            assert await tool_names(b) == initial
+
+            r = await a.call_tool(
+                "relay__analyze_prompt",
+                {"prompt": "Read the text file notes.txt in my project folder and list the other files in that directory"},
+            )
+            assert not r.is_error, r
+            picked = [t["name"] for t in (r.structured_content or {})["tools"]]
+            assert "fs__read_text_file" in picked and "fs__list_directory" in picked, picked
+            assert all(p.startswith("fs__") for p in picked[:3]), picked
+            await notes_a.wait_for(
+                lambda m: isinstance(m, types.ToolListChangedNotification), "tools/list_changed for session A"
+            )
+            seen_a = await tool_names(a)
+            assert set(picked) <= seen_a, (picked, seen_a)
+            assert not any(n.startswith("memory__") for n in seen_a), seen_a
+            assert text_of(await a.call_tool("fs__read_text_file", {"path": str(notes_file)})) == (
+                "the relay keeps its notes here\n"
+            )
+
+            # Session B still sees only the selection and management tools...
+            assert await tool_names(b) == initial
+            # ...and reaches the same tool through relay__call_tool without re-listing.
+            r = await b.call_tool(
+                "relay__call_tool", {"name": "fs__read_text_file", "arguments": {"path": str(notes_file)}}
+            )
+            assert text_of(r) == "the relay keeps its notes here\n"
+
+            # A different task in session A: its tools come first, the file tools stay.
+            r = await a.call_tool(
+                "relay__analyze_prompt", {"prompt": "remember that Alice works at Acme: create an entity in the knowledge graph"}
+            )
+            picked2 = [t["name"] for t in (r.structured_content or {})["tools"]]
+            assert picked2 and picked2[0].startswith("memory__"), picked2
+            seen_a2 = await tool_names(a)
+            assert "memory__create_entities" in seen_a2 and "fs__read_text_file" in seen_a2, seen_a2
+            assert await tool_names(b) == initial
+
+
+async def test_search_tools_returns_schemas_without_changing_the_list(tmp_path: Path, logs: LogRegistry) -> None:
+    config = prompt_config(tmp_path, defaultExposure="none")
+    with http_relay(config, logs, "relay stderr (prompt mode, none)") as relay:
+        relay.wait_for_tools([])
+        async with http_relay_client(relay.url) as c:
+            before = await tool_names(c)
+            assert before == {"relay__analyze_prompt", "relay__search_tools", "relay__call_tool"}, before
+            r = await c.call_tool("relay__search_tools", {"query": "directory tree of a folder", "limit": 3})
+            found = (r.structured_content or {})["tools"]
+            assert 1 <= len(found) <= 3 and found[0]["name"] == "fs__directory_tree", found
+            assert "path" in found[0]["inputSchema"]["properties"], found[0]
+            assert await tool_names(c) == before
