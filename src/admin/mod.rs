@@ -434,7 +434,9 @@ pub fn describe_entry(name: &str, raw: Option<&Value>, typed: &config::ServerCon
             o.insert("args".into(), json!(redact::args(&args)));
             o.insert("envKeys".into(), json!(keys("env")));
         }
-        config::TransportConfig::Http { .. } | config::TransportConfig::Sse { .. } => {
+        config::TransportConfig::Http { .. }
+        | config::TransportConfig::Sse { .. }
+        | config::TransportConfig::Ws { .. } => {
             if let Some(u) = text("url") {
                 o.insert("url".into(), json!(redact::url(&u)));
             }

@@ -10,6 +10,7 @@ pub mod http;
 pub mod keeper;
 pub mod sse;
 pub mod stdio;
+pub mod ws;
 
 use crate::catalog::{self, Lists};
 use crate::config::{ServerConfig, TransportConfig};
@@ -248,6 +249,7 @@ pub(crate) enum Conn {
     Stdio(Arc<stdio::Stdio>),
     Http(Arc<http::Http>),
     Sse(Arc<sse::Sse>),
+    Ws(Arc<ws::Ws>),
 }
 
 impl Conn {
@@ -262,6 +264,7 @@ impl Conn {
             Conn::Stdio(s) => s.send(msg),
             Conn::Http(h) => h.send(b, msg, related, expect).await,
             Conn::Sse(s) => s.send(msg).await,
+            Conn::Ws(w) => w.send(msg),
         }
     }
 
@@ -270,6 +273,7 @@ impl Conn {
             Conn::Stdio(s) => s.closed.clone(),
             Conn::Http(h) => h.closed.clone(),
             Conn::Sse(s) => s.closed.clone(),
+            Conn::Ws(w) => w.closed.clone(),
         }
     }
 
@@ -278,6 +282,11 @@ impl Conn {
             Conn::Stdio(s) => s.shutdown(Duration::from_secs(2)).await,
             Conn::Http(h) => h.shutdown().await,
             Conn::Sse(s) => s.closed.cancel(),
+            Conn::Ws(w) => {
+                w.shutdown();
+                let _ = tokio::time::timeout(Duration::from_secs(2), w.closed.cancelled()).await;
+                w.closed.cancel();
+            }
         }
     }
 }
@@ -447,6 +456,7 @@ impl Backend {
                         (Conn::Stdio(s), None) => s.exit_reason(),
                         (Conn::Sse(_), None) => "the SSE connection closed".to_owned(),
                         (Conn::Http(_), None) => "the connection closed".to_owned(),
+                        (Conn::Ws(_), None) => "the WebSocket connection closed".to_owned(),
                     };
                     // From now on requests wait for the restart (bounded by
                     // `restartWaitMs`); the server's items stay listed meanwhile, so a
@@ -575,6 +585,9 @@ impl Backend {
             )?),
             TransportConfig::Sse { url, headers } => {
                 Conn::Sse(sse::Sse::connect(self, url, headers).await?)
+            }
+            TransportConfig::Ws { url, headers } => {
+                Conn::Ws(ws::Ws::connect(self, url, headers).await?)
             }
         };
         *write(&self.conn) = Some(conn.clone());

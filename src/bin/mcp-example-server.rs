@@ -1,6 +1,7 @@
 //! A tiny MCP server shipped with mcp-relay: for the bundled example config, the tests and the
-//! benchmark. Speaks MCP over stdio (default) or Streamable HTTP (`--http 127.0.0.1:0`, JSON
-//! answers only), and deliberately returns fields a lossy proxy would drop.
+//! benchmark. Speaks MCP over stdio (default), Streamable HTTP (`--http 127.0.0.1:0`, JSON
+//! answers only) or WebSocket (`--ws 127.0.0.1:0`, optionally `--require-token T`), and
+//! deliberately returns fields a lossy proxy would drop.
 //!
 //! Tools: `echo`, `add`, `slow` (progress), `lossless`, `sample`, `elicit`, `roots`, `log`,
 //! `add_tool` (list_changed), `touch` (resources/updated; with `onlySubscribed` only for a subscribed URI), `crash` (exits at once),
@@ -77,6 +78,21 @@ fn text(s: impl Into<String>) -> Value {
 }
 
 impl Server {
+    fn new(name: String, count: usize, out: Option<mpsc::UnboundedSender<String>>) -> Arc<Server> {
+        Arc::new(Server {
+            name,
+            extra_tools: Mutex::new(generated(count)),
+            out,
+            next_id: AtomicU64::new(1),
+            waiting: Mutex::new(HashMap::new()),
+            in_flight: Mutex::default(),
+            cancellations: Mutex::default(),
+            client_capabilities: Mutex::default(),
+            tasks: Mutex::default(),
+            subscriptions: Mutex::default(),
+        })
+    }
+
     fn notify(&self, method: &str, params: Value) {
         if let Some(out) = &self.out {
             let _ = out.send(json!({"jsonrpc":"2.0","method":method,"params":params}).to_string());
@@ -368,18 +384,7 @@ fn generated(count: usize) -> Vec<String> {
 
 async fn stdio(name: String, count: usize) {
     let (tx, mut rx) = mpsc::unbounded_channel::<String>();
-    let server = Arc::new(Server {
-        name,
-        extra_tools: Mutex::new(generated(count)),
-        out: Some(tx.clone()),
-        next_id: AtomicU64::new(1),
-        waiting: Mutex::new(HashMap::new()),
-        in_flight: Mutex::default(),
-        cancellations: Mutex::default(),
-        client_capabilities: Mutex::default(),
-        tasks: Mutex::default(),
-        subscriptions: Mutex::default(),
-    });
+    let server = Server::new(name, count, Some(tx.clone()));
     let writer = std::thread::spawn(move || {
         let stdout = std::io::stdout();
         while let Some(line) = rx.blocking_recv() {
@@ -417,18 +422,7 @@ async fn stdio(name: String, count: usize) {
 async fn http(name: String, addr: &str, count: usize) -> std::io::Result<()> {
     use axum::http::{HeaderMap, StatusCode};
     use axum::response::IntoResponse;
-    let server = Arc::new(Server {
-        name,
-        extra_tools: Mutex::new(generated(count)),
-        out: None,
-        next_id: AtomicU64::new(1),
-        waiting: Mutex::new(HashMap::new()),
-        in_flight: Mutex::default(),
-        cancellations: Mutex::default(),
-        client_capabilities: Mutex::default(),
-        tasks: Mutex::default(),
-        subscriptions: Mutex::default(),
-    });
+    let server = Server::new(name, count, None);
     let sessions: Arc<Mutex<std::collections::HashSet<String>>> = Arc::default();
     let s2 = sessions.clone();
     let app = axum::Router::new().route(
@@ -494,10 +488,90 @@ async fn http(name: String, addr: &str, count: usize) -> std::io::Result<()> {
     axum::serve(listener, app).await
 }
 
+/// WebSocket mode: one server (and session) per connection, one JSON-RPC message per text
+/// frame, subprotocol `mcp`; with `token`, the upgrade needs `Authorization: Bearer <token>`.
+async fn ws(name: String, addr: &str, count: usize, token: Option<String>) -> std::io::Result<()> {
+    use futures::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+    let listener = tokio::net::TcpListener::bind(addr).await?;
+    let local = listener.local_addr()?;
+    println!("LISTENING {}", local.port());
+    eprintln!("example server listening on ws://{local}/mcp");
+    loop {
+        let (tcp, _) = listener.accept().await?;
+        let _ = tcp.set_nodelay(true);
+        let (name, token) = (name.clone(), token.clone());
+        tokio::spawn(async move {
+            // The signature is tungstenite's handshake callback's.
+            #[allow(clippy::result_large_err)]
+            let check = |req: &Request, mut resp: Response| -> Result<Response, ErrorResponse> {
+                if let Some(t) = &token {
+                    let given = req
+                        .headers()
+                        .get("authorization")
+                        .and_then(|v| v.to_str().ok());
+                    if given != Some(format!("Bearer {t}").as_str()) {
+                        let mut e = ErrorResponse::new(Some("unauthorized".into()));
+                        *e.status_mut() = axum::http::StatusCode::UNAUTHORIZED;
+                        return Err(e);
+                    }
+                }
+                let asked = req
+                    .headers()
+                    .get("sec-websocket-protocol")
+                    .and_then(|v| v.to_str().ok())
+                    .is_some_and(|p| p.split(',').any(|x| x.trim() == "mcp"));
+                if asked {
+                    resp.headers_mut().insert(
+                        "sec-websocket-protocol",
+                        axum::http::HeaderValue::from_static("mcp"),
+                    );
+                }
+                Ok(resp)
+            };
+            let Ok(stream) = tokio_tungstenite::accept_hdr_async(tcp, check).await else {
+                return;
+            };
+            let (mut sink, mut source) = stream.split();
+            let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+            let server = Server::new(name, count, Some(tx.clone()));
+            let writer = tokio::spawn(async move {
+                while let Some(line) = rx.recv().await {
+                    if sink.send(Message::Text(line.into())).await.is_err() {
+                        break;
+                    }
+                }
+            });
+            while let Some(Ok(frame)) = source.next().await {
+                let Message::Text(t) = frame else {
+                    if matches!(frame, Message::Close(_)) {
+                        break;
+                    }
+                    continue;
+                };
+                let Ok(msg) = serde_json::from_str::<Value>(t.as_str()) else {
+                    continue;
+                };
+                let (server, tx) = (server.clone(), tx.clone());
+                tokio::spawn(async move {
+                    if let Some(reply) = server.handle(msg).await {
+                        let _ = tx.send(reply.to_string());
+                    }
+                });
+            }
+            drop(tx);
+            writer.abort();
+        });
+    }
+}
+
 fn main() -> std::process::ExitCode {
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut name = "example".to_owned();
     let mut http_addr = None;
+    let mut ws_addr = None;
+    let mut token = None;
     let mut count = 0usize;
     let mut i = 0;
     while i < args.len() {
@@ -510,13 +584,21 @@ fn main() -> std::process::ExitCode {
                 http_addr = args.get(i + 1).cloned();
                 i += 1;
             }
+            "--ws" => {
+                ws_addr = args.get(i + 1).cloned();
+                i += 1;
+            }
+            "--require-token" => {
+                token = args.get(i + 1).cloned();
+                i += 1;
+            }
             "--tools" => {
                 count = args.get(i + 1).and_then(|n| n.parse().ok()).unwrap_or(0);
                 i += 1;
             }
             other => {
                 eprintln!(
-                    "usage: mcp-example-server [--name NAME] [--http HOST:PORT] [--tools N]; unknown argument {other}"
+                    "usage: mcp-example-server [--name NAME] [--http HOST:PORT | --ws HOST:PORT [--require-token T]] [--tools N]; unknown argument {other}"
                 );
                 return std::process::ExitCode::from(2);
             }
@@ -535,13 +617,18 @@ fn main() -> std::process::ExitCode {
         }
     };
     rt.block_on(async move {
-        match http_addr {
-            Some(addr) => {
+        match (http_addr, ws_addr) {
+            (Some(addr), _) => {
                 if let Err(e) = http(name, &addr, count).await {
                     eprintln!("http server failed: {e}");
                 }
             }
-            None => stdio(name, count).await,
+            (None, Some(addr)) => {
+                if let Err(e) = ws(name, &addr, count, token).await {
+                    eprintln!("ws server failed: {e}");
+                }
+            }
+            (None, None) => stdio(name, count).await,
         }
     });
     std::process::ExitCode::SUCCESS

@@ -157,6 +157,11 @@ pub enum TransportConfig {
         url: String,
         headers: BTreeMap<String, String>,
     },
+    /// WebSocket: one JSON-RPC message per text frame (subprotocol `mcp`).
+    Ws {
+        url: String,
+        headers: BTreeMap<String, String>,
+    },
 }
 
 impl TransportConfig {
@@ -165,6 +170,7 @@ impl TransportConfig {
             TransportConfig::Stdio { .. } => "stdio",
             TransportConfig::Http { .. } => "http",
             TransportConfig::Sse { .. } => "sse",
+            TransportConfig::Ws { .. } => "ws",
         }
     }
 }
@@ -517,15 +523,17 @@ impl Validator<'_> {
             Some("stdio") => "stdio",
             Some("http" | "streamable-http" | "streamableHttp" | "streamable_http") => "http",
             Some("sse") => "sse",
+            Some("ws" | "websocket") => "ws",
             Some(other) => {
                 self.problem(
                     &format!("{at}.type"),
-                    format!("unknown type `{other}`; use \"stdio\", \"http\" or \"sse\""),
+                    format!("unknown type `{other}`; use \"stdio\", \"http\", \"sse\" or \"ws\""),
                 );
                 return None;
             }
             None if command.is_some() => "stdio",
             None => match url.as_deref() {
+                Some(u) if u.starts_with("ws://") || u.starts_with("wss://") => "ws",
                 // Legacy HTTP+SSE endpoints conventionally end in /sse.
                 Some(u) if u.trim_end_matches('/').ends_with("/sse") => "sse",
                 Some(_) => "http",
@@ -563,20 +571,27 @@ impl Validator<'_> {
                 );
                 return None;
             };
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
+            let schemes = if kind == "ws" {
+                ["ws://", "wss://"]
+            } else {
+                ["http://", "https://"]
+            };
+            if !schemes.iter().any(|s| url.starts_with(s)) {
                 self.problem(
                     &format!("{at}.url"),
                     format!(
-                        "`{}` must start with http:// or https://",
-                        redact::url(&url)
+                        "`{}` must start with {} or {} for a {kind} server",
+                        redact::url(&url),
+                        schemes[0],
+                        schemes[1]
                     ),
                 );
             }
             let headers = headers.unwrap_or_default();
-            if kind == "http" {
-                TransportConfig::Http { url, headers }
-            } else {
-                TransportConfig::Sse { url, headers }
+            match kind {
+                "http" => TransportConfig::Http { url, headers },
+                "ws" => TransportConfig::Ws { url, headers },
+                _ => TransportConfig::Sse { url, headers },
             }
         };
         let max_in_flight = self
@@ -778,6 +793,22 @@ mod tests {
         assert_eq!(expand_vars("${EMPTY:-d}", &env).as_deref(), Ok("d"));
         assert_eq!(expand_vars("$$5 $x", &env).as_deref(), Ok("$5 $x"));
         assert_eq!(expand_vars("${NOPE}", &env), Err("NOPE".to_owned()));
+    }
+
+    #[test]
+    fn websocket_servers_by_type_or_scheme() -> Result<(), Error> {
+        let c = parse(
+            r#"{"mcpServers": {"a": {"url": "wss://h/ws"}, "b": {"type": "websocket", "url": "ws://h"}}}"#,
+            "relay.json",
+            &env,
+        )?;
+        assert!(c.servers.iter().all(|s| s.transport.kind() == "ws"));
+        let p = problems(r#"{"mcpServers": {"c": {"type": "ws", "url": "http://h"}}}"#);
+        assert!(
+            p[0].contains("must start with ws:// or wss:// for a ws server"),
+            "{p:?}"
+        );
+        Ok(())
     }
 
     #[test]

@@ -7,3 +7,4 @@ mod rmcp_client;
 mod selection;
 mod stdio;
 mod support;
+mod ws;

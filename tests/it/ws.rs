@@ -1,0 +1,163 @@
+//! WebSocket backends: the example server in `--ws` mode (one JSON-RPC message per text
+//! frame, subprotocol `mcp`) behind the relay, with the same supervision as the others.
+
+use crate::support::{Proc, Result, StdioClient, example, example_bin, poll};
+use serde_json::{Value, json};
+use std::io::BufRead;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+/// Starts the example server over WebSocket on `addr`; returns it and its port.
+fn ws_server(addr: &str, extra: &[&str]) -> Result<(Proc, u16)> {
+    let mut child = Command::new(example_bin())
+        .args(["--name", "wsx", "--ws", addr])
+        .args(extra)
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()?;
+    let stdout = child.stdout.take().ok_or("no stdout")?;
+    let proc = Proc { child };
+    let mut line = String::new();
+    std::io::BufReader::new(stdout).read_line(&mut line)?;
+    let port = line
+        .trim()
+        .strip_prefix("LISTENING ")
+        .ok_or("no LISTENING line")?
+        .parse()?;
+    Ok((proc, port))
+}
+
+fn state(c: &mut StdioClient, id: u64, server: &str) -> Result<Value> {
+    let s = c.request(
+        id,
+        "tools/call",
+        json!({"name": "relay__status", "arguments": {}}),
+    )?;
+    Ok(s["result"]["structuredContent"]["servers"]
+        .as_array()
+        .and_then(|a| a.iter().find(|x| x["name"] == server).cloned())
+        .unwrap_or_default())
+}
+
+fn text(r: &Value) -> &str {
+    r["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap_or_default()
+}
+
+#[test]
+fn a_websocket_server_is_relayed_and_reconnected_after_it_dies() -> Result {
+    let (server, port) = ws_server("127.0.0.1:0", &[])?;
+    let url = format!("ws://127.0.0.1:{port}/mcp");
+    let mut c = StdioClient::start(json!({
+        "mcpServers": {"wsx": {"url": url}, "ex": example("ex")},
+        "relay": {"restartBackoffMs": 50, "restartBackoffMaxMs": 200, "startLimitBurst": 100}
+    }))?;
+    c.initialize(json!({}))?;
+    let tools = crate::support::names(&c.request(1, "tools/list", json!({}))?, "tools");
+    assert!(tools.contains(&"wsx__echo".to_owned()), "{tools:?}");
+    let r = c.request(
+        2,
+        "tools/call",
+        json!({"name": "wsx__echo", "arguments": {"message": "over ws"}}),
+    )?;
+    assert_eq!(text(&r), "Echo: over ws", "{r}");
+    // Progress notifications come back over the socket to the right request.
+    c.send(&json!({"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"wsx__slow","arguments":{"steps":2,"ms":10},"_meta":{"progressToken":"p-ws"}}}))?;
+    let (answers, others) = c.answers(1)?;
+    assert_eq!(text(&answers[&3]), "done after 2 steps");
+    assert_eq!(
+        others.iter().filter(|l| l.contains("\"p-ws\"")).count(),
+        2,
+        "{others:?}"
+    );
+    assert_eq!(state(&mut c, 4, "wsx")?["transport"], "ws");
+
+    // The server dies in the middle of a long call: the call fails within a second, naming
+    // the server; the other server keeps answering.
+    c.send(&json!({"jsonrpc":"2.0","id":5,"method":"tools/call","params":{"name":"wsx__slow","arguments":{"steps":100,"ms":100}}}))?;
+    std::thread::sleep(Duration::from_millis(300));
+    drop(server);
+    let died = Instant::now();
+    let (answers, _) = c.answers(1)?;
+    let failed = &answers[&5];
+    assert!(
+        died.elapsed() < Duration::from_secs(2),
+        "took {:?}",
+        died.elapsed()
+    );
+    let msg = failed["error"]["message"].as_str().unwrap_or_default();
+    assert!(msg.contains("wsx"), "{failed}");
+    let r = c.request(
+        6,
+        "tools/call",
+        json!({"name": "ex__echo", "arguments": {"message": "still here"}}),
+    )?;
+    assert_eq!(text(&r), "Echo: still here");
+
+    // Back on the same port: the relay reconnects and re-initializes; the session goes on.
+    let (_server, _) = ws_server(&format!("127.0.0.1:{port}"), &[])?;
+    let mut id = 100;
+    poll("the WebSocket server is ready again", || {
+        id += 1;
+        let s = state(&mut c, id, "wsx")?;
+        Ok(if s["state"] == "ready" {
+            Ok(())
+        } else {
+            Err(s.to_string())
+        })
+    })?;
+    let r = c.request(
+        7,
+        "tools/call",
+        json!({"name": "wsx__echo", "arguments": {"message": "again"}}),
+    )?;
+    assert_eq!(text(&r), "Echo: again", "{r}");
+    assert!(state(&mut c, 8, "wsx")?["restarts"].as_u64() >= Some(1));
+    Ok(())
+}
+
+#[test]
+fn a_websocket_server_refusing_the_token_needs_auth() -> Result {
+    let (_server, port) = ws_server("127.0.0.1:0", &["--require-token", "s3cret"])?;
+    let url = format!("ws://127.0.0.1:{port}/mcp");
+    let mut c = StdioClient::start(json!({
+        "mcpServers": {
+            "locked": {"type": "ws", "url": url},
+            "open": {"type": "ws", "url": url, "headers": {"Authorization": "Bearer s3cret"}}
+        },
+        "relay": {"startupWaitMs": 0}
+    }))?;
+    c.initialize(json!({}))?;
+    let mut id = 0;
+    let s = poll("`locked` needs auth and `open` is ready", || {
+        id += 2;
+        let (l, o) = (state(&mut c, id, "locked")?, state(&mut c, id + 1, "open")?);
+        Ok(if l["state"] == "needs-auth" && o["state"] == "ready" {
+            Ok(l)
+        } else {
+            Err(format!("{l} {o}"))
+        })
+    })?;
+    assert!(
+        s["lastError"].as_str().is_some_and(|e| e.contains("401")),
+        "{s}"
+    );
+    let r = c.request(
+        1000,
+        "tools/call",
+        json!({"name": "open__add", "arguments": {"a": 1, "b": 2}}),
+    )?;
+    assert_eq!(text(&r), "3");
+    assert!(
+        !c.request(
+            1001,
+            "tools/call",
+            json!({"name": "relay__list_servers", "arguments": {}})
+        )?
+        .to_string()
+        .contains("s3cret")
+    );
+    Ok(())
+}
