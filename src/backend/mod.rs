@@ -954,21 +954,69 @@ impl Backend {
                 }
             }
         };
-        self.exchange(m, Some(params), Some(ctx), deadline, Some(cancel))
-            .await
-            .map_err(|f| match f {
-                Failure::Lost(reason) => Error::Lost {
-                    server: self.name.clone(),
-                    method: m.to_owned(),
-                    reason,
-                },
-                Failure::Timeout => Error::Timeout {
-                    server: self.name.clone(),
-                    method: m.to_owned(),
-                    ms: self.settings.request_timeout().as_millis(),
-                },
-                Failure::Cancelled => Error::Cancelled,
-            })
+        let generation = self.restarts();
+        let again = (m == method::TOOLS_CALL && self.may_retry(&params)).then(|| params.clone());
+        let mut out = self
+            .exchange(m, Some(params), Some(ctx.clone()), deadline, Some(cancel))
+            .await;
+        if let (Err(Failure::Lost(reason)), Some(params)) = (&out, again)
+            && !self.stop.is_cancelled()
+        {
+            // retryOnReconnect: once more on the restarted server, if it is back in time.
+            let until = deadline
+                .min(tokio::time::Instant::now() + self.settings.supervision().restart_wait);
+            let mut rx = self.state.subscribe();
+            let back = tokio::select! {
+                r = tokio::time::timeout_at(until, rx.wait_for(|s| s.is_up() && self.restarts() > generation)) => matches!(r, Ok(Ok(_))),
+                () = cancel.cancelled() => return Err(Error::Cancelled),
+            };
+            if back {
+                tracing::info!(server = %self.name, reason = %reason, "Retrying an interrupted tools/call on the restarted server (retryOnReconnect).");
+                out = self
+                    .exchange(m, Some(params), Some(ctx), deadline, Some(cancel))
+                    .await
+                    .map_err(|f| match f {
+                        Failure::Lost(r) => {
+                            Failure::Lost(format!("{r} (after one retry on the restarted server)"))
+                        }
+                        other => other,
+                    });
+            }
+        }
+        out.map_err(|f| match f {
+            Failure::Lost(reason) => Error::Lost {
+                server: self.name.clone(),
+                method: m.to_owned(),
+                reason,
+            },
+            Failure::Timeout => Error::Timeout {
+                server: self.name.clone(),
+                method: m.to_owned(),
+                ms: self.settings.request_timeout().as_millis(),
+            },
+            Failure::Cancelled => Error::Cancelled,
+        })
+    }
+
+    /// Whether a `tools/call` with these params may be sent again after a restart
+    /// (`retryOnReconnect`).
+    fn may_retry(&self, params: &RawMap) -> bool {
+        match self.config.retry_on_reconnect {
+            crate::config::Retry::Never => false,
+            crate::config::Retry::Always => true,
+            crate::config::Retry::Idempotent => {
+                let Some(name) = params.get_str("name") else {
+                    return false;
+                };
+                read(&self.lists).tools.iter().any(|t| {
+                    t.key == name
+                        && serde_json::from_str::<serde_json::Value>(t.raw.get()).is_ok_and(|v| {
+                            v.pointer("/annotations/idempotentHint")
+                                == Some(&serde_json::Value::Bool(true))
+                        })
+                })
+            }
+        }
     }
 
     /// Forwards a notification from a client (cancellations excepted).

@@ -47,7 +47,7 @@ fn tools(extra: &[String]) -> Value {
     let mut list = vec![
         json!({"name":"echo","description":"Echoes the message back.","inputSchema":{"type":"object","properties":{"message":{"type":"string","description":"Text to echo"}},"required":["message"]}}),
         json!({"name":"add","description":"Adds two numbers.","inputSchema":{"type":"object","properties":{"a":{"type":"number"},"b":{"type":"number"}},"required":["a","b"]}}),
-        json!({"name":"slow","description":"Waits, reporting progress.","inputSchema":{"type":"object","properties":{"steps":{"type":"integer"},"ms":{"type":"integer"}}}}),
+        json!({"name":"slow","description":"Waits, reporting progress.","inputSchema":{"type":"object","properties":{"steps":{"type":"integer"},"ms":{"type":"integer"}}},"annotations":{"idempotentHint":true}}),
         json!({"name":"lossless","description":"Returns fields a lossy proxy would drop.",
                "inputSchema":{"type":"object","properties":{}},
                "outputSchema":{"type":"object","properties":{"n":{"type":"number"}}},

@@ -136,6 +136,19 @@ pub struct ServerConfig {
     /// Requests waiting for a slot at most (`maxQueued`, default 1024); beyond it a request
     /// fails at once with "server busy".
     pub max_queued: usize,
+    /// Which `tools/call`s interrupted by a restart are sent once more to the restarted
+    /// server (`retryOnReconnect`).
+    pub retry_on_reconnect: Retry,
+}
+
+/// `retryOnReconnect`: `false` (default; tools are not known to be idempotent), `true`, or
+/// `"idempotent"` (only tools annotated `idempotentHint: true`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Retry {
+    #[default]
+    Never,
+    Always,
+    Idempotent,
 }
 
 /// How to reach a backend.
@@ -237,6 +250,7 @@ const SERVER_KEYS: &[&str] = &[
     "prefix",
     "maxInFlight",
     "maxQueued",
+    "retryOnReconnect",
     // Keys other tools write into the same entries, accepted without a warning.
     "transport",
     "timeout",
@@ -600,6 +614,18 @@ impl Validator<'_> {
         let max_queued = self
             .opt_uint(map, &at, "maxQueued", 0)
             .map_or(1024, |n| usize::try_from(n).unwrap_or(usize::MAX));
+        let retry_on_reconnect = match map.get("retryOnReconnect") {
+            None | Some(Value::Bool(false)) => Retry::Never,
+            Some(Value::Bool(true)) => Retry::Always,
+            Some(Value::String(s)) if s == "idempotent" => Retry::Idempotent,
+            Some(_) => {
+                self.problem(
+                    &format!("{at}.retryOnReconnect"),
+                    "must be true, false or \"idempotent\"".into(),
+                );
+                Retry::Never
+            }
+        };
         Some(ServerConfig {
             name: name.to_owned(),
             prefix,
@@ -607,6 +633,7 @@ impl Validator<'_> {
             disabled,
             max_in_flight,
             max_queued,
+            retry_on_reconnect,
         })
     }
 

@@ -137,7 +137,7 @@ impl Message {
 }
 
 /// A JSON object whose top-level values stay raw: edit a few keys, keep the rest byte for byte.
-#[derive(Debug, Default, Deserialize, Serialize)]
+#[derive(Debug, Default, Clone, Deserialize, Serialize)]
 #[serde(transparent)]
 pub struct RawMap(pub IndexMap<String, Box<RawValue>>);
 

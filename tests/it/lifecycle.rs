@@ -383,3 +383,62 @@ fn subscriptions_are_renewed_after_a_restart() -> Result {
     }
     Ok(())
 }
+
+/// SIGKILLs the server `name` while a 1.5 s `slow` call runs on it; returns that call's answer.
+fn kill_during_slow_call(
+    c: &mut StdioClient,
+    name: &str,
+    tool: &str,
+    id: u64,
+) -> Result<serde_json::Value> {
+    c.request(id, "tools/list", json!({}))?;
+    let relay = i32::try_from(c.proc.child.id())?;
+    let pid = child_with(relay, name).ok_or("no server process")?;
+    c.send(&json!({"jsonrpc":"2.0","id":id + 1,"method":"tools/call","params":{"name": tool,"arguments":{"steps":15,"ms":100}}}))?;
+    // Kill it once the call is running (its first progress step is under way).
+    std::thread::sleep(Duration::from_millis(300));
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(pid),
+        nix::sys::signal::Signal::SIGKILL,
+    )?;
+    let (answers, _) = c.answers(1)?;
+    answers
+        .get(&(id + 1))
+        .cloned()
+        .ok_or_else(|| "no answer".into())
+}
+
+#[test]
+fn retry_on_reconnect_resends_an_interrupted_call_once() -> Result {
+    let mut entry = example("again");
+    entry["retryOnReconnect"] = json!(true);
+    let mut idem = example("idem");
+    idem["retryOnReconnect"] = json!("idempotent");
+    let cfg = json!({
+        "mcpServers": {"again": entry, "idem": idem, "plain": example("plain")},
+        "relay": {"restartBackoffMs": 10, "restartWaitMs": 20000},
+    });
+    let mut c = StdioClient::start(cfg)?;
+    c.initialize(json!({}))?;
+    // Retried: the call succeeds on the restarted server.
+    let r = kill_during_slow_call(&mut c, "again", "again__slow", 10)?;
+    assert_eq!(
+        r["result"]["content"][0]["text"], "done after 15 steps",
+        "{r}"
+    );
+    assert!(status_of(&mut c, 20, "again")?["restarts"].as_u64() >= Some(1));
+    // `slow` is annotated idempotentHint: true, so "idempotent" retries it too.
+    let r = kill_during_slow_call(&mut c, "idem", "idem__slow", 30)?;
+    assert_eq!(
+        r["result"]["content"][0]["text"], "done after 15 steps",
+        "{r}"
+    );
+    // Default: not retried; the error names the server and what happened.
+    let r = kill_during_slow_call(&mut c, "plain", "plain__slow", 40)?;
+    let msg = r["error"]["message"].as_str().unwrap_or_default();
+    assert!(
+        msg.contains("server `plain` stopped while handling `tools/call`"),
+        "{r}"
+    );
+    Ok(())
+}
