@@ -533,6 +533,24 @@ impl Relay {
         }
     }
 
+    /// Readiness: every `required` server is up (and the relay is not shutting down).
+    /// Returns the required servers that are not, with their state.
+    pub fn unready(&self) -> Vec<(String, String)> {
+        let mut out: Vec<(String, String)> = self
+            .backends()
+            .iter()
+            .filter(|b| b.config.required)
+            .filter_map(|b| {
+                let st = b.state();
+                (!st.is_up()).then(|| (b.name.clone(), st.label().to_owned()))
+            })
+            .collect();
+        if self.closing.load(Ordering::Acquire) {
+            out.push(("relay".into(), "stopping".into()));
+        }
+        out
+    }
+
     /// The catalog as the filtering rules let sessions see it.
     pub fn view(&self) -> Arc<View> {
         read(&self.view).clone()

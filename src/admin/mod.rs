@@ -333,6 +333,7 @@ pub fn status(relay: &Relay) -> Value {
         "configPath": cfg.path.as_ref().map(|p| p.display().to_string()),
         "configError": relay.config_error(),
         "sessions": relay.session_count(),
+        "ready": relay.unready().is_empty(),
         "servers": backends,
         "toolSelection": tool_selection(relay, &cfg),
     })

@@ -139,6 +139,8 @@ pub struct ServerConfig {
     /// Which `tools/call`s interrupted by a restart are sent once more to the restarted
     /// server (`retryOnReconnect`).
     pub retry_on_reconnect: Retry,
+    /// The relay is ready (`/readyz`) only while this server is up (`required`).
+    pub required: bool,
 }
 
 /// `retryOnReconnect`: `false` (default; tools are not known to be idempotent), `true`, or
@@ -251,6 +253,7 @@ const SERVER_KEYS: &[&str] = &[
     "maxInFlight",
     "maxQueued",
     "retryOnReconnect",
+    "required",
     // Keys other tools write into the same entries, accepted without a warning.
     "transport",
     "timeout",
@@ -634,6 +637,7 @@ impl Validator<'_> {
             max_in_flight,
             max_queued,
             retry_on_reconnect,
+            required: self.opt_bool(map, &at, "required").unwrap_or(false),
         })
     }
 

@@ -577,13 +577,46 @@ async fn handle_delete(State(front): State<Arc<Front>>, headers: HeaderMap) -> R
     StatusCode::OK.into_response()
 }
 
-/// The axum router for the MCP endpoint at `/mcp`.
+/// `GET /healthz`: the process serves HTTP.
+async fn handle_health() -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        r#"{"status":"ok"}"#,
+    )
+        .into_response()
+}
+
+/// `GET /readyz`: 200 while every `required` server is up, else 503 naming those that are
+/// not (names and states only).
+async fn handle_ready(State(front): State<Arc<Front>>) -> Response {
+    let unready = front.relay.unready();
+    let waiting: Vec<serde_json::Value> = unready
+        .iter()
+        .map(|(server, state)| serde_json::json!({"server": server, "state": state}))
+        .collect();
+    let code = if waiting.is_empty() {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    let body = serde_json::json!({"ready": waiting.is_empty(), "waitingFor": waiting});
+    (
+        code,
+        [(axum::http::header::CONTENT_TYPE, "application/json")],
+        body.to_string(),
+    )
+        .into_response()
+}
+
+/// The axum router: the MCP endpoint at `/mcp`, `/healthz` and `/readyz`.
 pub fn router(front: Arc<Front>) -> Router {
     Router::new()
         .route(
             "/mcp",
             post(handle_post).get(handle_get).delete(handle_delete),
         )
+        .route("/healthz", axum::routing::get(handle_health))
+        .route("/readyz", axum::routing::get(handle_ready))
         .with_state(front)
 }
 

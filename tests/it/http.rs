@@ -200,3 +200,55 @@ fn a_session_cannot_reach_another_sessions_task() -> Result {
     assert_eq!(list["result"]["tasks"][0]["taskId"], id, "{list}");
     Ok(())
 }
+
+#[test]
+fn readiness_follows_required_servers() -> Result {
+    let dir = tempfile::tempdir()?;
+    let mut ok = example("ok");
+    ok["required"] = json!(true);
+    let cfg = json!({
+        "mcpServers": {
+            "ok": ok,
+            "optional": {"command": "/nonexistent/server"},
+            "broken": {"command": "/nonexistent/server", "required": true}
+        },
+        "relay": {"restartBackoffMs": 10, "startupWaitMs": 0}
+    });
+    let (_relay, url) = serve(&cfg, dir.path())?;
+    let base = url.trim_end_matches("/mcp").to_owned();
+    let http = reqwest::blocking::Client::new();
+    let health = http.get(format!("{base}/healthz")).send()?;
+    assert_eq!(health.status(), 200);
+    assert_eq!(health.json::<Value>()?["status"], "ok");
+    let get = |http: &reqwest::blocking::Client| -> Result<(u16, Value)> {
+        let r = http.get(format!("{base}/readyz")).send()?;
+        Ok((r.status().as_u16(), r.json()?))
+    };
+    let (code, body) =
+        crate::support::poll("readyz names only the required server that is down", || {
+            let (code, body) = get(&http)?;
+            let waiting = body["waitingFor"].as_array().cloned().unwrap_or_default();
+            Ok(if waiting.len() == 1 && waiting[0]["server"] == "broken" {
+                Ok((code, body))
+            } else {
+                Err(body.to_string())
+            })
+        })?;
+    assert_eq!(code, 503, "{body}");
+    assert_eq!(body["ready"], false);
+    // The broken server is dropped from the config: the relay becomes ready.
+    let mut fixed = cfg.clone();
+    if let Some(s) = fixed["mcpServers"].as_object_mut() {
+        s.remove("broken");
+    }
+    crate::support::write_config(dir.path(), &fixed)?;
+    crate::support::poll("readyz turns 200", || {
+        let (code, body) = get(&http)?;
+        Ok(if code == 200 && body["ready"] == true {
+            Ok(())
+        } else {
+            Err(format!("{code} {body}"))
+        })
+    })?;
+    Ok(())
+}
