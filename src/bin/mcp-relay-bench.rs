@@ -16,6 +16,9 @@
 //!    server names): the cost of analyzing every tool, of building the index from analyzed
 //!    tools (what a catalog change costs beyond re-analyzing the changed tools), and query
 //!    latency p50/p99 over the labelled prompts of both sets.
+//! 6. Soak (only with `--only soak`): 8 sessions call two stdio servers for 5 minutes while
+//!    one of them is SIGKILLed every 10 s: calls and errors per server, relay RSS and open
+//!    fds at start and end, child processes at the end.
 //!
 //! Usage: `cargo build --release --bins && target/release/mcp-relay-bench [options]`
 //!   --backend example|everything   the echo backend: the bundled Rust `mcp-example-server`
@@ -24,7 +27,8 @@
 //!   --rounds N        rounds per concurrency (default 5)
 //!   --round-ms MS     length of one direct or relayed run (default 1000)
 //!   --clients N       fan-in clients (default 1000)
-//!   --only call|fanin|list|reload|rank   run one part
+//!   --only call|fanin|list|reload|rank|soak   run one part (soak runs only when named)
+//!   --soak-secs N     length of the soak (default 300)
 //!   --reloads N       config saves of part 4 (default 100)
 //!   --concurrency 1,16,256    the concurrencies of part 1
 //! It starts its processes from the directory of its own executable on ports the OS picks,
@@ -140,13 +144,18 @@ fn start_everything(root: &Path) -> Res<(Proc, String)> {
 
 /// The relay in front of `backend`; returns it, its /mcp URL and its config file.
 fn start_relay(backend: &str, dir: &Path) -> Res<(Proc, String, PathBuf)> {
+    start_relay_with(
+        &json!({"mcpServers": {"bench": {"type": "http", "url": backend}}}),
+        dir,
+    )
+}
+
+/// The relay with config `config`.
+fn start_relay_with(config: &Value, dir: &Path) -> Res<(Proc, String, PathBuf)> {
     static N: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
     let n = N.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
     let cfg = dir.join(format!("bench-relay-{n}.json"));
-    std::fs::write(
-        &cfg,
-        json!({"mcpServers": {"bench": {"type": "http", "url": backend}}}).to_string(),
-    )?;
+    std::fs::write(&cfg, config.to_string())?;
     let mut p = Proc::spawn(
         Command::new(sibling("mcp-relay")?)
             .args(["serve", "--listen", "127.0.0.1:0", "--config"])
@@ -382,6 +391,7 @@ struct Opts {
     only: Option<String>,
     reloads: usize,
     concurrency: Vec<usize>,
+    soak_secs: u64,
 }
 
 async fn bench_calls(o: &Opts, root: &Path, dir: &Path) -> Res<()> {
@@ -622,6 +632,142 @@ async fn bench_reload(o: &Opts, dir: &Path) -> Res<()> {
     Ok(())
 }
 
+/// A process's resident memory (KiB) and open file descriptors now.
+fn rss_and_fds(pid: u32) -> (u64, usize) {
+    let rss = std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("VmRSS:"))
+                .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        })
+        .unwrap_or(0);
+    let fds = std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count());
+    (rss, fds)
+}
+
+/// Live descendants of `root` with their command lines.
+fn descendants(root: u32) -> Vec<(u32, String)> {
+    let mut parent = Vec::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+            continue;
+        };
+        let Some((_, rest)) = stat.rsplit_once(')') else {
+            continue;
+        };
+        let mut f = rest.split_whitespace();
+        let state = f.next().unwrap_or("");
+        let ppid: u32 = f.next().and_then(|p| p.parse().ok()).unwrap_or(0);
+        if state != "Z" {
+            let cmd = std::fs::read(format!("/proc/{pid}/cmdline"))
+                .map(|c| String::from_utf8_lossy(&c).replace('\0', " "))
+                .unwrap_or_default();
+            parent.push((pid, ppid, cmd));
+        }
+    }
+    let mut out: Vec<(u32, String)> = Vec::new();
+    let mut todo = vec![root];
+    while let Some(p) = todo.pop() {
+        for (c, pp, cmd) in &parent {
+            if *pp == p {
+                out.push((*c, cmd.clone()));
+                todo.push(*c);
+            }
+        }
+    }
+    out
+}
+
+/// Soak: mixed calls from several sessions for `secs` while the `victim` server is
+/// SIGKILLed every 10 s.
+async fn bench_soak(secs: u64, dir: &Path) -> Res<()> {
+    let example = sibling("mcp-example-server")?;
+    let cfg = json!({
+        "mcpServers": {
+            "victim": {"command": example, "args": ["--name", "victim"]},
+            "steady": {"command": example, "args": ["--name", "steady"]},
+        },
+        "relay": {"restartBackoffMs": 100, "startLimitBurst": 20, "restartWaitMs": 3000},
+    });
+    let (relay, url, _) = start_relay_with(&cfg, dir)?;
+    let relay_pid = relay.pid();
+    let client = http_client()?;
+    // Warm up: every session open, both servers answering.
+    let mut sids = Vec::new();
+    for _ in 0..8 {
+        sids.push(session(&client, &url).await?);
+    }
+    for tool in ["victim__echo", "steady__echo"] {
+        call(&client, &url, &sids[0], tool, 1).await?;
+    }
+    let (rss0, fds0) = rss_and_fds(relay_pid);
+    let children0 = descendants(relay_pid).len();
+    let end = Instant::now() + Duration::from_secs(secs);
+    let stats = Arc::new(std::sync::Mutex::new([[0u64; 2]; 2])); // [server][ok, err]
+    let mut tasks = Vec::new();
+    for (i, sid) in sids.into_iter().enumerate() {
+        let (client, url, stats) = (client.clone(), url.clone(), stats.clone());
+        tasks.push(tokio::spawn(async move {
+            let mut id = 10u64;
+            while Instant::now() < end {
+                id += 1;
+                let server = usize::from((id + i as u64) % 2 == 0);
+                let tool = ["steady__echo", "victim__echo"][server];
+                let ok = call(&client, &url, &sid, tool, id).await.is_ok();
+                if let Ok(mut s) = stats.lock() {
+                    s[server][usize::from(!ok)] += 1;
+                }
+            }
+        }));
+    }
+    let mut kills = 0;
+    while Instant::now() + Duration::from_secs(10) < end {
+        tokio::time::sleep(Duration::from_secs(10)).await;
+        if let Some((pid, _)) = descendants(relay_pid)
+            .into_iter()
+            .find(|(_, cmd)| cmd.contains("--name victim"))
+        {
+            let pid = nix::unistd::Pid::from_raw(i32::try_from(pid)?);
+            if nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL).is_ok() {
+                kills += 1;
+            }
+        }
+    }
+    for t in tasks {
+        t.await?;
+    }
+    // Let the last restart finish before counting processes.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let (rss1, fds1) = rss_and_fds(relay_pid);
+    let children1 = descendants(relay_pid);
+    let s = stats.lock().map(|s| *s).unwrap_or_default();
+    println!(
+        "\n## Soak: {secs} s of calls from 8 sessions, `victim` SIGKILLed every 10 s ({kills} kills)\n"
+    );
+    println!("| server | calls | errors |");
+    println!("|---|---|---|");
+    println!("| steady | {} | {} |", s[0][0] + s[0][1], s[0][1]);
+    println!("| victim | {} | {} |", s[1][0] + s[1][1], s[1][1]);
+    println!("\n| relay | at start | at end |");
+    println!("|---|---|---|");
+    println!(
+        "| RSS | {:.1} MiB | {:.1} MiB |",
+        rss0 as f64 / 1024.0,
+        rss1 as f64 / 1024.0
+    );
+    println!("| open fds | {fds0} | {fds1} |");
+    println!(
+        "| child processes (servers + keeper) | {children0} | {} |",
+        children1.len()
+    );
+    drop(relay);
+    Ok(())
+}
+
 fn jsonl(path: &Path) -> Res<Vec<Value>> {
     let mut out = Vec::new();
     for line in std::fs::read_to_string(path)?.lines() {
@@ -719,6 +865,7 @@ fn parse_opts() -> Res<Opts> {
         only: None,
         concurrency: vec![1, 16, 256],
         reloads: 100,
+        soak_secs: 300,
     };
     let args: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -732,10 +879,13 @@ fn parse_opts() -> Res<Opts> {
             "--concurrency" => {
                 o.concurrency = v.split(',').map(str::parse).collect::<Result<_, _>>()?;
             }
-            "--only" if ["call", "fanin", "list", "reload", "rank"].contains(&v.as_str()) => {
+            "--only"
+                if ["call", "fanin", "list", "reload", "rank", "soak"].contains(&v.as_str()) =>
+            {
                 o.only = Some(v);
             }
             "--reloads" => o.reloads = v.parse()?,
+            "--soak-secs" => o.soak_secs = v.parse()?,
             other => return Err(format!(
                 "unknown or invalid option {other} (see the header of src/bin/mcp-relay-bench.rs)"
             )
@@ -778,6 +928,10 @@ fn main() -> Res<()> {
         }
         if part("rank") {
             bench_rank(&root)?;
+        }
+        // Five minutes: only when asked for.
+        if o.only.as_deref() == Some("soak") {
+            bench_soak(o.soak_secs, &dir).await?;
         }
         Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
     });

@@ -28,7 +28,7 @@ pub const CALL: &str = "relay__call_tool";
 pub const MAX_PROMPT_BYTES: usize = 16 * 1024;
 
 /// A hit scoring under this share of the best hit is not exposed (the rest are unrelated).
-const RELATIVE_CUTOFF: f32 = 0.3;
+const RELATIVE_CUTOFF: f64 = 0.3;
 
 static DEFINITIONS: LazyLock<Vec<Arc<RawValue>>> = LazyLock::new(|| {
     let defs = [
@@ -215,7 +215,7 @@ pub fn session_tools(
 pub struct Pick {
     pub name: String,
     pub server: String,
-    pub score: f32,
+    pub score: f64,
     pub reason: String,
 }
 
@@ -299,7 +299,7 @@ pub fn describe(view: &View, picks: &[Pick], with_schema: bool) -> Vec<Value> {
 mod tests {
     use super::*;
 
-    fn pick(name: &str, score: f32) -> Pick {
+    fn pick(name: &str, score: f64) -> Pick {
         Pick {
             name: name.into(),
             server: "s".into(),

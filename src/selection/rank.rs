@@ -84,19 +84,26 @@ const FIELDS: usize = 5;
 #[derive(Debug, Clone, Copy)]
 pub struct Params {
     /// Term-frequency saturation.
-    pub k1: f32,
+    pub k1: f64,
     /// Per field: weight and length normalization `b` (name, title, description,
     /// params, server).
-    pub weights: [f32; FIELDS],
-    pub b: [f32; FIELDS],
+    pub weights: [f64; FIELDS],
+    pub b: [f64; FIELDS],
+    /// Each tool also gets this share of the best score among its server's tools: a task
+    /// that needs one tool of a server usually needs its siblings too.
+    pub server_boost: f64,
 }
 
 impl Default for Params {
+    /// Measured on the labelled sets of `tests/data/toolsel` (see docs/benchmarks.md): the
+    /// name counts double, schema properties only through their rarity (weight 0: with any
+    /// weight they added noise), the server's text a little; one `b` for all fields.
     fn default() -> Self {
         Params {
             k1: 1.2,
-            weights: [3.0, 2.0, 1.0, 0.5, 0.5],
-            b: [0.3, 0.3, 0.75, 0.75, 0.75],
+            weights: [2.0, 1.0, 1.0, 0.0, 0.3],
+            b: [0.75; FIELDS],
+            server_boost: 0.5,
         }
     }
 }
@@ -130,7 +137,7 @@ impl Analyzed {
 pub struct Hit {
     /// Position in the index's documents.
     pub doc: usize,
-    pub score: f32,
+    pub score: f64,
     /// The query terms it matched, best first (for the one-line reason).
     pub matched: Vec<String>,
 }
@@ -139,29 +146,42 @@ pub struct Hit {
 #[derive(Debug, Default)]
 pub struct Index {
     docs: Vec<Arc<Analyzed>>,
-    /// term → (doc, pseudo term frequency after field weighting and length normalization)
-    postings: HashMap<String, Vec<(u32, f32)>>,
+    /// term → (idf, [(doc, pseudo term frequency after field weighting and length
+    /// normalization)]); a term's document frequency counts every field.
+    postings: HashMap<String, (f64, Vec<(u32, f64)>)>,
+    /// Each document's server group (documents of one server share a group).
+    group: Vec<u32>,
+    groups: usize,
     params: Params,
 }
 
 impl Index {
     pub fn build(docs: Vec<Arc<Analyzed>>, params: Params) -> Index {
-        let n = docs.len().max(1) as f32;
-        let mut avg = [0f32; FIELDS];
+        let n = docs.len().max(1) as f64;
+        let mut avg = [0f64; FIELDS];
         for d in &docs {
             for (f, terms) in d.fields.iter().enumerate() {
-                avg[f] += terms.len() as f32;
+                avg[f] += terms.len() as f64;
             }
         }
         for a in &mut avg {
-            *a = (*a / n).max(1.0);
+            *a /= n;
         }
-        let mut postings: HashMap<String, Vec<(u32, f32)>> = HashMap::new();
-        let mut tf: HashMap<&str, f32> = HashMap::new();
+        let mut postings: HashMap<String, (f64, Vec<(u32, f64)>)> = HashMap::new();
+        let mut tf: HashMap<&str, f64> = HashMap::new();
+        let mut groups: HashMap<&str, u32> = HashMap::new();
+        let mut group = Vec::with_capacity(docs.len());
         for (i, d) in docs.iter().enumerate() {
+            let key = if d.doc.server.is_empty() {
+                d.doc.id.as_str()
+            } else {
+                d.doc.server.as_str()
+            };
+            let next = u32::try_from(groups.len()).unwrap_or(u32::MAX);
+            group.push(*groups.entry(key).or_insert(next));
             tf.clear();
             for (f, terms) in d.fields.iter().enumerate() {
-                let norm = 1.0 - params.b[f] + params.b[f] * terms.len() as f32 / avg[f];
+                let norm = 1.0 - params.b[f] + params.b[f] * terms.len() as f64 / avg[f].max(1e-6);
                 let w = params.weights[f] / norm;
                 for t in terms {
                     *tf.entry(t.as_str()).or_default() += w;
@@ -169,12 +189,23 @@ impl Index {
             }
             let Ok(i) = u32::try_from(i) else { break };
             for (t, w) in &tf {
-                postings.entry((*t).to_owned()).or_default().push((i, *w));
+                let entry = postings.entry((*t).to_owned()).or_default();
+                // Document frequency counts the document even where the weight is 0.
+                entry.0 += 1.0;
+                if *w > 0.0 {
+                    entry.1.push((i, *w));
+                }
             }
         }
+        for (df, _) in postings.values_mut() {
+            *df = (1.0 + (n - *df + 0.5) / (*df + 0.5)).ln();
+        }
+        let groups = groups.len();
         Index {
             docs,
             postings,
+            group,
+            groups,
             params,
         }
     }
@@ -196,38 +227,59 @@ impl Index {
         self.docs.iter().any(|d| d.has_text())
     }
 
-    /// The best `limit` tools for `query`, best first; tools matching no query term are
-    /// left out.
+    /// The best `limit` tools for `query`, best first; tools that neither match a query
+    /// term nor share a server with one that does are left out.
     pub fn rank(&self, query: &str, limit: usize) -> Vec<Hit> {
         let mut q = text::tokenize(query);
         q.sort();
-        q.dedup();
-        let n = self.docs.len() as f32;
         let k1 = self.params.k1;
-        let mut scores = vec![0f32; self.docs.len()];
-        let mut contributions: Vec<Vec<(f32, usize)>> = vec![Vec::new(); self.docs.len()];
-        for (qi, term) in q.iter().enumerate() {
-            let Some(list) = self.postings.get(term) else {
-                continue;
-            };
-            let df = list.len() as f32;
-            let idf = ((n - df + 0.5) / (df + 0.5) + 1.0).ln();
-            for &(d, tf) in list {
-                let s = idf * tf * (k1 + 1.0) / (tf + k1);
-                scores[d as usize] += s;
-                contributions[d as usize].push((s, qi));
+        let mut scores = vec![0f64; self.docs.len()];
+        let mut contributions: HashMap<u32, Vec<(f64, usize)>> = HashMap::new();
+        let mut qi = 0;
+        while qi < q.len() {
+            // A term repeated in the query counts as often as it appears.
+            let mut end = qi + 1;
+            while end < q.len() && q[end] == q[qi] {
+                end += 1;
+            }
+            let qtf = (end - qi) as f64;
+            if let Some((idf, list)) = self.postings.get(&q[qi]) {
+                for &(d, tf) in list {
+                    let s = qtf * idf * tf * (k1 + 1.0) / (tf + k1);
+                    scores[d as usize] += s;
+                    contributions.entry(d).or_default().push((s, qi));
+                }
+            }
+            qi = end;
+        }
+        let boost = self.params.server_boost;
+        if boost > 0.0 {
+            let mut best = vec![0f64; self.groups];
+            for (d, s) in scores.iter().enumerate() {
+                let g = self.group[d] as usize;
+                best[g] = best[g].max(*s);
+            }
+            for (d, s) in scores.iter_mut().enumerate() {
+                *s += boost * best[self.group[d] as usize];
             }
         }
         let mut hits: Vec<usize> = (0..self.docs.len()).filter(|&d| scores[d] > 0.0).collect();
-        hits.sort_by(|&a, &b| {
-            scores[b]
-                .total_cmp(&scores[a])
-                .then_with(|| self.docs[a].doc.id.cmp(&self.docs[b].doc.id))
-        });
-        hits.truncate(limit);
+        let order = |a: &usize, b: &usize| {
+            scores[*b]
+                .total_cmp(&scores[*a])
+                .then_with(|| self.docs[*a].doc.id.cmp(&self.docs[*b].doc.id))
+        };
+        if hits.len() > limit {
+            hits.select_nth_unstable_by(limit, order);
+            hits.truncate(limit);
+        }
+        hits.sort_by(order);
         hits.into_iter()
             .map(|d| {
-                let mut c = std::mem::take(&mut contributions[d]);
+                let mut c = u32::try_from(d)
+                    .ok()
+                    .and_then(|k| contributions.remove(&k))
+                    .unwrap_or_default();
                 c.sort_by(|a, b| b.0.total_cmp(&a.0));
                 Hit {
                     doc: d,

@@ -7,23 +7,28 @@ use std::sync::LazyLock;
 
 static STEMMER: LazyLock<Stemmer> = LazyLock::new(|| Stemmer::create(Algorithm::English));
 
-/// Words that carry no meaning for tool choice. General English function words plus the
-/// request phrasing every prompt shares ("please", "could you", "want").
+/// Words that carry no meaning for tool choice: NLTK's English stop words plus the phrasing
+/// requests share ("please", "help", "show", "information").
 pub const STOP_WORDS: &[&str] = &[
     "a",
+    "able",
     "about",
     "above",
     "after",
     "again",
     "against",
+    "ain",
     "all",
     "also",
     "am",
     "an",
     "and",
     "any",
+    "anything",
     "are",
+    "aren",
     "as",
+    "assist",
     "at",
     "be",
     "because",
@@ -37,28 +42,40 @@ pub const STOP_WORDS: &[&str] = &[
     "by",
     "can",
     "could",
+    "couldn",
+    "d",
     "did",
+    "didn",
     "do",
     "does",
+    "doesn",
     "doing",
+    "don",
     "down",
     "during",
     "each",
-    "either",
-    "etc",
     "few",
+    "find",
     "for",
     "from",
     "further",
+    "get",
+    "give",
     "had",
+    "hadn",
     "has",
+    "hasn",
     "have",
+    "haven",
     "having",
     "he",
+    "hello",
+    "help",
     "her",
     "here",
     "hers",
     "herself",
+    "hi",
     "him",
     "himself",
     "his",
@@ -66,28 +83,41 @@ pub const STOP_WORDS: &[&str] = &[
     "i",
     "if",
     "in",
+    "info",
+    "information",
     "into",
     "is",
+    "isn",
     "it",
     "its",
     "itself",
     "just",
+    "kindly",
+    "know",
     "let",
     "like",
+    "ll",
+    "look",
+    "looking",
+    "m",
+    "ma",
+    "make",
     "may",
     "me",
     "might",
+    "mightn",
     "more",
     "most",
-    "must",
+    "mustn",
     "my",
     "myself",
     "need",
-    "needs",
+    "needn",
     "no",
     "nor",
     "not",
     "now",
+    "o",
     "of",
     "off",
     "on",
@@ -101,15 +131,29 @@ pub const STOP_WORDS: &[&str] = &[
     "out",
     "over",
     "own",
+    "particular",
     "please",
+    "provide",
+    "re",
+    "s",
     "same",
-    "shall",
+    "shan",
     "she",
     "should",
+    "shouldn",
+    "show",
     "so",
     "some",
+    "something",
+    "specific",
+    "specifically",
     "such",
+    "sure",
+    "t",
+    "tell",
     "than",
+    "thank",
+    "thanks",
     "that",
     "the",
     "their",
@@ -120,6 +164,8 @@ pub const STOP_WORDS: &[&str] = &[
     "there",
     "these",
     "they",
+    "thing",
+    "things",
     "this",
     "those",
     "through",
@@ -128,16 +174,17 @@ pub const STOP_WORDS: &[&str] = &[
     "under",
     "until",
     "up",
-    "us",
     "use",
-    "used",
     "using",
+    "ve",
     "very",
-    "via",
     "want",
     "was",
+    "wasn",
+    "way",
     "we",
     "were",
+    "weren",
     "what",
     "when",
     "where",
@@ -148,7 +195,10 @@ pub const STOP_WORDS: &[&str] = &[
     "why",
     "will",
     "with",
+    "won",
     "would",
+    "wouldn",
+    "y",
     "you",
     "your",
     "yours",
@@ -172,39 +222,54 @@ pub fn is_cjk(c: char) -> bool {
     )
 }
 
-/// Appends the index terms of `text` to `out`.
+/// Appends the index terms of `text` to `out`: CJK runs as characters and bigrams; other
+/// alphanumeric runs split into words (see [`split_run`]), each lower-cased, stop words
+/// dropped, the rest stemmed; a run that split also adds itself whole (`readFile` → `read`,
+/// `file`, `readfil`).
 pub fn terms(text: &str, out: &mut Vec<String>) {
-    let mut word = String::new();
+    let mut run = String::new();
     let mut cjk = String::new();
-    let mut prev: Option<char> = None;
     for c in text.chars() {
         if is_cjk(c) {
-            flush_word(&mut word, out);
+            flush_run(&mut run, out);
             cjk.push(c);
-            prev = Some(c);
-            continue;
-        }
-        flush_cjk(&mut cjk, out);
-        if c.is_alphanumeric() {
-            // Identifier boundaries: fooBar → foo Bar, v2 → v 2.
-            if let Some(p) = prev
-                && !word.is_empty()
-            {
-                let boundary = (p.is_lowercase() && c.is_uppercase())
-                    || (p.is_alphabetic() && c.is_numeric())
-                    || (p.is_numeric() && c.is_alphabetic());
-                if boundary {
-                    flush_word(&mut word, out);
-                }
-            }
-            word.extend(c.to_lowercase());
+        } else if c.is_alphanumeric() {
+            flush_cjk(&mut cjk, out);
+            run.push(c);
         } else {
-            flush_word(&mut word, out);
+            flush_run(&mut run, out);
+            flush_cjk(&mut cjk, out);
         }
-        prev = Some(c);
     }
-    flush_word(&mut word, out);
+    flush_run(&mut run, out);
     flush_cjk(&mut cjk, out);
+}
+
+/// Cuts an alphanumeric run into words: between a digit and a non-digit, lower → Upper,
+/// and before the last capital of a capital run followed by a lowercase letter
+/// (`HTMLParser` → `HTML`, `Parser`), except for a plural's final `s` (`PDFs`).
+pub fn split_run(run: &[char]) -> Vec<std::ops::Range<usize>> {
+    let mut parts = Vec::new();
+    let mut start = 0;
+    let n = run.len();
+    for i in 1..n {
+        let (a, b) = (run[i - 1], run[i]);
+        let cut = if a.is_ascii_digit() != b.is_ascii_digit() {
+            true
+        } else if a.is_lowercase() && b.is_uppercase() {
+            true
+        } else if a.is_uppercase() && b.is_uppercase() && i + 1 < n && run[i + 1].is_lowercase() {
+            !(run[i + 1] == 's' && i + 2 == n)
+        } else {
+            false
+        };
+        if cut {
+            parts.push(start..i);
+            start = i;
+        }
+    }
+    parts.push(start..n);
+    parts
 }
 
 /// The terms of `text` as a new vector.
@@ -214,15 +279,29 @@ pub fn tokenize(text: &str) -> Vec<String> {
     out
 }
 
-fn flush_word(word: &mut String, out: &mut Vec<String>) {
-    if word.is_empty() {
+fn flush_run(run: &mut String, out: &mut Vec<String>) {
+    if run.is_empty() {
         return;
     }
-    if !is_stop(word) {
-        let stem = STEMMER.stem(word);
-        out.push(stem.into_owned());
+    let chars: Vec<char> = run.chars().collect();
+    let parts = split_run(&chars);
+    let mut word = |w: String| {
+        if !is_stop(&w) {
+            out.push(STEMMER.stem(&w).into_owned());
+        }
+    };
+    if parts.len() > 1 {
+        for p in &parts {
+            word(
+                chars[p.clone()]
+                    .iter()
+                    .flat_map(|c| c.to_lowercase())
+                    .collect(),
+            );
+        }
     }
-    word.clear();
+    word(run.to_lowercase());
+    run.clear();
 }
 
 fn flush_cjk(run: &mut String, out: &mut Vec<String>) {
@@ -247,22 +326,27 @@ mod tests {
 
     #[test]
     fn splits_identifiers_and_stems() {
-        assert_eq!(
-            tokenize("read_textFile list-directories v2Search"),
-            [
-                "read",
-                "text",
-                "file",
-                "list",
-                "directori",
-                "v",
-                "2",
-                "search"
-            ]
-        );
+        let terms = tokenize("read_textFile list-directories v2Search");
+        let want = [
+            "read",
+            "text",
+            "file",
+            "textfil",
+            "list",
+            "directori",
+            "v",
+            "2",
+            "search",
+            "v2search",
+        ];
+        assert_eq!(terms, want);
         assert_eq!(
             tokenize("Please generate the reports"),
             ["generat", "report"]
+        );
+        assert_eq!(
+            tokenize("HTMLParser PDFs"),
+            ["html", "parser", "htmlparser", "pdfs"]
         );
     }
 
