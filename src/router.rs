@@ -228,6 +228,8 @@ impl Relay {
                 backends.insert(s.name.clone(), relay.start_backend(s));
             }
         }
+        // The filtering rules are in force before any server reports its lists.
+        relay.rebuild_catalog();
         relay
     }
 

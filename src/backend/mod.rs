@@ -959,7 +959,11 @@ impl Backend {
         let mut out = self
             .exchange(m, Some(params), Some(ctx.clone()), deadline, Some(cancel))
             .await;
+        // Only a failure that a restart explains (the server died or was found hung) is
+        // retried; other losses (an HTTP 5xx on a server still up) fail at once.
+        let restarting = !self.state().is_up() || self.restarts() != generation;
         if let (Err(Failure::Lost(reason)), Some(params)) = (&out, again)
+            && restarting
             && !self.stop.is_cancelled()
         {
             // retryOnReconnect: once more on the restarted server, if it is back in time.
@@ -967,8 +971,12 @@ impl Backend {
                 .min(tokio::time::Instant::now() + self.settings.supervision().restart_wait);
             let mut rx = self.state.subscribe();
             let back = tokio::select! {
-                r = tokio::time::timeout_at(until, rx.wait_for(|s| s.is_up() && self.restarts() > generation)) => matches!(r, Ok(Ok(_))),
+                r = tokio::time::timeout_at(until, rx.wait_for(|s| {
+                    (s.is_up() && self.restarts() > generation)
+                        || matches!(s, State::Stopped | State::Failed(_) | State::NeedsAuth(_))
+                })) => matches!(r, Ok(Ok(s)) if s.is_up()),
                 () = cancel.cancelled() => return Err(Error::Cancelled),
+                () = self.stop.cancelled() => false,
             };
             if back {
                 tracing::info!(server = %self.name, reason = %reason, "Retrying an interrupted tools/call on the restarted server (retryOnReconnect).");

@@ -39,7 +39,9 @@ impl Ws {
                 .map_err(|_| format!("the value of header `{k}` is not a valid header value"))?;
             req.headers_mut().insert(name, value);
         }
-        if !req.headers().contains_key("sec-websocket-protocol") {
+        let plain = req.clone();
+        let ours = !req.headers().contains_key("sec-websocket-protocol");
+        if ours {
             req.headers_mut()
                 .insert("sec-websocket-protocol", HeaderValue::from_static("mcp"));
         }
@@ -48,25 +50,33 @@ impl Ws {
             .max_message_size(Some(max))
             .max_frame_size(Some(max));
         let timeout = b.settings().request_timeout();
-        let (stream, _resp) = tokio::time::timeout(
-            timeout,
-            tokio_tungstenite::connect_async_with_config(req, Some(config), true),
-        )
-        .await
-        .map_err(|_| format!("no WebSocket handshake within {} ms", timeout.as_millis()))?
-        .map_err(|e| match e {
-            tungstenite::Error::Http(resp) => {
-                let status = resp.status().as_u16();
-                if matches!(status, 401 | 403) {
-                    b.note_auth_failure();
+        let open = async {
+            match tokio_tungstenite::connect_async_with_config(req, Some(config), true).await {
+                // A server that does not echo the `mcp` subprotocol: connect without asking.
+                Err(tungstenite::Error::Protocol(
+                    tungstenite::error::ProtocolError::SecWebSocketSubProtocolError(_),
+                )) if ours => {
+                    tokio_tungstenite::connect_async_with_config(plain, Some(config), true).await
                 }
-                format!("the WebSocket endpoint answered HTTP {status}")
+                other => other,
             }
-            other => format!(
-                "cannot open the WebSocket: {}",
-                crate::config::redact::url(&other.to_string())
-            ),
-        })?;
+        };
+        let (stream, _resp) = tokio::time::timeout(timeout, open)
+            .await
+            .map_err(|_| format!("no WebSocket handshake within {} ms", timeout.as_millis()))?
+            .map_err(|e| match e {
+                tungstenite::Error::Http(resp) => {
+                    let status = resp.status().as_u16();
+                    if matches!(status, 401 | 403) {
+                        b.note_auth_failure();
+                    }
+                    format!("the WebSocket endpoint answered HTTP {status}")
+                }
+                other => format!(
+                    "cannot open the WebSocket: {}",
+                    crate::config::redact::url(&other.to_string())
+                ),
+            })?;
         let (mut sink, mut source) = stream.split();
         let (out, mut rx) = mpsc::unbounded_channel::<Message>();
         let closed = CancellationToken::new();
@@ -83,7 +93,12 @@ impl Ws {
                 };
                 let Some(msg) = msg else { break };
                 let is_close = matches!(msg, Message::Close(_));
-                if sink.send(msg).await.is_err() || is_close {
+                // A server that stops reading must not keep this task (and the socket) alive.
+                let sent = tokio::select! {
+                    r = sink.send(msg) => r.is_ok(),
+                    () = writer_closed.cancelled() => false,
+                };
+                if !sent || is_close {
                     break;
                 }
             }

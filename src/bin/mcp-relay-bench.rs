@@ -715,7 +715,7 @@ async fn bench_soak(secs: u64, dir: &Path) -> Res<()> {
             let mut id = 10u64;
             while Instant::now() < end {
                 id += 1;
-                let server = usize::from((id + i as u64) % 2 == 0);
+                let server = usize::from((id + i as u64).is_multiple_of(2));
                 let tool = ["steady__echo", "victim__echo"][server];
                 let ok = call(&client, &url, &sid, tool, id).await.is_ok();
                 if let Ok(mut s) = stats.lock() {

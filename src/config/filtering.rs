@@ -48,7 +48,8 @@ impl ToolRules {
 }
 
 /// An OpenAI-compatible chat model that picks among the local ranker's candidates.
-#[derive(Debug, Clone, PartialEq)]
+/// (`Debug` masks the key.)
+#[derive(Clone, PartialEq)]
 pub struct LlmSettings {
     /// Base URL of the API, e.g. `https://api.openai.com/v1` or `http://127.0.0.1:11434/v1`;
     /// the relay posts to `<baseUrl>/chat/completions`.
@@ -65,6 +66,20 @@ pub struct LlmSettings {
     pub fallback_to_local: bool,
     /// How many of the local ranker's best tools the model chooses from (default 30).
     pub candidates: usize,
+}
+
+impl std::fmt::Debug for LlmSettings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LlmSettings")
+            .field("base_url", &super::redact::url(&self.base_url))
+            .field("model", &self.model)
+            .field("api_key", &self.api_key.as_ref().map(|_| "***"))
+            .field("timeout", &self.timeout)
+            .field("confidence_threshold", &self.confidence_threshold)
+            .field("fallback_to_local", &self.fallback_to_local)
+            .field("candidates", &self.candidates)
+            .finish()
+    }
 }
 
 /// The whole `toolFiltering` section.

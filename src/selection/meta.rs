@@ -113,7 +113,7 @@ async fn analyze(relay: &Arc<Relay>, ctx: &ReqCtx, args: &Value) -> Box<RawValue
             filtering.max_exposed
         }
         Some(n) => n,
-        None => filtering.max_tools,
+        None => filtering.max_tools.min(filtering.max_exposed),
     };
     if prompt.len() > super::MAX_PROMPT_BYTES {
         notes.push(format!(

@@ -227,11 +227,16 @@ pub fn rank(view: &View, prompt: &str, limit: usize) -> Vec<Pick> {
         .filter_map(|h| {
             let doc = index.doc(h.doc)?;
             let terms: Vec<&str> = h.matched.iter().take(5).map(String::as_str).collect();
+            let reason = if terms.is_empty() {
+                format!("another tool of server {} matches", doc.server)
+            } else {
+                format!("matches {}", terms.join(", "))
+            };
             Some(Pick {
                 name: doc.id.clone(),
                 server: doc.server.clone(),
                 score: h.score,
-                reason: format!("matches {}", terms.join(", ")),
+                reason,
             })
         })
         .collect()
@@ -281,7 +286,7 @@ pub fn describe(view: &View, picks: &[Pick], with_schema: bool) -> Vec<Value> {
             let mut v = json!({
                 "name": p.name,
                 "server": p.server,
-                "score": (f64::from(p.score) * 100.0).round() / 100.0,
+                "score": (p.score * 100.0).round() / 100.0,
                 "reason": p.reason,
             });
             if let Some(d) = tool.get("description") {

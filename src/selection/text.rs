@@ -254,14 +254,11 @@ pub fn split_run(run: &[char]) -> Vec<std::ops::Range<usize>> {
     let n = run.len();
     for i in 1..n {
         let (a, b) = (run[i - 1], run[i]);
-        let cut = if a.is_ascii_digit() != b.is_ascii_digit() {
-            true
-        } else if a.is_lowercase() && b.is_uppercase() {
-            true
-        } else if a.is_uppercase() && b.is_uppercase() && i + 1 < n && run[i + 1].is_lowercase() {
+        let cut = if a.is_uppercase() && b.is_uppercase() && i + 1 < n && run[i + 1].is_lowercase()
+        {
             !(run[i + 1] == 's' && i + 2 == n)
         } else {
-            false
+            a.is_ascii_digit() != b.is_ascii_digit() || (a.is_lowercase() && b.is_uppercase())
         };
         if cut {
             parts.push(start..i);
