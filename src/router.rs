@@ -558,11 +558,11 @@ impl Relay {
         read(&self.view).clone()
     }
 
-    /// The tool list `session` sees.
+    /// The tool list `session` sees (a copy; `tools/list` pages the view's list directly).
     pub fn session_tools(&self, session: &Session) -> Vec<Arc<serde_json::value::RawValue>> {
         let view = self.view();
         let st = session.state();
-        selection::session_tools(&view, st.exposed.as_deref(), self.admin_tools())
+        selection::session_tools(&view, st.exposed.as_deref(), self.admin_tools()).into_owned()
     }
 
     /// Calls a catalog tool by its exposed name (`tools/call`, and `relay__call_tool`).
@@ -676,10 +676,13 @@ impl Relay {
             | method::RESOURCES_TEMPLATES_LIST => {
                 self.settle().await;
                 let cat = self.catalog();
+                let view = self.view();
+                let exposed = ctx.session.state().exposed.clone();
                 let tools;
                 let (items, field) = match m {
                     method::TOOLS_LIST => {
-                        tools = self.session_tools(&ctx.session);
+                        tools =
+                            selection::session_tools(&view, exposed.as_deref(), self.admin_tools());
                         (&tools[..], "tools")
                     }
                     method::PROMPTS_LIST => (&cat.prompts[..], "prompts"),

@@ -341,18 +341,14 @@ pub fn status(relay: &Relay) -> Value {
 
 /// The filtering mode, how many tools sessions may see, and the LLM step's counters.
 fn tool_selection(relay: &Relay, cfg: &Config) -> Value {
-    use crate::config::filtering::{Exposure, Mode};
+    use crate::config::filtering::Mode;
     let f = &cfg.tool_filtering;
     let mut v = json!({
-        "mode": match f.mode { Mode::All => "all", Mode::Static => "static", Mode::Prompt => "prompt" },
+        "mode": f.mode.label(),
         "visibleTools": relay.view().tools.len(),
     });
     if f.mode == Mode::Prompt {
-        v["defaultExposure"] = json!(match f.default_exposure {
-            Exposure::MetaOnly => "meta-only",
-            Exposure::None => "none",
-            Exposure::All => "all",
-        });
+        v["defaultExposure"] = json!(f.default_exposure.label());
         if let Some(llm) = &f.llm {
             let mut stats = relay.llm_stats.snapshot();
             stats["model"] = json!(llm.model);

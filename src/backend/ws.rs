@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::mpsc;
 use tokio_tungstenite::tungstenite::client::IntoClientRequest;
-use tokio_tungstenite::tungstenite::http::{HeaderName, HeaderValue};
+use tokio_tungstenite::tungstenite::http::HeaderValue;
 use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::tungstenite::{self, Message};
 use tokio_util::sync::CancellationToken;
@@ -31,14 +31,7 @@ impl Ws {
         let mut req = url
             .into_client_request()
             .map_err(|e| format!("`url` is not a valid WebSocket URL: {e}"))?;
-        for (k, v) in headers {
-            let name = HeaderName::from_bytes(k.as_bytes())
-                .map_err(|_| format!("header name `{k}` is not valid"))?;
-            // The value is a secret as far as errors go: never echoed.
-            let value = HeaderValue::from_str(v)
-                .map_err(|_| format!("the value of header `{k}` is not a valid header value"))?;
-            req.headers_mut().insert(name, value);
-        }
+        req.headers_mut().extend(super::http::header_map(headers)?);
         let plain = req.clone();
         let ours = !req.headers().contains_key("sec-websocket-protocol");
         if ours {

@@ -785,19 +785,14 @@ fn bench_rank(root: &Path) -> Res<()> {
     let mut docs = Vec::new();
     for copy in 0..19 {
         for t in &tools {
+            let mut t = t.clone();
             let server = format!("{}-{copy}", t["server"].as_str().unwrap_or_default());
-            let name = t["name"].as_str().unwrap_or_default();
-            let text = format!(
-                "{} {}",
-                t["server_title"].as_str().unwrap_or_default(),
-                t["server_description"].as_str().unwrap_or_default()
-            );
-            docs.push(rank::ToolDoc::from_tool(
-                format!("{server}__{name}"),
-                &server,
-                &text,
-                t,
+            t["id"] = json!(format!(
+                "{server}__{}",
+                t["name"].as_str().unwrap_or_default()
             ));
+            t["server"] = json!(server);
+            docs.extend(rank::ToolDoc::from_catalog_line(&t));
         }
     }
     let n = docs.len();

@@ -27,31 +27,12 @@ fn text<'a>(v: &'a Value, key: &str) -> &'a str {
     v.get(key).and_then(Value::as_str).unwrap_or_default()
 }
 
-/// A catalog line as the relay would index the tool.
-pub fn doc(line: &Value) -> Option<ToolDoc> {
-    let id = text(line, "id");
-    let name = text(line, "name");
-    let id = if id.is_empty() { name } else { id };
-    if id.is_empty() {
-        return None;
-    }
-    let server = text(line, "server");
-    let server_text = format!(
-        "{} {}",
-        text(line, "server_title"),
-        text(line, "server_description")
-    );
-    Some(ToolDoc::from_tool(
-        id.to_owned(),
-        server,
-        server_text.trim(),
-        line,
-    ))
-}
-
 pub fn rank(catalog: &Path, queries: &Path, top: usize) -> ExitCode {
     let run = || -> Result<(), String> {
-        let docs: Vec<ToolDoc> = lines(catalog)?.iter().filter_map(doc).collect();
+        let docs: Vec<ToolDoc> = lines(catalog)?
+            .iter()
+            .filter_map(ToolDoc::from_catalog_line)
+            .collect();
         let index = selection::build_index(docs);
         let stdout = std::io::stdout();
         let mut out = std::io::BufWriter::new(stdout.lock());

@@ -136,7 +136,58 @@ const LLM_KEYS: &[&str] = &[
     "candidates",
 ];
 
+/// The spellings of [`Mode`] and [`Exposure`] in the file (and in status output).
+const MODES: &[(&str, Mode)] = &[
+    ("all", Mode::All),
+    ("static", Mode::Static),
+    ("prompt", Mode::Prompt),
+];
+const EXPOSURES: &[(&str, Exposure)] = &[
+    ("meta-only", Exposure::MetaOnly),
+    ("none", Exposure::None),
+    ("all", Exposure::All),
+];
+
+fn label<T: PartialEq>(table: &[(&'static str, T)], v: &T) -> &'static str {
+    table.iter().find(|(_, x)| x == v).map_or("", |(n, _)| n)
+}
+
+impl Mode {
+    pub fn label(&self) -> &'static str {
+        label(MODES, self)
+    }
+}
+
+impl Exposure {
+    pub fn label(&self) -> &'static str {
+        label(EXPOSURES, self)
+    }
+}
+
 impl Validator<'_> {
+    /// A string setting that must be one of `table`'s names.
+    fn opt_choice<T: Copy>(
+        &mut self,
+        map: &Map<String, Value>,
+        at: &str,
+        key: &str,
+        table: &[(&str, T)],
+    ) -> Option<T> {
+        let given = self.opt_string(map, at, key)?;
+        let found = table.iter().find(|(n, _)| *n == given).map(|(_, v)| *v);
+        if found.is_none() {
+            let names: Vec<String> = table.iter().map(|(n, _)| format!("\"{n}\"")).collect();
+            self.problem(
+                &format!("{at}.{key}"),
+                format!(
+                    "`{given}` is not a valid {key}; use one of {}",
+                    names.join(", ")
+                ),
+            );
+        }
+        found
+    }
+
     pub(super) fn tool_filtering(&mut self, v: &Value) -> ToolFiltering {
         let mut f = ToolFiltering::default();
         let at = "toolFiltering";
@@ -145,27 +196,11 @@ impl Validator<'_> {
             return f;
         };
         self.unknown_keys(map, at, KEYS);
-        if let Some(m) = self.opt_string(map, at, "mode") {
-            match m.as_str() {
-                "all" => f.mode = Mode::All,
-                "static" => f.mode = Mode::Static,
-                "prompt" => f.mode = Mode::Prompt,
-                _ => self.problem(
-                    &format!("{at}.mode"),
-                    format!("`{m}` is not a mode; use \"all\", \"static\" or \"prompt\""),
-                ),
-            }
+        if let Some(m) = self.opt_choice(map, at, "mode", MODES) {
+            f.mode = m;
         }
-        if let Some(e) = self.opt_string(map, at, "defaultExposure") {
-            match e.as_str() {
-                "meta-only" => f.default_exposure = Exposure::MetaOnly,
-                "none" => f.default_exposure = Exposure::None,
-                "all" => f.default_exposure = Exposure::All,
-                _ => self.problem(
-                    &format!("{at}.defaultExposure"),
-                    format!("`{e}` is not an exposure; use \"meta-only\", \"none\" or \"all\""),
-                ),
-            }
+        if let Some(e) = self.opt_choice(map, at, "defaultExposure", EXPOSURES) {
+            f.default_exposure = e;
         }
         if let Some(n) = self.opt_uint(map, at, "maxTools", 1) {
             f.max_tools = usize::try_from(n).unwrap_or(usize::MAX);
@@ -339,7 +374,7 @@ mod tests {
         };
         let all = problems.join("\n");
         for needle in [
-            "toolFiltering.mode: `smart` is not a mode",
+            "toolFiltering.mode: `smart` is not a valid mode",
             "toolFiltering.defaultExposure: must be a string",
             "toolFiltering.maxTools: must be a whole number of at least 1",
             "toolFiltering.servers.fs.allow[0]: `[a` is not a valid glob",

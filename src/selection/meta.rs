@@ -134,7 +134,7 @@ async fn analyze(relay: &Arc<Relay>, ctx: &ReqCtx, args: &Value) -> Box<RawValue
                 super::rank(&view, prompt, settings.candidates.max(limit))
                     .into_iter()
                     .map(|p| {
-                        let d = description(&view, &p.name);
+                        let d = view.description(&p.name).to_owned();
                         (p, d)
                     })
                     .collect();
@@ -210,17 +210,6 @@ async fn analyze(relay: &Arc<Relay>, ctx: &ReqCtx, args: &Value) -> Box<RawValue
     )
 }
 
-fn description(view: &super::View, name: &str) -> String {
-    view.position(name)
-        .and_then(|i| serde_json::from_str::<Value>(view.tools[i].get()).ok())
-        .and_then(|t| {
-            t.get("description")
-                .and_then(Value::as_str)
-                .map(str::to_owned)
-        })
-        .unwrap_or_default()
-}
-
 fn search(relay: &Arc<Relay>, args: &Value) -> Box<RawValue> {
     let query = args
         .get("query")
@@ -245,7 +234,7 @@ fn search(relay: &Arc<Relay>, args: &Value) -> Box<RawValue> {
             "- {} (server {}): {}\n",
             p.name,
             p.server,
-            super::truncate(&description(&view, &p.name), 200)
+            super::truncate(view.description(&p.name), 200)
         ));
     }
     success(text, json!({"tools": super::describe(&view, &picks, true)}))

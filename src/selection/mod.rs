@@ -17,6 +17,7 @@ use crate::protocol::to_raw;
 use rank::{Analyzed, Index, Params, ToolDoc};
 use serde_json::value::RawValue;
 use serde_json::{Value, json};
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, LazyLock, OnceLock};
 
@@ -86,7 +87,6 @@ pub struct View {
     /// The rules this view was built with.
     pub filtering: ToolFiltering,
     pub tools: Vec<Arc<RawValue>>,
-    pub names: Vec<String>,
     pub targets: Vec<Target>,
     position: HashMap<String, usize>,
     docs: Vec<Arc<Analyzed>>,
@@ -122,24 +122,26 @@ impl View {
             if !filtering.permits(&target.server, &target.name) {
                 continue;
             }
-            let stext = server_text
-                .get(&*target.server)
-                .copied()
-                .unwrap_or_default();
-            let key = format!("{name}\n{stext}\n{}", raw.get());
-            let doc = cache.0.remove(&key).unwrap_or_else(|| {
-                let tool: Value = serde_json::from_str(raw.get()).unwrap_or(Value::Null);
-                let mut doc = ToolDoc::from_tool(name.clone(), &target.server, stext, &tool);
-                // Rank on the tool's own name; the exposed one only adds the prefix.
-                doc.name = target.name.to_string();
-                Arc::new(Analyzed::new(doc))
-            });
-            fresh.insert(key, doc.clone());
+            // Only prompt mode ranks: the other modes skip the analysis of every tool.
+            if filtering.mode == Mode::Prompt {
+                let stext = server_text
+                    .get(&*target.server)
+                    .copied()
+                    .unwrap_or_default();
+                let key = format!("{name}\n{stext}\n{}", raw.get());
+                let doc = cache.0.remove(&key).unwrap_or_else(|| {
+                    let tool: Value = serde_json::from_str(raw.get()).unwrap_or(Value::Null);
+                    let mut doc = ToolDoc::from_tool(name.clone(), &target.server, stext, &tool);
+                    // Rank on the tool's own name; the exposed one only adds the prefix.
+                    doc.name = target.name.to_string();
+                    Arc::new(Analyzed::new(doc))
+                });
+                fresh.insert(key, doc.clone());
+                v.docs.push(doc);
+            }
             v.position.insert(name.clone(), v.tools.len());
             v.tools.push(raw.clone());
-            v.names.push(name.clone());
             v.targets.push(target.clone());
-            v.docs.push(doc);
         }
         cache.0 = fresh;
         v
@@ -155,8 +157,16 @@ impl View {
         self.position(name).map(|i| &self.targets[i])
     }
 
+    /// The ranking index (empty outside prompt mode), built on first use.
     pub fn index(&self) -> &Index {
         self.index.get_or_init(|| index_of(self.docs.clone()))
+    }
+
+    /// A tool's description as the ranker saw it (prompt mode).
+    pub fn description(&self, name: &str) -> &str {
+        self.position(name)
+            .and_then(|i| self.docs.get(i))
+            .map_or("", |d| d.doc.description.as_str())
     }
 }
 
@@ -178,20 +188,21 @@ pub fn rank_index(index: &Index, prompt: &str, limit: usize) -> Vec<rank::Hit> {
     index.rank(truncate(prompt, MAX_PROMPT_BYTES), limit)
 }
 
-/// The tool list of a session: `exposed` is what it picked (`None`: nothing yet).
-pub fn session_tools(
-    view: &View,
+/// The tool list of a session: `exposed` is what it picked (`None`: nothing yet). Outside
+/// prompt mode and without management tools it is the view's own list, not a copy.
+pub fn session_tools<'a>(
+    view: &'a View,
     exposed: Option<&[String]>,
     admin: &[Arc<RawValue>],
-) -> Vec<Arc<RawValue>> {
+) -> Cow<'a, [Arc<RawValue>]> {
     let filtering = &view.filtering;
-    let mut out = Vec::new();
     if filtering.mode != Mode::Prompt {
-        out.extend(admin.iter().cloned());
-        out.extend(view.tools.iter().cloned());
-        return out;
+        if admin.is_empty() {
+            return Cow::Borrowed(&view.tools);
+        }
+        return Cow::Owned(admin.iter().chain(&view.tools).cloned().collect());
     }
-    out.extend(definitions().iter().cloned());
+    let mut out: Vec<Arc<RawValue>> = definitions().to_vec();
     if filtering.default_exposure != Exposure::None {
         out.extend(admin.iter().cloned());
     }
@@ -207,7 +218,7 @@ pub fn session_tools(
         }
         None => {}
     }
-    out
+    Cow::Owned(out)
 }
 
 /// One tool chosen for a prompt.
@@ -279,21 +290,19 @@ pub fn describe(view: &View, picks: &[Pick], with_schema: bool) -> Vec<Value> {
     picks
         .iter()
         .map(|p| {
-            let tool: Value = view
-                .position(&p.name)
-                .and_then(|i| serde_json::from_str(view.tools[i].get()).ok())
-                .unwrap_or(Value::Null);
             let mut v = json!({
                 "name": p.name,
                 "server": p.server,
                 "score": (p.score * 100.0).round() / 100.0,
                 "reason": p.reason,
+                "description": view.description(&p.name),
             });
-            if let Some(d) = tool.get("description") {
-                v["description"] = d.clone();
-            }
-            if with_schema && let Some(s) = tool.get("inputSchema") {
-                v["inputSchema"] = s.clone();
+            if with_schema
+                && let Some(i) = view.position(&p.name)
+                && let Ok(mut tool) = serde_json::from_str::<Value>(view.tools[i].get())
+                && let Some(schema) = tool.get_mut("inputSchema")
+            {
+                v["inputSchema"] = schema.take();
             }
             v
         })

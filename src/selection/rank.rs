@@ -46,6 +46,28 @@ impl ToolDoc {
     }
 }
 
+impl ToolDoc {
+    /// A line of a catalog file (`mcp-relay tools rank`, `tests/data/toolsel`): `id` (else
+    /// `name`), `name`, `description`, optional `server`, `server_title`,
+    /// `server_description`, `title`, `input_schema` or `inputSchema`.
+    pub fn from_catalog_line(line: &Value) -> Option<ToolDoc> {
+        let text = |key: &str| line.get(key).and_then(Value::as_str).unwrap_or_default();
+        let id = Some(text("id"))
+            .filter(|i| !i.is_empty())
+            .unwrap_or(text("name"));
+        if id.is_empty() {
+            return None;
+        }
+        let server_text = format!("{} {}", text("server_title"), text("server_description"));
+        Some(ToolDoc::from_tool(
+            id.to_owned(),
+            text("server"),
+            server_text.trim(),
+            line,
+        ))
+    }
+}
+
 /// Property names and descriptions of a JSON schema, one level of nesting deep.
 pub fn schema_text(schema: Option<&Value>) -> String {
     let mut out = String::new();
@@ -125,10 +147,6 @@ impl Analyzed {
             text::tokenize(&doc.server_text),
         ];
         Analyzed { doc, fields }
-    }
-
-    fn has_text(&self) -> bool {
-        self.fields.iter().any(|f| !f.is_empty())
     }
 }
 
@@ -210,21 +228,8 @@ impl Index {
         }
     }
 
-    pub fn len(&self) -> usize {
-        self.docs.len()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.docs.is_empty()
-    }
-
     pub fn doc(&self, i: usize) -> Option<&ToolDoc> {
         self.docs.get(i).map(|d| &d.doc)
-    }
-
-    /// Whether any tool has text to match (a catalog of bare names still has its names).
-    pub fn has_text(&self) -> bool {
-        self.docs.iter().any(|d| d.has_text())
     }
 
     /// The best `limit` tools for `query`, best first; tools that neither match a query
