@@ -59,7 +59,7 @@ pub fn socket_dir() -> Result<PathBuf, String> {
 
 /// The key of a config file: a hash of its canonical path.
 pub fn config_key(config: &Path) -> String {
-    let canonical = std::fs::canonicalize(config).unwrap_or_else(|_| config.to_path_buf());
+    let canonical = crate::config::store::target(config);
     let digest = Sha256::digest(canonical.as_os_str().as_encoded_bytes());
     digest.iter().take(8).map(|b| format!("{b:02x}")).collect()
 }

@@ -62,10 +62,7 @@ fn watch_file(
     // A symlinked config is watched where its target lives (that is what writes replace).
     let path = &crate::config::store::target(path);
     let name = path.file_name()?.to_owned();
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
-        _ => std::path::PathBuf::from("."),
-    };
+    let dir = crate::config::store::parent(path);
     let handler = move |res: notify::Result<notify::Event>| {
         let Ok(event) = res else { return };
         if matches!(event.kind, notify::EventKind::Access(_)) {

@@ -3,6 +3,7 @@
 
 use super::Backend;
 use crate::protocol::lines::{Frame, LineBuffer};
+use crate::sync::lock;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use std::collections::{BTreeMap, VecDeque};
@@ -82,9 +83,7 @@ impl Stdio {
             let mut lines = BufReader::new(stderr).lines();
             while let Ok(Some(line)) = lines.next_line().await {
                 tracing::info!(server = %name, "stderr: {line}");
-                let mut t = tail
-                    .lock()
-                    .unwrap_or_else(std::sync::PoisonError::into_inner);
+                let mut t = lock(&tail);
                 if t.len() == STDERR_TAIL {
                     t.pop_front();
                 }
@@ -131,10 +130,7 @@ impl Stdio {
     }
 
     pub fn send(&self, msg: String) -> Result<(), String> {
-        let guard = self
-            .tx
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let guard = lock(&self.tx);
         match guard.as_ref() {
             Some(tx) => tx
                 .send(msg)
@@ -150,10 +146,7 @@ impl Stdio {
             .borrow()
             .clone()
             .unwrap_or_else(|| "the process stopped".to_owned());
-        let tail = self
-            .stderr_tail
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let tail = lock(&self.stderr_tail);
         if tail.is_empty() {
             base
         } else {
@@ -170,10 +163,7 @@ impl Stdio {
 
     /// The spec's shutdown ladder: close stdin, wait, SIGTERM the group, wait, SIGKILL it.
     pub async fn shutdown(&self, grace: Duration) {
-        self.tx
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .take();
+        lock(&self.tx).take();
         let mut exit = self.exit.clone();
         if tokio::time::timeout(grace, exit.wait_for(Option::is_some))
             .await

@@ -195,18 +195,18 @@ impl Validator<'_> {
             self.problem(at, "must be an object".into());
             return f;
         };
-        self.unknown_keys(map, at, KEYS);
+        self.unknown_keys(map, at, KEYS, "setting");
         if let Some(m) = self.opt_choice(map, at, "mode", MODES) {
             f.mode = m;
         }
         if let Some(e) = self.opt_choice(map, at, "defaultExposure", EXPOSURES) {
             f.default_exposure = e;
         }
-        if let Some(n) = self.opt_uint(map, at, "maxTools", 1) {
-            f.max_tools = usize::try_from(n).unwrap_or(usize::MAX);
+        if let Some(n) = self.opt_usize(map, at, "maxTools", 1) {
+            f.max_tools = n;
         }
-        if let Some(n) = self.opt_uint(map, at, "maxExposed", 1) {
-            f.max_exposed = usize::try_from(n).unwrap_or(usize::MAX);
+        if let Some(n) = self.opt_usize(map, at, "maxExposed", 1) {
+            f.max_exposed = n;
         }
         match map.get("servers") {
             None => {}
@@ -217,7 +217,7 @@ impl Validator<'_> {
                         self.problem(&at, "must be an object with `allow` and/or `deny`".into());
                         continue;
                     };
-                    self.unknown_keys(rules, &at, &["allow", "deny"]);
+                    self.unknown_keys(rules, &at, &["allow", "deny"], "setting");
                     let allow = self.globs(rules, &at, "allow");
                     let deny = self.globs(rules, &at, "deny");
                     f.servers.insert(name.clone(), ToolRules { allow, deny });
@@ -265,7 +265,7 @@ impl Validator<'_> {
             self.problem(at, "must be an object".into());
             return None;
         };
-        self.unknown_keys(map, at, LLM_KEYS);
+        self.unknown_keys(map, at, LLM_KEYS, "setting");
         if let Some(p) = self.opt_string(map, at, "provider")
             && p != "openai-compatible"
         {
@@ -306,21 +306,8 @@ impl Validator<'_> {
             timeout: Duration::from_millis(self.opt_uint(map, at, "timeoutMs", 1).unwrap_or(5000)),
             confidence_threshold: threshold,
             fallback_to_local: self.opt_bool(map, at, "fallbackToLocal").unwrap_or(true),
-            candidates: self
-                .opt_uint(map, at, "candidates", 1)
-                .map_or(30, |n| usize::try_from(n).unwrap_or(usize::MAX)),
+            candidates: self.opt_usize(map, at, "candidates", 1).unwrap_or(30),
         })
-    }
-
-    fn unknown_keys(&mut self, map: &Map<String, Value>, at: &str, known: &[&str]) {
-        for key in map.keys() {
-            if !known.contains(&key.as_str()) {
-                self.problem(
-                    &format!("{at}.{key}"),
-                    format!("unknown setting; known settings: {}", known.join(", ")),
-                );
-            }
-        }
     }
 }
 

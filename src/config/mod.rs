@@ -409,17 +409,7 @@ impl Validator<'_> {
             self.problem("relay", "must be an object".into());
             return s;
         };
-        for key in map.keys() {
-            if !RELAY_KEYS.contains(&key.as_str()) {
-                self.problem(
-                    &format!("relay.{key}"),
-                    format!(
-                        "unknown relay setting; known settings: {}",
-                        RELAY_KEYS.join(", ")
-                    ),
-                );
-            }
-        }
+        self.unknown_keys(map, "relay", RELAY_KEYS, "relay setting");
         if let Some(l) = self.opt_string(map, "relay", "listen") {
             match l.parse::<SocketAddr>() {
                 Ok(a) => s.listen = a,
@@ -432,23 +422,23 @@ impl Validator<'_> {
         if let Some(ms) = self.opt_uint(map, "relay", "requestTimeoutMs", 1) {
             s.request_timeout = Duration::from_millis(ms);
         }
-        if let Some(b) = self.opt_uint(map, "relay", "maxMessageBytes", 1024) {
-            s.max_message_bytes = usize::try_from(b).unwrap_or(usize::MAX);
+        if let Some(b) = self.opt_usize(map, "relay", "maxMessageBytes", 1024) {
+            s.max_message_bytes = b;
         }
         if let Some(ms) = self.opt_uint(map, "relay", "startupWaitMs", 0) {
             s.startup_wait = Duration::from_millis(ms);
         }
-        if let Some(n) = self.opt_uint(map, "relay", "pageSize", 1) {
-            s.page_size = usize::try_from(n).unwrap_or(usize::MAX);
+        if let Some(n) = self.opt_usize(map, "relay", "pageSize", 1) {
+            s.page_size = n;
         }
-        if let Some(n) = self.opt_uint(map, "relay", "replayEvents", 0) {
-            s.replay_events = usize::try_from(n).unwrap_or(usize::MAX);
+        if let Some(n) = self.opt_usize(map, "relay", "replayEvents", 0) {
+            s.replay_events = n;
         }
         if let Some(n) = self.opt_uint(map, "relay", "sseRetryMs", 0) {
             s.sse_retry_ms = n;
         }
-        if let Some(n) = self.opt_uint(map, "relay", "configBackups", 0) {
-            s.config_backups = usize::try_from(n).unwrap_or(usize::MAX);
+        if let Some(n) = self.opt_usize(map, "relay", "configBackups", 0) {
+            s.config_backups = n;
         }
         if let Some(b) = self.opt_bool(map, "relay", "management") {
             s.management = b;
@@ -464,8 +454,8 @@ impl Validator<'_> {
         if let Some(v) = self.opt_uint(map, "relay", "restartBackoffMaxMs", 1) {
             sup.backoff_max = ms(v);
         }
-        if let Some(v) = self.opt_uint(map, "relay", "startLimitBurst", 1) {
-            sup.start_limit_burst = usize::try_from(v).unwrap_or(usize::MAX);
+        if let Some(v) = self.opt_usize(map, "relay", "startLimitBurst", 1) {
+            sup.start_limit_burst = v;
         }
         if let Some(v) = self.opt_uint(map, "relay", "startLimitIntervalMs", 0) {
             sup.start_limit_interval = ms(v);
@@ -611,12 +601,8 @@ impl Validator<'_> {
                 _ => TransportConfig::Sse { url, headers },
             }
         };
-        let max_in_flight = self
-            .opt_uint(map, &at, "maxInFlight", 1)
-            .map_or(256, |n| usize::try_from(n).unwrap_or(usize::MAX));
-        let max_queued = self
-            .opt_uint(map, &at, "maxQueued", 0)
-            .map_or(1024, |n| usize::try_from(n).unwrap_or(usize::MAX));
+        let max_in_flight = self.opt_usize(map, &at, "maxInFlight", 1).unwrap_or(256);
+        let max_queued = self.opt_usize(map, &at, "maxQueued", 0).unwrap_or(1024);
         let retry_on_reconnect = match map.get("retryOnReconnect") {
             None | Some(Value::Bool(false)) => Retry::Never,
             Some(Value::Bool(true)) => Retry::Always,
@@ -724,6 +710,30 @@ impl Validator<'_> {
             _ => {
                 self.problem(&format!("{at}.{key}"), "must be true or false".into());
                 None
+            }
+        }
+    }
+
+    /// [`Self::opt_uint`] as a `usize` (saturating).
+    fn opt_usize(
+        &mut self,
+        map: &Map<String, Value>,
+        at: &str,
+        key: &str,
+        min: u64,
+    ) -> Option<usize> {
+        self.opt_uint(map, at, key, min)
+            .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
+    /// Reports keys of `map` not in `known` (`what` names them: "relay setting").
+    fn unknown_keys(&mut self, map: &Map<String, Value>, at: &str, known: &[&str], what: &str) {
+        for key in map.keys() {
+            if !known.contains(&key.as_str()) {
+                self.problem(
+                    &format!("{at}.{key}"),
+                    format!("unknown {what}; known settings: {}", known.join(", ")),
+                );
             }
         }
     }

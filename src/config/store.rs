@@ -319,7 +319,8 @@ fn create_new(path: &Path, mode: u32) -> std::io::Result<File> {
         .open(path)
 }
 
-fn parent(path: &Path) -> PathBuf {
+/// The directory holding `path` (`.` for a bare file name).
+pub fn parent(path: &Path) -> PathBuf {
     match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p.to_path_buf(),
         _ => PathBuf::from("."),
