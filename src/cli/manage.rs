@@ -72,11 +72,13 @@ fn running(config: Option<PathBuf>) -> Result<Vec<PathBuf>, ExitCode> {
     Ok(sockets)
 }
 
-/// `relay.configBackups` of the config file (the default if it cannot be read).
+/// `relay.configBackups` of the config file (the default if it cannot be read). Variables
+/// unset in this shell do not make it fall back (see [`any_var`]).
 fn keep_backups(path: &Path) -> usize {
-    config::load(path)
-        .map(|c| c.relay.config_backups)
-        .unwrap_or(store::DEFAULT_BACKUPS)
+    std::fs::read_to_string(path)
+        .ok()
+        .and_then(|text| config::parse(&text, &path.display().to_string(), &any_var).ok())
+        .map_or(store::DEFAULT_BACKUPS, |c| c.relay.config_backups)
 }
 
 pub fn status(config: Option<PathBuf>, as_json: bool) -> ExitCode {
@@ -489,7 +491,8 @@ pub fn restore(config: Option<PathBuf>, backup: Option<PathBuf>) -> ExitCode {
         Err(c) => return c,
     };
     let chosen = match backup {
-        Some(b) if b.components().count() == 1 => path.parent().map_or(b.clone(), |d| d.join(&b)),
+        // Backups live beside the file a symlinked config points to.
+        Some(b) if b.components().count() == 1 => store::parent(&store::target(&path)).join(&b),
         Some(b) => b,
         None => match store::backups(&path).pop() {
             Some(b) => b,

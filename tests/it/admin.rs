@@ -692,3 +692,49 @@ fn status_never_shows_secrets() -> Result {
     assert!(t.contains("TOKEN") && t.contains("Authorization"), "{t}");
     Ok(())
 }
+
+/// The CLI honours `configBackups` even when the file refers to variables its own shell
+/// lacks (the relay's environment may differ), and restores a backup by the name
+/// `config backups` prints when the config is a symlink.
+#[test]
+fn cli_backups_follow_the_file_not_the_shell() -> Result {
+    let dir = tempfile::tempdir()?;
+    let real = dir.path().join("real");
+    std::fs::create_dir(&real)?;
+    let cfg = json!({
+        "mcpServers": {"a": {"command": "x", "env": {"TOKEN": "${MCP_RELAY_TEST_UNSET_VAR}"}, "disabled": true}},
+        "relay": {"configBackups": 1}
+    });
+    let file = real.join("relay.json");
+    std::fs::write(&file, serde_json::to_vec_pretty(&cfg)?)?;
+    let link = dir.path().join("relay.json");
+    std::os::unix::fs::symlink(&file, &link)?;
+    for n in ["b", "c", "d"] {
+        let out = cli(
+            dir.path(),
+            &link,
+            &["servers", "add", n, "--disabled", "--", "x"],
+        )?;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    let kept = backups(&real)?;
+    assert_eq!(kept.len(), 1, "{kept:?}");
+    let out = cli(dir.path(), &link, &["config", "restore", &kept[0]])?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let restored = read_json(&link)?;
+    let names: Vec<&String> = restored["mcpServers"]
+        .as_object()
+        .ok_or("no servers")?
+        .keys()
+        .collect();
+    assert_eq!(names, ["a", "b", "c"], "{restored}");
+    Ok(())
+}
