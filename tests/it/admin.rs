@@ -14,14 +14,10 @@ fn tool_names(list: &Value) -> Vec<String> {
     names(list, "tools")
 }
 
-fn call(c: &mut StdioClient, id: u64, name: &str, args: Value) -> Result<Value> {
-    c.request(id, "tools/call", json!({"name": name, "arguments": args}))
-}
-
 /// The text of a tool result (or the error message).
 fn text(r: &Value) -> String {
-    r["result"]["content"][0]["text"]
-        .as_str()
+    Some(crate::support::text(r))
+        .filter(|t| !t.is_empty())
         .or_else(|| r["error"]["message"].as_str())
         .unwrap_or_default()
         .to_owned()
@@ -128,7 +124,7 @@ fn management_tools_change_servers_live_and_persist() -> Result {
     let tools = tool_names(&c.request(3, "tools/list", json!({}))?);
     assert!(tools.contains(&"more__echo".to_owned()), "{tools:?}");
     assert_eq!(
-        text(&call(&mut c, 4, "more__echo", json!({"message":"hi"}))?),
+        text(&c.call_tool(4, "more__echo", json!({"message":"hi"}))?),
         "Echo: hi"
     );
 
@@ -143,8 +139,8 @@ fn management_tools_change_servers_live_and_persist() -> Result {
     assert_eq!(backups(&dir)?.len(), 1);
 
     // Status and listings show env keys, never values.
-    let status = call(&mut c, 5, "relay__status", json!({}))?;
-    let listing = call(&mut c, 6, "relay__list_servers", json!({}))?;
+    let status = c.call_tool(5, "relay__status", json!({}))?;
+    let listing = c.call_tool(6, "relay__list_servers", json!({}))?;
     for r in [&status, &listing] {
         assert!(!r.to_string().contains("hunter2"), "{r}");
     }
@@ -154,16 +150,14 @@ fn management_tools_change_servers_live_and_persist() -> Result {
     assert_eq!(st["servers"].as_array().map(Vec::len), Some(2), "{st}");
 
     // Errors are tool errors with a reason.
-    let dup = call(
-        &mut c,
+    let dup = c.call_tool(
         7,
         "relay__add_server",
         json!({"name":"more","config":example("x")}),
     )?;
     assert_eq!(dup["result"]["isError"], true);
     assert!(text(&dup).contains("already exists"), "{dup}");
-    let bad = call(
-        &mut c,
+    let bad = c.call_tool(
         8,
         "relay__add_server",
         json!({"name":"relay","config":example("x")}),
@@ -171,12 +165,12 @@ fn management_tools_change_servers_live_and_persist() -> Result {
     assert!(text(&bad).contains("reserved"), "{bad}");
 
     // Restart keeps the tools; remove takes them away.
-    let r = call(&mut c, 9, "relay__restart_server", json!({"name":"more"}))?;
+    let r = c.call_tool(9, "relay__restart_server", json!({"name":"more"}))?;
     assert_eq!(
         r["result"]["structuredContent"]["server"]["state"], "ready",
         "{r}"
     );
-    let r = call(&mut c, 10, "relay__remove_server", json!({"name":"more"}))?;
+    let r = c.call_tool(10, "relay__remove_server", json!({"name":"more"}))?;
     assert_eq!(
         r["result"]["structuredContent"]["applied"]["removed"],
         json!(["more"]),
@@ -184,11 +178,11 @@ fn management_tools_change_servers_live_and_persist() -> Result {
     );
     let tools = tool_names(&c.request(11, "tools/list", json!({}))?);
     assert!(!tools.iter().any(|t| t.starts_with("more__")), "{tools:?}");
-    let gone = call(&mut c, 12, "more__echo", json!({"message":"x"}))?;
+    let gone = c.call_tool(12, "more__echo", json!({"message":"x"}))?;
     assert!(text(&gone).contains("unknown tool"), "{gone}");
     assert!(read_json(&c.config)?["mcpServers"].get("more").is_none());
     assert_eq!(
-        text(&call(&mut c, 13, "ex__echo", json!({"message":"still"}))?),
+        text(&c.call_tool(13, "ex__echo", json!({"message":"still"}))?),
         "Echo: still"
     );
     Ok(())
@@ -207,7 +201,7 @@ fn config_file_edits_are_followed_and_invalid_edits_rejected() -> Result {
     std::fs::write(&c.config, serde_json::to_vec_pretty(&v)?)?;
     wait_for_tools(&mut c, 100, |t| t.contains(&"more__echo".to_owned()))?;
     assert_eq!(
-        text(&call(&mut c, 2, "more__echo", json!({"message":"a"}))?),
+        text(&c.call_tool(2, "more__echo", json!({"message":"a"}))?),
         "Echo: a"
     );
 
@@ -222,7 +216,7 @@ fn config_file_edits_are_followed_and_invalid_edits_rejected() -> Result {
     let mut id = 300;
     let err = poll("a config error in status", || {
         id += 1;
-        let s = call(&mut c, id, "relay__status", json!({}))?;
+        let s = c.call_tool(id, "relay__status", json!({}))?;
         Ok(s["result"]["structuredContent"]["configError"]
             .as_str()
             .map(str::to_owned)
@@ -233,7 +227,7 @@ fn config_file_edits_are_followed_and_invalid_edits_rejected() -> Result {
         "{err}"
     );
     assert_eq!(
-        text(&call(&mut c, 3, "ex__echo", json!({"message":"b"}))?),
+        text(&c.call_tool(3, "ex__echo", json!({"message":"b"}))?),
         "Echo: b"
     );
 
@@ -245,19 +239,19 @@ fn config_file_edits_are_followed_and_invalid_edits_rejected() -> Result {
         .ok_or("no servers")?
         .remove("ex");
     std::fs::write(&c.config, serde_json::to_vec_pretty(&v)?)?;
-    let r = call(&mut c, 4, "relay__reload_config", json!({}))?;
+    let r = c.call_tool(4, "relay__reload_config", json!({}))?;
     assert_eq!(r["result"]["isError"], true, "{r}");
     assert!(text(&r).contains("mcpServers.bad.type"), "{r}");
     assert_eq!(
-        text(&call(&mut c, 5, "ex__echo", json!({"message":"c"}))?),
+        text(&c.call_tool(5, "ex__echo", json!({"message":"c"}))?),
         "Echo: c"
     );
 
     // Fixed: applied, and the error clears.
     std::fs::write(&c.config, &original)?;
-    let r = call(&mut c, 6, "relay__reload_config", json!({}))?;
+    let r = c.call_tool(6, "relay__reload_config", json!({}))?;
     assert_eq!(r["result"]["isError"], Value::Null, "{r}");
-    let s = call(&mut c, 7, "relay__status", json!({}))?;
+    let s = c.call_tool(7, "relay__status", json!({}))?;
     assert_eq!(
         s["result"]["structuredContent"]["configError"],
         Value::Null,
@@ -562,8 +556,7 @@ fn a_full_disk_fails_the_change_and_keeps_the_old_file() -> Result {
         }
         assert!(full, "the 64k tmpfs never filled");
     }
-    let r = call(
-        &mut c,
+    let r = c.call_tool(
         1,
         "relay__add_server",
         json!({"name":"more","config":example("more")}),
@@ -579,12 +572,11 @@ fn a_full_disk_fails_the_change_and_keeps_the_old_file() -> Result {
     assert!(left.is_empty(), "left behind: {left:?}");
     // The relay runs on; with space again the change goes through.
     assert_eq!(
-        text(&call(&mut c, 2, "ex__echo", json!({"message":"ok"}))?),
+        text(&c.call_tool(2, "ex__echo", json!({"message":"ok"}))?),
         "Echo: ok"
     );
     std::fs::remove_file(&filler)?;
-    let r = call(
-        &mut c,
+    let r = c.call_tool(
         3,
         "relay__add_server",
         json!({"name":"more","config":example("more")}),
@@ -602,8 +594,7 @@ fn readonly_dir_keeps_the_old_file() -> Result {
     let before = std::fs::read(&c.config)?;
     let dir = c.dir.path().to_owned();
     std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o555))?;
-    let r = call(
-        &mut c,
+    let r = c.call_tool(
         1,
         "relay__add_server",
         json!({"name":"more","config":example("more")}),
@@ -623,7 +614,7 @@ fn management_tools_can_be_turned_off() -> Result {
     c.initialize(json!({}))?;
     let tools = tool_names(&c.request(1, "tools/list", json!({}))?);
     assert!(!tools.iter().any(|t| t.starts_with("relay__")), "{tools:?}");
-    let r = call(&mut c, 2, "relay__status", json!({}))?;
+    let r = c.call_tool(2, "relay__status", json!({}))?;
     assert!(text(&r).contains("unknown tool"), "{r}");
     Ok(())
 }
@@ -664,7 +655,7 @@ fn status_never_shows_secrets() -> Result {
     let mut id = 10;
     let status = poll("an error for `down`", || {
         id += 1;
-        let s = call(&mut c, id, "relay__status", json!({}))?;
+        let s = c.call_tool(id, "relay__status", json!({}))?;
         let down = s["result"]["structuredContent"]["servers"]
             .as_array()
             .and_then(|a| a.iter().find(|x| x["name"] == "down").cloned())
@@ -675,7 +666,7 @@ fn status_never_shows_secrets() -> Result {
             Err(s.to_string())
         })
     })?;
-    let listing = call(&mut c, 1, "relay__list_servers", json!({}))?;
+    let listing = c.call_tool(1, "relay__list_servers", json!({}))?;
     for r in [&status, &listing] {
         let t = r.to_string();
         for secret in [

@@ -108,32 +108,6 @@ fn the_client_closing_stdin_leaves_no_process_behind() -> Result {
     ends_without_leftovers(End::StdinClosed)
 }
 
-fn status_of(c: &mut StdioClient, id: u64, server: &str) -> Result<serde_json::Value> {
-    let s = c.request(
-        id,
-        "tools/call",
-        json!({"name": "relay__status", "arguments": {}}),
-    )?;
-    Ok(s["result"]["structuredContent"]["servers"]
-        .as_array()
-        .and_then(|a| a.iter().find(|x| x["name"] == server).cloned())
-        .unwrap_or_default())
-}
-
-/// Polls `relay__status` (bounded) until `server` is in `state`.
-fn wait_state(c: &mut StdioClient, server: &str, state: &str) -> Result<serde_json::Value> {
-    let mut id = 1000;
-    poll(&format!("`{server}` reaches `{state}`"), || {
-        id += 1;
-        let s = status_of(c, id, server)?;
-        Ok(if s["state"] == state {
-            Ok(s)
-        } else {
-            Err(s.to_string())
-        })
-    })
-}
-
 #[test]
 fn a_crash_loop_stops_at_the_start_limit_with_the_stderr_tail() -> Result {
     let cfg = json!({
@@ -142,7 +116,7 @@ fn a_crash_loop_stops_at_the_start_limit_with_the_stderr_tail() -> Result {
     });
     let mut c = StdioClient::start(cfg)?;
     c.initialize(json!({}))?;
-    let s = wait_state(&mut c, "boom", "failed")?;
+    let s = c.wait_server_state("boom", "failed")?;
     let err = s["lastError"].as_str().unwrap_or_default();
     assert!(
         err.contains("kaboom") && err.contains("exit status: 3"),
@@ -204,7 +178,7 @@ fn a_server_refusing_our_credentials_is_not_hammered() -> Result {
     });
     let mut c = StdioClient::start(cfg)?;
     c.initialize(json!({}))?;
-    let s = wait_state(&mut c, "locked", "needs-auth")?;
+    let s = c.wait_server_state("locked", "needs-auth")?;
     assert!(
         s["lastError"].as_str().is_some_and(|e| e.contains("401")),
         "{s}"
@@ -214,7 +188,7 @@ fn a_server_refusing_our_credentials_is_not_hammered() -> Result {
     std::thread::sleep(Duration::from_millis(1000));
     assert_eq!(hits.load(Ordering::Relaxed), seen);
     assert!(seen <= 2, "{seen} requests");
-    assert_eq!(status_of(&mut c, 1, "locked")?["state"], "needs-auth");
+    assert_eq!(c.server_status(1, "locked")?["state"], "needs-auth");
     stop.store(true, Ordering::Relaxed);
     let _ = server.join();
     Ok(())
@@ -269,7 +243,7 @@ fn a_hung_server_fails_its_calls_and_comes_back() -> Result {
         json!({"name": "ok__echo", "arguments": {"message": "y"}}),
     )?;
     assert_eq!(ok["result"]["content"][0]["text"], "Echo: y", "{ok}");
-    wait_state(&mut c, "hung", "ready")?;
+    c.wait_server_state("hung", "ready")?;
     let back = c.request(
         4,
         "tools/call",
@@ -358,7 +332,7 @@ fn subscriptions_are_renewed_after_a_restart() -> Result {
         "tools/call",
         json!({"name": "ex__crash", "arguments": {}}),
     )?;
-    wait_state(&mut c, "ex", "ready")?;
+    c.wait_server_state("ex", "ready")?;
     // The new process knows the subscription only if the relay renewed it (bounded wait:
     // the renewal is sent in the background right after the restart).
     let mut id = 10u64;
@@ -426,7 +400,7 @@ fn retry_on_reconnect_resends_an_interrupted_call_once() -> Result {
         r["result"]["content"][0]["text"], "done after 15 steps",
         "{r}"
     );
-    assert!(status_of(&mut c, 20, "again")?["restarts"].as_u64() >= Some(1));
+    assert!(c.server_status(20, "again")?["restarts"].as_u64() >= Some(1));
     // `slow` is annotated idempotentHint: true, so "idempotent" retries it too.
     let r = kill_during_slow_call(&mut c, "idem", "idem__slow", 30)?;
     assert_eq!(

@@ -19,18 +19,24 @@ fn text_of(r: &rmcp::model::CallToolResult) -> String {
         .unwrap_or_default()
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rmcp_client_over_stdio() -> Result {
-    let dir = tempfile::tempdir()?;
-    let path = write_config(
-        dir.path(),
-        &json!({"mcpServers": {"ex": example("ex"), "two": example("two")}}),
-    )?;
+/// `mcp-relay stdio` on a config written into `dir`, for rmcp's child-process transport.
+fn relay_stdio(dir: &std::path::Path, cfg: &serde_json::Value) -> Result<tokio::process::Command> {
+    let path = write_config(dir, cfg)?;
     let mut cmd = tokio::process::Command::new(relay_bin());
     cmd.arg("stdio")
         .arg("--config")
         .arg(&path)
         .env("RUST_LOG", "warn");
+    Ok(cmd)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rmcp_client_over_stdio() -> Result {
+    let dir = tempfile::tempdir()?;
+    let cmd = relay_stdio(
+        dir.path(),
+        &json!({"mcpServers": {"ex": example("ex"), "two": example("two")}}),
+    )?;
     let client = ().serve(TokioChildProcess::new(cmd)?).await?;
     let tools = client.list_all_tools().await?;
     let names: Vec<String> = tools.iter().map(|t| t.name.to_string()).collect();
@@ -81,16 +87,11 @@ impl rmcp::ClientHandler for ListWatcher {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rmcp_client_in_prompt_mode() -> Result {
     let dir = tempfile::tempdir()?;
-    let path = write_config(
+    let cmd = relay_stdio(
         dir.path(),
         &json!({"mcpServers": {"ex": example("ex"), "two": example("two")},
                 "toolFiltering": {"mode": "prompt"}}),
     )?;
-    let mut cmd = tokio::process::Command::new(relay_bin());
-    cmd.arg("stdio")
-        .arg("--config")
-        .arg(&path)
-        .env("RUST_LOG", "warn");
     let watcher = ListWatcher::default();
     let changed = watcher.0.clone();
     let client = watcher.serve(TokioChildProcess::new(cmd)?).await?;

@@ -2,7 +2,7 @@
 //! session exposure, list_changed, `relay__call_tool`, bad input), the LLM step against a
 //! local OpenAI-compatible fake, and the ranking quality floor on the labelled data.
 
-use crate::support::{Result, StdioClient, example, names, relay_bin};
+use crate::support::{Result, StdioClient, example, relay_bin, text};
 use serde_json::{Value, json};
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader, Read, Write};
@@ -10,22 +10,6 @@ use std::net::TcpListener;
 use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-
-fn tool_names(c: &mut StdioClient, id: u64) -> Result<Vec<String>> {
-    Ok(names(&c.request(id, "tools/list", json!({}))?, "tools"))
-}
-
-fn call(c: &mut StdioClient, id: u64, name: &str, args: Value) -> Result<Value> {
-    let r = c.request(id, "tools/call", json!({"name": name, "arguments": args}))?;
-    Ok(r)
-}
-
-fn text(r: &Value) -> String {
-    r["result"]["content"][0]["text"]
-        .as_str()
-        .unwrap_or_default()
-        .to_owned()
-}
 
 #[test]
 fn static_rules_hide_and_block_tools() -> Result {
@@ -37,16 +21,16 @@ fn static_rules_hide_and_block_tools() -> Result {
         }}
     }))?;
     c.initialize(json!({}))?;
-    let listed = tool_names(&mut c, 1)?;
+    let listed = c.tool_names(1)?;
     let catalog: Vec<&String> = listed
         .iter()
         .filter(|n| !n.starts_with("relay__"))
         .collect();
     assert_eq!(catalog, ["ex__echo", "ex__add"], "{listed:?}");
-    let r = call(&mut c, 2, "ex__echo", json!({"message": "hi"}))?;
+    let r = c.call_tool(2, "ex__echo", json!({"message": "hi"}))?;
     assert_eq!(text(&r), "Echo: hi");
     for (id, hidden) in [(3, "ex__slow"), (4, "two__echo"), (5, "ex__add_tool")] {
-        let r = call(&mut c, id, hidden, json!({}))?;
+        let r = c.call_tool(id, hidden, json!({}))?;
         assert_eq!(r["error"]["code"], -32602, "{r}");
         let msg = r["error"]["message"].as_str().unwrap_or_default();
         assert!(msg.contains(&format!("unknown tool `{hidden}`")), "{msg}");
@@ -61,7 +45,7 @@ fn prompt_mode_exposes_picks_and_adjusts_them() -> Result {
         "toolFiltering": {"mode": "prompt"}
     }))?;
     c.initialize(json!({}))?;
-    let initial = tool_names(&mut c, 1)?;
+    let initial = c.tool_names(1)?;
     assert!(
         initial.iter().all(|n| n.starts_with("relay__")),
         "{initial:?}"
@@ -76,7 +60,7 @@ fn prompt_mode_exposes_picks_and_adjusts_them() -> Result {
     }
     // A hidden tool is still callable by name (exposure limits the list, not the rights).
     assert_eq!(
-        text(&call(&mut c, 2, "ex__echo", json!({"message": "x"}))?),
+        text(&c.call_tool(2, "ex__echo", json!({"message": "x"}))?),
         "Echo: x"
     );
 
@@ -100,7 +84,7 @@ fn prompt_mode_exposes_picks_and_adjusts_them() -> Result {
         "{r}"
     );
     assert!(text(r).contains("__echo"), "{r}");
-    let after = tool_names(&mut c, 4)?;
+    let after = c.tool_names(4)?;
     for p in &picked {
         assert!(
             after.contains(&(*p).to_owned()),
@@ -115,26 +99,24 @@ fn prompt_mode_exposes_picks_and_adjusts_them() -> Result {
         "tools/call",
         json!({"name":"relay__analyze_prompt","arguments":{"prompt":"wait and report progress","maxTools":1}}),
     )?;
-    let again = tool_names(&mut c, 6)?;
+    let again = c.tool_names(6)?;
     let catalog: Vec<&String> = again.iter().filter(|n| !n.starts_with("relay__")).collect();
     assert!(catalog[0].ends_with("__slow"), "{again:?}");
     assert!(catalog.iter().any(|n| n.ends_with("__echo")), "{again:?}");
 
     // relay__call_tool reaches a tool without re-listing.
-    let r = call(
-        &mut c,
+    let r = c.call_tool(
         7,
         "relay__call_tool",
         json!({"name": "two__add", "arguments": {"a": 2, "b": 3}}),
     )?;
     assert_eq!(text(&r), "5", "{r}");
-    let r = call(&mut c, 8, "relay__call_tool", json!({"name": "nope__x"}))?;
+    let r = c.call_tool(8, "relay__call_tool", json!({"name": "nope__x"}))?;
     assert_eq!(r["result"]["isError"], true, "{r}");
     assert!(text(&r).contains("unknown tool `nope__x`"), "{r}");
 
     // Search ranks without changing the list.
-    let r = call(
-        &mut c,
+    let r = c.call_tool(
         9,
         "relay__search_tools",
         json!({"query": "add two numbers"}),
@@ -148,11 +130,11 @@ fn prompt_mode_exposes_picks_and_adjusts_them() -> Result {
         "{r}"
     );
     assert!(found["inputSchema"]["properties"]["a"].is_object(), "{r}");
-    assert_eq!(tool_names(&mut c, 10)?, again);
+    assert_eq!(c.tool_names(10)?, again);
 
     // Reset returns to the initial list.
-    call(&mut c, 11, "relay__analyze_prompt", json!({"reset": true}))?;
-    assert_eq!(tool_names(&mut c, 12)?, initial);
+    c.call_tool(11, "relay__analyze_prompt", json!({"reset": true}))?;
+    assert_eq!(c.tool_names(12)?, initial);
     Ok(())
 }
 
@@ -163,7 +145,7 @@ fn prompt_mode_bad_input_is_a_clear_tool_error() -> Result {
         "toolFiltering": {"mode": "prompt", "defaultExposure": "none", "maxExposed": 5}
     }))?;
     c.initialize(json!({}))?;
-    let initial = tool_names(&mut c, 1)?;
+    let initial = c.tool_names(1)?;
     assert_eq!(
         initial,
         [
@@ -173,7 +155,7 @@ fn prompt_mode_bad_input_is_a_clear_tool_error() -> Result {
         ]
     );
     let analyze =
-        |c: &mut StdioClient, id: u64, args: Value| call(c, id, "relay__analyze_prompt", args);
+        |c: &mut StdioClient, id: u64, args: Value| c.call_tool(id, "relay__analyze_prompt", args);
     for (id, args, needle) in [
         (2, json!({}), "`prompt` is required"),
         (3, json!({"prompt": "   "}), "`prompt` is required"),
@@ -294,7 +276,7 @@ fn llm_client(fake: &FakeLlm) -> Result<StdioClient> {
 }
 
 fn analyze_llm(c: &mut StdioClient, id: u64, prompt: &str) -> Result<Value> {
-    let r = call(c, id, "relay__analyze_prompt", json!({"prompt": prompt}))?;
+    let r = c.call_tool(id, "relay__analyze_prompt", json!({"prompt": prompt}))?;
     Ok(r["result"]["structuredContent"].clone())
 }
 
@@ -318,7 +300,7 @@ fn llm_picks_among_local_candidates() -> Result {
     let reqs = fake.requests.lock().map_err(|_| "poisoned")?.clone();
     assert_eq!(reqs.len(), 1);
     assert_eq!(reqs[0]["model"], "tiny");
-    let status = call(&mut c, 2, "relay__status", json!({}))?;
+    let status = c.call_tool(2, "relay__status", json!({}))?;
     let llm = &status["result"]["structuredContent"]["toolSelection"]["llm"];
     assert_eq!(llm["calls"], 1, "{status}");
     assert_eq!(llm["used"], 1, "{status}");
@@ -371,7 +353,7 @@ fn llm_timeout_and_low_confidence_fall_back_to_local() -> Result {
             .contains("not confident enough (0.20 < 0.60)"),
         "{out}"
     );
-    let status = call(&mut c, 3, "relay__status", json!({}))?;
+    let status = c.call_tool(3, "relay__status", json!({}))?;
     let llm = &status["result"]["structuredContent"]["toolSelection"]["llm"];
     assert_eq!(
         (llm["timeouts"].as_u64(), llm["lowConfidence"].as_u64()),

@@ -231,6 +231,48 @@ impl StdioClient {
     }
 }
 
+/// The text of a tool result: its first content item's (`""` if there is none).
+pub fn text(r: &Value) -> &str {
+    r["result"]["content"][0]["text"]
+        .as_str()
+        .unwrap_or_default()
+}
+
+impl StdioClient {
+    /// `tools/call`; the whole response.
+    pub fn call_tool(&mut self, id: u64, name: &str, args: Value) -> Result<Value> {
+        self.request(id, "tools/call", json!({"name": name, "arguments": args}))
+    }
+
+    /// The names `tools/list` shows this session (first page).
+    pub fn tool_names(&mut self, id: u64) -> Result<Vec<String>> {
+        Ok(names(&self.request(id, "tools/list", json!({}))?, "tools"))
+    }
+
+    /// One server's entry in `relay__status` (`null` if absent).
+    pub fn server_status(&mut self, id: u64, server: &str) -> Result<Value> {
+        let s = self.call_tool(id, "relay__status", json!({}))?;
+        Ok(s["result"]["structuredContent"]["servers"]
+            .as_array()
+            .and_then(|a| a.iter().find(|x| x["name"] == server).cloned())
+            .unwrap_or_default())
+    }
+
+    /// Polls `relay__status` (bounded) until `server` is in `state`; ids from 1000 up.
+    pub fn wait_server_state(&mut self, server: &str, state: &str) -> Result<Value> {
+        let mut id = 1000;
+        poll(&format!("`{server}` reaches `{state}`"), || {
+            id += 1;
+            let s = self.server_status(id, server)?;
+            Ok(if s["state"] == state {
+                Ok(s)
+            } else {
+                Err(s.to_string())
+            })
+        })
+    }
+}
+
 pub fn is_response(line: &str, id: &Value) -> bool {
     serde_json::from_str::<Value>(line)
         .is_ok_and(|v| v.get("id") == Some(id) && v.get("method").is_none())
@@ -265,10 +307,11 @@ pub fn serve(cfg: &Value, dir: &Path) -> Result<(Proc, String)> {
     Ok((proc, url))
 }
 
-/// Starts the example server in HTTP mode; returns it and its /mcp URL.
-pub fn example_http(name: &str) -> Result<(Proc, String)> {
+/// Starts the example server with `args` (a listening mode, e.g. `--http 127.0.0.1:0`);
+/// returns it and the port it announced.
+pub fn example_listening(args: &[&str]) -> Result<(Proc, u16)> {
     let mut child = Command::new(example_bin())
-        .args(["--name", name, "--http", "127.0.0.1:0"])
+        .args(args)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::null())
@@ -281,7 +324,13 @@ pub fn example_http(name: &str) -> Result<(Proc, String)> {
         .trim()
         .strip_prefix("LISTENING ")
         .ok_or("no LISTENING line")?
-        .to_owned();
+        .parse()?;
+    Ok((proc, port))
+}
+
+/// Starts the example server in HTTP mode; returns it and its /mcp URL.
+pub fn example_http(name: &str) -> Result<(Proc, String)> {
+    let (proc, port) = example_listening(&["--name", name, "--http", "127.0.0.1:0"])?;
     Ok((proc, format!("http://127.0.0.1:{port}/mcp")))
 }
 

@@ -1,49 +1,15 @@
 //! WebSocket backends: the example server in `--ws` mode (one JSON-RPC message per text
 //! frame, subprotocol `mcp`) behind the relay, with the same supervision as the others.
 
-use crate::support::{Proc, Result, StdioClient, example, example_bin, poll};
-use serde_json::{Value, json};
-use std::io::BufRead;
-use std::process::{Command, Stdio};
+use crate::support::{Proc, Result, StdioClient, example, example_listening, poll, text};
+use serde_json::json;
 use std::time::{Duration, Instant};
 
 /// Starts the example server over WebSocket on `addr`; returns it and its port.
 fn ws_server(addr: &str, extra: &[&str]) -> Result<(Proc, u16)> {
-    let mut child = Command::new(example_bin())
-        .args(["--name", "wsx", "--ws", addr])
-        .args(extra)
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()?;
-    let stdout = child.stdout.take().ok_or("no stdout")?;
-    let proc = Proc { child };
-    let mut line = String::new();
-    std::io::BufReader::new(stdout).read_line(&mut line)?;
-    let port = line
-        .trim()
-        .strip_prefix("LISTENING ")
-        .ok_or("no LISTENING line")?
-        .parse()?;
-    Ok((proc, port))
-}
-
-fn state(c: &mut StdioClient, id: u64, server: &str) -> Result<Value> {
-    let s = c.request(
-        id,
-        "tools/call",
-        json!({"name": "relay__status", "arguments": {}}),
-    )?;
-    Ok(s["result"]["structuredContent"]["servers"]
-        .as_array()
-        .and_then(|a| a.iter().find(|x| x["name"] == server).cloned())
-        .unwrap_or_default())
-}
-
-fn text(r: &Value) -> &str {
-    r["result"]["content"][0]["text"]
-        .as_str()
-        .unwrap_or_default()
+    let mut args = vec!["--name", "wsx", "--ws", addr];
+    args.extend_from_slice(extra);
+    example_listening(&args)
 }
 
 #[test]
@@ -72,7 +38,7 @@ fn a_websocket_server_is_relayed_and_reconnected_after_it_dies() -> Result {
         2,
         "{others:?}"
     );
-    assert_eq!(state(&mut c, 4, "wsx")?["transport"], "ws");
+    assert_eq!(c.server_status(4, "wsx")?["transport"], "ws");
 
     // The server dies in the middle of a long call: the call fails within a second, naming
     // the server; the other server keeps answering.
@@ -101,7 +67,7 @@ fn a_websocket_server_is_relayed_and_reconnected_after_it_dies() -> Result {
     let mut id = 100;
     poll("the WebSocket server is ready again", || {
         id += 1;
-        let s = state(&mut c, id, "wsx")?;
+        let s = c.server_status(id, "wsx")?;
         Ok(if s["state"] == "ready" {
             Ok(())
         } else {
@@ -114,7 +80,7 @@ fn a_websocket_server_is_relayed_and_reconnected_after_it_dies() -> Result {
         json!({"name": "wsx__echo", "arguments": {"message": "again"}}),
     )?;
     assert_eq!(text(&r), "Echo: again", "{r}");
-    assert!(state(&mut c, 8, "wsx")?["restarts"].as_u64() >= Some(1));
+    assert!(c.server_status(8, "wsx")?["restarts"].as_u64() >= Some(1));
     Ok(())
 }
 
@@ -133,7 +99,10 @@ fn a_websocket_server_refusing_the_token_needs_auth() -> Result {
     let mut id = 0;
     let s = poll("`locked` needs auth and `open` is ready", || {
         id += 2;
-        let (l, o) = (state(&mut c, id, "locked")?, state(&mut c, id + 1, "open")?);
+        let (l, o) = (
+            c.server_status(id, "locked")?,
+            c.server_status(id + 1, "open")?,
+        );
         Ok(if l["state"] == "needs-auth" && o["state"] == "ready" {
             Ok(l)
         } else {
