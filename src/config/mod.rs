@@ -38,8 +38,8 @@ pub struct RelaySettings {
     pub request_timeout: Duration,
     /// Largest accepted message, in bytes, in either direction. Default 4 MiB.
     pub max_message_bytes: usize,
-    /// How long list requests wait for backends that are still starting, counted from relay
-    /// start. Default 5 s.
+    /// How long requests that need the catalog wait for backends still starting, counted
+    /// from their release (relay start; over stdio the client's `initialize`). Default 5 s.
     pub startup_wait: Duration,
     /// Items per page of merged lists sent to clients. Default 1000.
     pub page_size: usize,
