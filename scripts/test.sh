@@ -21,6 +21,12 @@ fi
 step "cargo build"
 cargo build --bins
 
+# Every relay started from here on also logs (JSON lines) into this directory; the last
+# step checks that no configured secret ever reached a log.
+export MCP_RELAY_LOG_DIR="$ROOT/target/test-logs"
+rm -rf "$MCP_RELAY_LOG_DIR"
+mkdir -p "$MCP_RELAY_LOG_DIR"
+
 step "cargo test (unit + integration with the real binary)"
 cargo test --all-targets
 
@@ -38,5 +44,8 @@ if [[ -x scripts/conformance-client.sh ]]; then
   step "conformance client scenarios with the relay as the client"
   scripts/conformance-client.sh
 fi
+step "no secret in any relay log of the run"
+scripts/check-log-secrets.sh "$MCP_RELAY_LOG_DIR"
+
 echo
 echo "all test stages passed"

@@ -35,6 +35,10 @@ enum Command {
         /// Listen address, overriding relay.listen.
         #[arg(long)]
         listen: Option<SocketAddr>,
+        /// Serve a non-loopback address without `auth` (anyone who can reach it may use
+        /// every server); same as relay.allowUnauthenticated.
+        #[arg(long)]
+        allow_unauthenticated: bool,
     },
     /// Serve one client on stdin/stdout (for Claude Code, Cursor and other local clients).
     Stdio,
@@ -165,6 +169,9 @@ struct EntryArgs {
 /// Runs the command line; the exit code is 0 on success, 2 for config problems, 1 otherwise.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    if !matches!(cli.command, Command::Serve { .. } | Command::Stdio) {
+        crate::telemetry::init(&config::LogSettings::default());
+    }
     let config = cli.config;
     match cli.command {
         Command::Config {
@@ -185,7 +192,10 @@ pub fn main() -> ExitCode {
                     top,
                 },
         } => tools::rank(&catalog, &queries, top),
-        Command::Serve { listen } => run(config, Some(listen)),
+        Command::Serve {
+            listen,
+            allow_unauthenticated,
+        } => run(config, Some((listen, allow_unauthenticated))),
         Command::Stdio => run(config, None),
         Command::Status { json } => manage::status(config, json),
         Command::Reload { json } => manage::reload(config, json),
@@ -199,12 +209,17 @@ pub fn main() -> ExitCode {
     }
 }
 
+/// Loads the config of a serving command, setting up logging from it first.
 fn load(path: Option<PathBuf>) -> Result<Config, ExitCode> {
     let path = config::locate(path.as_deref()).map_err(|e| {
+        crate::telemetry::init(&config::LogSettings::default());
         eprintln!("mcp-relay: {e}");
         ExitCode::from(2)
     })?;
-    match config::load(&path) {
+    let loaded = config::load(&path);
+    let defaults = config::LogSettings::default();
+    crate::telemetry::init(loaded.as_ref().map_or(&defaults, |c| &c.relay.log));
+    match loaded {
         Ok(c) => {
             tracing::info!(file = %path.display(), servers = c.servers.len(), "Config loaded.");
             for w in &c.warnings {
@@ -267,12 +282,22 @@ fn raise_open_files_limit() {
     }
 }
 
-/// `listen`: `Some(override)` serves HTTP, `None` serves stdio.
-fn run(path: Option<PathBuf>, http: Option<Option<SocketAddr>>) -> ExitCode {
+/// `http`: `Some((listen override, --allow-unauthenticated))` serves HTTP, `None` stdio.
+fn run(path: Option<PathBuf>, http: Option<(Option<SocketAddr>, bool)>) -> ExitCode {
     let cfg = match load(path) {
         Ok(c) => c,
         Err(code) => return code,
     };
+    if let Some((listen, allow)) = http {
+        let addr = listen.unwrap_or(cfg.relay.listen);
+        let open = allow || cfg.relay.allow_unauthenticated;
+        if !(addr.ip().is_loopback() || cfg.auth.enabled() || open) {
+            eprintln!(
+                "mcp-relay: refusing to serve {addr} without authentication: anyone who can reach a non-loopback address could use every configured server. Configure `auth.clients` (bearer tokens), listen on 127.0.0.1, or pass --allow-unauthenticated (relay.allowUnauthenticated: true) if a proxy in front authenticates."
+            );
+            return ExitCode::from(2);
+        }
+    }
     raise_open_files_limit();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -286,6 +311,7 @@ fn run(path: Option<PathBuf>, http: Option<Option<SocketAddr>>) -> ExitCode {
     };
     let result = rt.block_on(async move {
         let front = if http.is_some() { Front::Http } else { Front::Stdio };
+        let http = http.map(|(listen, _)| listen);
         let relay = Relay::start(cfg, front);
         let shutdown = CancellationToken::new();
         spawn_signal_handler(shutdown.clone());
@@ -300,9 +326,10 @@ fn run(path: Option<PathBuf>, http: Option<Option<SocketAddr>>) -> ExitCode {
                         // The management tools are offered over HTTP only on loopback.
                         relay.allow_admin_front(l.local_addr().is_ok_and(|a| a.ip().is_loopback()));
                         let local = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
-                        tracing::info!(addr = %local, "Serving Streamable HTTP at http://{local}/mcp");
+                        let scheme = if relay.config().relay.tls.is_some() { "https" } else { "http" };
+                        tracing::info!(addr = %local, "Serving Streamable HTTP at {scheme}://{local}/mcp");
                         // A machine-readable line for scripts and tests that bind port 0.
-                        eprintln!("mcp-relay listening on http://{local}/mcp");
+                        eprintln!("mcp-relay listening on {scheme}://{local}/mcp");
                         frontend::http::serve(relay.clone(), l, shutdown.clone())
                             .await
                             .map_err(|e| format!("HTTP server failed: {e}"))

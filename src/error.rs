@@ -29,6 +29,9 @@ pub enum RpcError {
         "the message is {size} bytes, over the relay's limit of {max} bytes (relay.maxMessageBytes)"
     )]
     TooLarge { size: usize, max: usize },
+    /// The client's scopes do not allow the request (the message names client and scope).
+    #[error("forbidden: {0}")]
+    Forbidden(String),
     #[error(transparent)]
     Backend(#[from] backend::Error),
 }
@@ -49,6 +52,7 @@ impl RpcError {
             RpcError::MethodNotFound(_) => code::METHOD_NOT_FOUND,
             RpcError::InvalidParams(_) => code::INVALID_PARAMS,
             RpcError::TooLarge { .. } => code::MESSAGE_TOO_LARGE,
+            RpcError::Forbidden(_) => code::FORBIDDEN,
             RpcError::Backend(e) => match e {
                 backend::Error::Unavailable { .. }
                 | backend::Error::Lost { .. }

@@ -14,7 +14,8 @@
 //! - [`selection`]: which tools a session sees; `relay__analyze_prompt` and its ranker.
 //! - [`frontend`]: stdio and Streamable HTTP servers facing clients.
 //! - [`error`]: request errors and their single mapping to JSON-RPC.
-//! - [`telemetry`]: tracing setup (logs on stderr only).
+//! - [`metrics`]: Prometheus metrics (`/metrics`).
+//! - [`telemetry`]: tracing setup (stderr and an optional rotating file).
 
 pub mod admin;
 pub mod backend;
@@ -23,6 +24,7 @@ pub mod cli;
 pub mod config;
 pub mod error;
 pub mod frontend;
+pub mod metrics;
 pub mod protocol;
 pub mod router;
 pub mod selection;

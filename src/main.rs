@@ -1,6 +1,5 @@
-//! The `mcp-relay` binary: parse the command line, set up logs, run.
+//! The `mcp-relay` binary: parse the command line and run it (logging is set up from the config).
 
 fn main() -> std::process::ExitCode {
-    mcp_relay::telemetry::init();
     mcp_relay::cli::main()
 }

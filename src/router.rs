@@ -10,9 +10,10 @@ use crate::backend::{self, Backend, State};
 use crate::catalog::{self, Catalog, Source};
 use crate::config::Config;
 use crate::error::RpcError;
+use crate::metrics::Outcome;
 use crate::protocol::{self, Kind, Message, RawMap, method};
 use crate::selection::{self, View};
-use crate::session::{Outbox, ReqCtx, Session};
+use crate::session::{Grant, Outbox, ReqCtx, Session};
 use crate::sync::{lock, read, write};
 use crate::tasks;
 use indexmap::IndexMap;
@@ -55,6 +56,9 @@ pub struct Relay {
     declared: tokio::sync::watch::Sender<Option<String>>,
     /// When backends were released to run their handshakes.
     released: Mutex<Instant>,
+    pub metrics: crate::metrics::Metrics,
+    /// Numbers requests for the logs (`request` span field).
+    next_request: std::sync::atomic::AtomicU64,
 }
 
 /// What [`Relay::apply`] changed, by server name.
@@ -113,16 +117,16 @@ impl backend::Hub for HubRef {
             return;
         }
         for s in r.live_sessions() {
-            if s.state().subscriptions.contains(uri) {
+            if s.state().subscriptions.contains(uri) && r.grant(&s).sees(server) {
                 let _ = s.outbox.send(msg.clone());
             }
         }
     }
 
-    fn broadcast(&self, _server: &str, msg: String) {
+    fn broadcast(&self, server: &str, msg: String) {
         if let Some(r) = self.0.upgrade() {
             for s in r.live_sessions() {
-                if s.state().initialized {
+                if s.state().initialized && r.grant(&s).sees(server) {
                     let _ = s.outbox.send(msg.clone());
                 }
             }
@@ -166,6 +170,26 @@ impl backend::Hub for HubRef {
             _ => None,
         }
     }
+}
+
+/// The items of one merged list whose server the grant lets the session see (all of them,
+/// without a copy of the item bodies, for a trusted session).
+fn visible_items<'a>(
+    all: &'a [Arc<serde_json::value::RawValue>],
+    owners: &[Arc<str>],
+    grant: &Grant,
+) -> std::borrow::Cow<'a, [Arc<serde_json::value::RawValue>]> {
+    if !grant.tools() {
+        return std::borrow::Cow::Owned(Vec::new());
+    }
+    if !grant.restricted() {
+        return std::borrow::Cow::Borrowed(all);
+    }
+    all.iter()
+        .zip(owners)
+        .filter(|(_, o)| grant.sees(o))
+        .map(|(i, _)| i.clone())
+        .collect()
 }
 
 /// Removes a request from its session's in-flight table when dropped.
@@ -218,6 +242,8 @@ impl Relay {
             llm_client: reqwest::Client::new(),
             llm_stats: selection::llm::Stats::default(),
             sessions: Mutex::new(HashMap::new()),
+            metrics: crate::metrics::Metrics::new(),
+            next_request: std::sync::atomic::AtomicU64::new(1),
             declared,
             released: Mutex::new(Instant::now()),
         });
@@ -259,18 +285,22 @@ impl Relay {
         self.front
     }
 
-    /// Called by the HTTP front once it knows its address: the management tools are
-    /// offered over HTTP only on a loopback address (until authentication exists).
+    /// Called by the HTTP front once it knows its address: without auth, the management
+    /// tools are offered over HTTP only on a loopback address.
     pub fn allow_admin_front(&self, allowed: bool) {
         self.admin_front.store(allowed, Ordering::Relaxed);
     }
 
     /// Whether sessions of this relay see and may call the `relay__*` management tools.
     pub fn admin_enabled(&self) -> bool {
+        let cfg = self.config();
+        // With auth, the `admin` scope decides per session, on any address.
+        if self.front == Front::Http && cfg.auth.enabled() {
+            return cfg.relay.management;
+        }
         if !self.admin_front.load(Ordering::Relaxed) {
             return false;
         }
-        let cfg = self.config();
         let r = &cfg.relay;
         // Extra allowed hosts mean requests arrive under other names (a proxy, a LAN name),
         // and a wildcard origin lets any web page in: not a loopback-only front any more.
@@ -366,6 +396,7 @@ impl Relay {
         {
             self.rebuild_catalog();
         }
+        self.metrics.config_reload(true);
         if !applied.is_empty() {
             tracing::info!(added = ?applied.added, removed = ?applied.removed, changed = ?applied.changed, "Config applied.");
         }
@@ -374,6 +405,7 @@ impl Relay {
 
     /// Records a rejected reload, for `relay__status`.
     pub fn reject_config(&self, reason: String) {
+        self.metrics.config_reload(false);
         tracing::error!("Config change rejected; the running config stays:\n{reason}");
         *lock(&self.config_error) = Some(reason);
     }
@@ -496,12 +528,13 @@ impl Relay {
         for c in &new.collisions {
             tracing::warn!("Catalog collision: {c}");
         }
-        let admin = self.admin_tools();
+        let cfg = self.config();
         // A session that never listed a kind has nothing stale to refresh; a session's tool
         // list is compared as that session sees it (prompt mode shows each its own).
         for s in self.live_sessions() {
             let (due, tools_due) = {
                 let st = s.state();
+                let grant = Grant::new(cfg.clone(), st.client.as_deref());
                 let due: Vec<&str> = notes
                     .iter()
                     .filter(|(_, lists)| lists.iter().any(|l| st.listed.contains(*l)))
@@ -510,8 +543,8 @@ impl Relay {
                 let tools_due = tools_moved
                     && st.listed.contains(method::TOOLS_LIST)
                     && !same(
-                        &selection::session_tools(&old_view, st.exposed.as_deref(), admin),
-                        &selection::session_tools(&view, st.exposed.as_deref(), admin),
+                        &self.tools_of(&old_view, &grant, st.exposed.as_deref()),
+                        &self.tools_of(&view, &grant, st.exposed.as_deref()),
                     );
                 (due, tools_due)
             };
@@ -558,11 +591,40 @@ impl Relay {
         read(&self.view).clone()
     }
 
+    /// What `session` may reach under the config in force.
+    pub fn grant(&self, session: &Session) -> Grant {
+        let client = session.state().client.clone();
+        Grant::new(self.config(), client.as_deref())
+    }
+
     /// The tool list `session` sees (a copy; `tools/list` pages the view's list directly).
     pub fn session_tools(&self, session: &Session) -> Vec<Arc<serde_json::value::RawValue>> {
         let view = self.view();
-        let st = session.state();
-        selection::session_tools(&view, st.exposed.as_deref(), self.admin_tools()).into_owned()
+        let grant = self.grant(session);
+        let exposed = session.state().exposed.clone();
+        self.tools_of(&view, &grant, exposed.as_deref())
+            .into_owned()
+    }
+
+    /// The tools a session with `grant` and picks `exposed` sees in `view`: the management
+    /// tools with scope `admin`, the servers' tools (of the servers it sees) with `tools`.
+    fn tools_of<'a>(
+        &self,
+        view: &'a View,
+        grant: &Grant,
+        exposed: Option<&[String]>,
+    ) -> std::borrow::Cow<'a, [Arc<serde_json::value::RawValue>]> {
+        let admin = if grant.admin() {
+            self.admin_tools()
+        } else {
+            &[]
+        };
+        if !grant.tools() {
+            return std::borrow::Cow::Owned(admin.to_vec());
+        }
+        let sees = |server: &str| grant.sees(server);
+        let sees: selection::Sees<'_> = grant.restricted().then_some(&sees);
+        selection::session_tools(view, exposed, admin, sees)
     }
 
     /// Calls a catalog tool by its exposed name (`tools/call`, and `relay__call_tool`).
@@ -574,16 +636,56 @@ impl Relay {
         cancel: &tokio_util::sync::CancellationToken,
     ) -> Result<Answer, RpcError> {
         self.settle().await;
-        let target = self.view().target(name).cloned().ok_or_else(|| {
-            RpcError::InvalidParams(format!(
-                "unknown tool `{name}`; list the tools to see what is available"
-            ))
-        })?;
+        let grant = self.grant(&ctx.session);
+        if !grant.tools() {
+            return Err(RpcError::Forbidden(grant.missing("tools")));
+        }
+        let target = self
+            .view()
+            .target(name)
+            .filter(|t| grant.sees(&t.server))
+            .cloned()
+            .ok_or_else(|| {
+                RpcError::InvalidParams(format!(
+                    "unknown tool `{name}`; list the tools to see what is available"
+                ))
+            })?;
         if *target.name != *name {
             params.set_str("name", &target.name);
         }
-        self.forward(&target.server, method::TOOLS_CALL, params, ctx, cancel)
-            .await
+        let began = Instant::now();
+        let out = self
+            .forward(&target.server, method::TOOLS_CALL, params, ctx, cancel)
+            .await;
+        self.metrics.tool_call(&target.server, began.elapsed());
+        out
+    }
+
+    /// The state the metrics gauges show now.
+    pub fn metrics_snapshot(&self) -> crate::metrics::Snapshot {
+        let front = match self.front {
+            Front::Stdio => "stdio",
+            Front::Http => "http",
+        };
+        crate::metrics::Snapshot {
+            sessions: vec![(front, self.session_count())],
+            backends: self
+                .backends()
+                .iter()
+                .map(|b| {
+                    let st = b.state();
+                    crate::metrics::BackendSnapshot {
+                        server: b.name.clone(),
+                        state: st.label(),
+                        up: st.is_up(),
+                        ready: st == State::Ready,
+                        restarts: b.restarts(),
+                        in_flight: b.in_flight(),
+                        tools: b.tool_count(),
+                    }
+                })
+                .collect(),
+        }
     }
 
     /// Waits (bounded by `startupWaitMs` from relay start) for backends still starting.
@@ -630,15 +732,26 @@ impl Relay {
                     session: session.clone(),
                     stream,
                 };
-                let out = match self.on_request(&ctx, msg, &cancel).await {
-                    Ok(Answer::Result(r)) => protocol::response(&id, &r),
+                let m = msg.method().to_owned();
+                // Every log line of the request carries its number and session.
+                let n = self.next_request.fetch_add(1, Ordering::Relaxed);
+                let span =
+                    tracing::info_span!("request", request = n, session = %session.id, method = %m);
+                let answer =
+                    tracing::Instrument::instrument(self.on_request(&ctx, msg, &cancel), span)
+                        .await;
+                let (out, outcome) = match answer {
+                    Ok(Answer::Result(r)) => (protocol::response(&id, &r), Outcome::Ok),
                     Ok(Answer::Forwarded(reply)) => match (reply.result, reply.error) {
-                        (Some(r), _) => protocol::response(&id, &r),
-                        (None, Some(e)) => protocol::error_response_raw(&id, &e),
-                        (None, None) => protocol::response(&id, &protocol::raw("{}")),
+                        (Some(r), _) => (protocol::response(&id, &r), Outcome::Ok),
+                        (None, Some(e)) => (protocol::error_response_raw(&id, &e), Outcome::Error),
+                        (None, None) => {
+                            (protocol::response(&id, &protocol::raw("{}")), Outcome::Ok)
+                        }
                     },
-                    Err(e) => e.to_response(&id),
+                    Err(e) => (e.to_response(&id), Outcome::Error),
                 };
+                self.metrics.request(&m, outcome);
                 Some(out)
             }
         }
@@ -677,17 +790,32 @@ impl Relay {
                 self.settle().await;
                 let cat = self.catalog();
                 let view = self.view();
+                let grant = self.grant(&ctx.session);
                 let exposed = ctx.session.state().exposed.clone();
                 let tools;
+                let visible;
                 let (items, field) = match m {
                     method::TOOLS_LIST => {
-                        tools =
-                            selection::session_tools(&view, exposed.as_deref(), self.admin_tools());
+                        tools = self.tools_of(&view, &grant, exposed.as_deref());
                         (&tools[..], "tools")
                     }
-                    method::PROMPTS_LIST => (&cat.prompts[..], "prompts"),
-                    method::RESOURCES_LIST => (&cat.resources[..], "resources"),
-                    _ => (&cat.templates[..], "resourceTemplates"),
+                    _ => {
+                        let (all, owners, field) = match m {
+                            method::PROMPTS_LIST => {
+                                (&cat.prompts[..], &cat.owners.prompts, "prompts")
+                            }
+                            method::RESOURCES_LIST => {
+                                (&cat.resources[..], &cat.owners.resources, "resources")
+                            }
+                            _ => (
+                                &cat.templates[..],
+                                &cat.owners.templates,
+                                "resourceTemplates",
+                            ),
+                        };
+                        visible = visible_items(all, owners, &grant);
+                        (&visible[..], field)
+                    }
                 };
                 ctx.session.state().listed.insert(m.to_owned());
                 let cursor = params.get_str("cursor");
@@ -711,6 +839,10 @@ impl Relay {
                 if let Some(op) = admin::tool(&name)
                     && self.admin_enabled()
                 {
+                    let grant = self.grant(&ctx.session);
+                    if !grant.admin() {
+                        return Err(RpcError::Forbidden(grant.missing("admin")));
+                    }
                     return Ok(Answer::Result(
                         admin::call(self, op, params.get("arguments")).await,
                     ));
@@ -718,6 +850,10 @@ impl Relay {
                 if selection::is_meta(&name)
                     && self.view().filtering.mode == crate::config::filtering::Mode::Prompt
                 {
+                    let grant = self.grant(&ctx.session);
+                    if !grant.tools() {
+                        return Err(RpcError::Forbidden(grant.missing("tools")));
+                    }
                     return selection::meta::call(self, &name, params, ctx, cancel).await;
                 }
                 self.call_tool(&name, params, ctx, cancel).await
@@ -727,11 +863,17 @@ impl Relay {
                     RpcError::InvalidParams(format!("`{m}` needs a string `name`"))
                 })?;
                 self.settle().await;
-                let target = self.catalog().prompt(&name).cloned().ok_or_else(|| {
-                    RpcError::InvalidParams(format!(
-                        "unknown prompt `{name}`; list the prompts to see what is available"
-                    ))
-                })?;
+                let grant = self.grant(&ctx.session);
+                let target = self
+                    .catalog()
+                    .prompt(&name)
+                    .filter(|t| grant.tools() && grant.sees(&t.server))
+                    .cloned()
+                    .ok_or_else(|| {
+                        RpcError::InvalidParams(format!(
+                            "unknown prompt `{name}`; list the prompts to see what is available"
+                        ))
+                    })?;
                 let mut params = params;
                 if *target.name != *name {
                     params.set_str("name", &target.name);
@@ -745,11 +887,15 @@ impl Relay {
                     RpcError::InvalidParams(format!("`{m}` needs a string `uri`"))
                 })?;
                 self.settle().await;
-                let owner = self.resource_owner(&uri).ok_or_else(|| {
-                    RpcError::InvalidParams(format!(
-                        "unknown resource `{uri}`; no server offers it"
-                    ))
-                })?;
+                let grant = self.grant(&ctx.session);
+                let owner = self
+                    .resource_owner(&uri)
+                    .filter(|o| grant.tools() && grant.sees(o))
+                    .ok_or_else(|| {
+                        RpcError::InvalidParams(format!(
+                            "unknown resource `{uri}`; no server offers it"
+                        ))
+                    })?;
                 match m {
                     method::RESOURCES_SUBSCRIBE => {
                         ctx.session.state().subscriptions.insert(uri);
@@ -791,8 +937,9 @@ impl Relay {
                 })?;
                 ctx.session.state().log_level = Some(level);
                 let body = params.to_raw();
+                let grant = self.grant(&ctx.session);
                 for b in self.backends() {
-                    if b.state().is_up() && b.info().has("logging") {
+                    if b.state().is_up() && grant.sees(&b.name) && b.info().has("logging") {
                         let r = b
                             .call(
                                 m,
@@ -811,8 +958,9 @@ impl Relay {
             _ => {
                 // Unknown methods pass through when exactly one server could own them.
                 let backends = self.backends();
+                let grant = self.grant(&ctx.session);
                 match backends.as_slice() {
-                    [only] => {
+                    [only] if grant.tools() && grant.sees(&only.name) => {
                         let name = only.name.clone();
                         self.forward(&name, m, params, ctx, cancel).await
                     }
@@ -983,6 +1131,10 @@ impl Relay {
             }
             _ => return Err(bad()),
         };
+        let grant = self.grant(&ctx.session);
+        if !(grant.tools() && grant.sees(&server)) {
+            return Err(bad());
+        }
         let b = self.backend(&server).ok_or_else(bad)?;
         if !b.info().has("completions") {
             return Ok(Answer::Result(protocol::raw(

@@ -397,6 +397,16 @@ impl Backend {
         self.restarts.load(Ordering::Relaxed)
     }
 
+    /// Requests sent to the server and not answered yet.
+    pub fn in_flight(&self) -> usize {
+        lock(&self.pending).len()
+    }
+
+    /// Tools the server lists now.
+    pub fn tool_count(&self) -> usize {
+        read(&self.lists).tools.len()
+    }
+
     pub(crate) fn settings(&self) -> &Settings {
         &self.settings
     }

@@ -16,7 +16,11 @@
 //!    server names): the cost of analyzing every tool, of building the index from analyzed
 //!    tools (what a catalog change costs beyond re-analyzing the changed tools), and query
 //!    latency p50/p99 over the labelled prompts of both sets.
-//! 6. Soak (only with `--only soak`): 8 sessions call two stdio servers for 5 minutes while
+//! 6. Guards (`--only guard`): two relays in front of one backend, one plain and one with
+//!    bearer-token auth and a rate limit that never refuses (every request authenticated
+//!    and counted), alternating rounds at each concurrency: calls/s and relay CPU per call,
+//!    and the in-process cost of the metrics recorded per call (both relays record them).
+//! 7. Soak (only with `--only soak`): 8 sessions call two stdio servers for 5 minutes while
 //!    one of them is SIGKILLed every 10 s: calls and errors per server, relay RSS and open
 //!    fds at start and end, child processes at the end.
 //!
@@ -27,7 +31,7 @@
 //!   --rounds N        rounds per concurrency (default 5)
 //!   --round-ms MS     length of one direct or relayed run (default 1000)
 //!   --clients N       fan-in clients (default 1000)
-//!   --only call|fanin|list|reload|rank|soak   run one part (soak runs only when named)
+//!   --only call|fanin|list|reload|rank|guard|soak   run one part (soak runs only when named)
 //!   --soak-secs N     length of the soak (default 300)
 //!   --reloads N       config saves of part 4 (default 100)
 //!   --concurrency 1,16,256    the concurrencies of part 1
@@ -209,6 +213,20 @@ fn http_client() -> Res<reqwest::Client> {
         .build()?)
 }
 
+/// [`http_client`] sending `Authorization: Bearer token` with every request.
+fn http_client_with_token(token: &str) -> Res<reqwest::Client> {
+    let mut headers = reqwest::header::HeaderMap::new();
+    headers.insert(
+        reqwest::header::AUTHORIZATION,
+        reqwest::header::HeaderValue::from_str(&format!("Bearer {token}"))?,
+    );
+    Ok(reqwest::Client::builder()
+        .tcp_nodelay(true)
+        .pool_max_idle_per_host(2048)
+        .default_headers(headers)
+        .build()?)
+}
+
 /// The JSON-RPC response in a body that is JSON or SSE.
 fn response_of(body: &[u8]) -> Res<Value> {
     if let Ok(v) = serde_json::from_slice::<Value>(body) {
@@ -374,6 +392,32 @@ async fn round(
     })
 }
 
+/// One session on each side, both warmed (connection pools, the relay's backend
+/// connections), then `o.rounds` rounds of each at concurrency `c`, alternating which goes
+/// first so that neither always follows the other.
+async fn alternate(
+    o: &Opts,
+    c: usize,
+    a: (&reqwest::Client, &Target),
+    b: (&reqwest::Client, &Target),
+) -> Res<(Vec<Round>, Vec<Round>)> {
+    let asid = Arc::new(session(a.0, &a.1.url).await?);
+    let bsid = Arc::new(session(b.0, &b.1.url).await?);
+    round(a.0, a.1, &asid, c, Duration::from_millis(200)).await?;
+    round(b.0, b.1, &bsid, c, Duration::from_millis(200)).await?;
+    let (mut ra, mut rb) = (Vec::new(), Vec::new());
+    for i in 0..o.rounds {
+        if i % 2 == 0 {
+            ra.push(round(a.0, a.1, &asid, c, o.round).await?);
+            rb.push(round(b.0, b.1, &bsid, c, o.round).await?);
+        } else {
+            rb.push(round(b.0, b.1, &bsid, c, o.round).await?);
+            ra.push(round(a.0, a.1, &asid, c, o.round).await?);
+        }
+    }
+    Ok((ra, rb))
+}
+
 fn median(mut v: Vec<f64>) -> f64 {
     v.sort_by(f64::total_cmp);
     match v.len() {
@@ -425,22 +469,7 @@ async fn bench_calls(o: &Opts, root: &Path, dir: &Path) -> Res<()> {
     println!("|---|---|---|---|---|---|---|---|---|---|---|---|");
     for &c in &o.concurrency {
         let client = http_client()?;
-        let dsid = Arc::new(session(&client, &direct.url).await?);
-        let rsid = Arc::new(session(&client, &relayed.url).await?);
-        // Warm both paths (connection pools, the relay's backend connections).
-        round(&client, &direct, &dsid, c, Duration::from_millis(200)).await?;
-        round(&client, &relayed, &rsid, c, Duration::from_millis(200)).await?;
-        let (mut d, mut r) = (Vec::new(), Vec::new());
-        for i in 0..o.rounds {
-            // Alternate which goes first, so neither always follows the other.
-            if i % 2 == 0 {
-                d.push(round(&client, &direct, &dsid, c, o.round).await?);
-                r.push(round(&client, &relayed, &rsid, c, o.round).await?);
-            } else {
-                r.push(round(&client, &relayed, &rsid, c, o.round).await?);
-                d.push(round(&client, &direct, &dsid, c, o.round).await?);
-            }
-        }
+        let (d, r) = alternate(o, c, (&client, &direct), (&client, &relayed)).await?;
         let ratios: Vec<f64> = d.iter().zip(&r).map(|(d, r)| r.rate / d.rate).collect();
         let m = |v: &[Round], f: fn(&Round) -> f64| median(v.iter().map(f).collect());
         let errors: usize = d.iter().chain(&r).map(|x| x.errors).sum();
@@ -851,6 +880,73 @@ fn bench_rank(root: &Path) -> Res<()> {
     Ok(())
 }
 
+/// Part 6: the cost of auth + rate limiting on the hot path, and of the metrics.
+async fn bench_guard(o: &Opts, dir: &Path) -> Res<()> {
+    let (backend, direct) = start_example(0)?;
+    let server = json!({"bench": {"type": "http", "url": direct}});
+    let token = "bench-token-0123456789abcdef";
+    let (plain, plain_url, _) = start_relay_with(&json!({"mcpServers": server}), dir)?;
+    let (guarded, guarded_url, _) = start_relay_with(
+        &json!({
+            "mcpServers": server,
+            "auth": {"clients": [{"name": "bench", "token": token, "scopes": ["tools"]}]},
+            "relay": {"rateLimit": {"requestsPerSecond": 1_000_000_000u64, "burst": 1_000_000_000u64}}
+        }),
+        dir,
+    )?;
+    let a = Target {
+        url: plain_url,
+        tool: "bench__echo".into(),
+        relay_pid: Some(plain.pid()),
+        backend_pid: backend.pid(),
+    };
+    let b = Target {
+        url: guarded_url,
+        tool: "bench__echo".into(),
+        relay_pid: Some(guarded.pid()),
+        backend_pid: backend.pid(),
+    };
+    println!(
+        "\n## Guards: plain relay vs auth + rate limit, median of {} rounds of {} ms each, alternating\n",
+        o.rounds,
+        o.round.as_millis()
+    );
+    println!(
+        "| concurrency | plain calls/s | guarded calls/s | ratio | plain p50 µs | guarded p50 µs | plain relay CPU µs/call | guarded relay CPU µs/call | errors |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for &c in &o.concurrency {
+        let pc = http_client()?;
+        let gc = http_client_with_token(token)?;
+        let (p, g) = alternate(o, c, (&pc, &a), (&gc, &b)).await?;
+        let ratios: Vec<f64> = p.iter().zip(&g).map(|(p, g)| g.rate / p.rate).collect();
+        let m = |v: &[Round], f: fn(&Round) -> f64| median(v.iter().map(f).collect());
+        let errors: usize = p.iter().chain(&g).map(|x| x.errors).sum();
+        println!(
+            "| {c} | {:.0} | {:.0} | {:.3} | {:.0} | {:.0} | {:.1} | {:.1} | {errors} |",
+            m(&p, |x| x.rate),
+            m(&g, |x| x.rate),
+            median(ratios),
+            m(&p, |x| x.p50_us),
+            m(&g, |x| x.p50_us),
+            m(&p, |x| x.relay_cpu_us),
+            m(&g, |x| x.relay_cpu_us),
+        );
+    }
+    // What one relayed call records (a request counter and a latency observation).
+    let metrics = mcp_relay::metrics::Metrics::new();
+    let n = 1_000_000u32;
+    let began = Instant::now();
+    for _ in 0..n {
+        metrics.request("tools/call", mcp_relay::metrics::Outcome::Ok);
+        metrics.tool_call("bench", Duration::from_micros(250));
+    }
+    let ns = began.elapsed().as_nanos() as f64 / f64::from(n);
+    println!("\nMetrics recorded per relayed call (in process, {n} calls): {ns:.0} ns");
+    drop((plain, guarded, backend));
+    Ok(())
+}
+
 fn parse_opts() -> Res<Opts> {
     let mut o = Opts {
         backend: "example".into(),
@@ -875,7 +971,8 @@ fn parse_opts() -> Res<Opts> {
                 o.concurrency = v.split(',').map(str::parse).collect::<Result<_, _>>()?;
             }
             "--only"
-                if ["call", "fanin", "list", "reload", "rank", "soak"].contains(&v.as_str()) =>
+                if ["call", "fanin", "list", "reload", "rank", "guard", "soak"]
+                    .contains(&v.as_str()) =>
             {
                 o.only = Some(v);
             }
@@ -923,6 +1020,9 @@ fn main() -> Res<()> {
         }
         if part("rank") {
             bench_rank(&root)?;
+        }
+        if part("guard") {
+            bench_guard(&o, &dir).await?;
         }
         // Five minutes: only when asked for.
         if o.only.as_deref() == Some("soak") {

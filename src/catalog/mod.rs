@@ -57,12 +57,23 @@ pub struct Catalog {
     pub prompts: Vec<Arc<RawValue>>,
     pub resources: Vec<Arc<RawValue>>,
     pub templates: Vec<Arc<RawValue>>,
+    /// The server of each of `prompts`, `resources` and `templates`, in the same order
+    /// (for clients that may see only some servers).
+    pub owners: Owners,
     tool_index: HashMap<String, Target>,
     prompt_index: HashMap<String, Target>,
     resource_index: HashMap<String, Arc<str>>,
     template_index: Vec<(Template, Arc<str>)>,
     /// Human-readable reports of names that collided and how they were resolved.
     pub collisions: Vec<String>,
+}
+
+/// Per-item servers of the lists other than tools.
+#[derive(Debug, Default)]
+pub struct Owners {
+    pub prompts: Vec<Arc<str>>,
+    pub resources: Vec<Arc<str>>,
+    pub templates: Vec<Arc<str>>,
 }
 
 impl Catalog {
@@ -86,6 +97,7 @@ impl Catalog {
             for item in &s.lists.prompts {
                 let (exposed, raw) = c.expose(&server, s.prefix, item, Kind::Prompt);
                 c.prompts.push(raw);
+                c.owners.prompts.push(server.clone());
                 c.prompt_index.insert(
                     exposed,
                     Target {
@@ -104,11 +116,13 @@ impl Catalog {
                 }
                 c.resource_index.insert(item.key.clone(), server.clone());
                 c.resources.push(item.raw.clone());
+                c.owners.resources.push(server.clone());
             }
             for item in &s.lists.templates {
                 c.template_index
                     .push((Template::parse(&item.key), server.clone()));
                 c.templates.push(item.raw.clone());
+                c.owners.templates.push(server.clone());
             }
         }
         c

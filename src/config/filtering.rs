@@ -166,7 +166,7 @@ impl Exposure {
 
 impl Validator<'_> {
     /// A string setting that must be one of `table`'s names.
-    fn opt_choice<T: Copy>(
+    pub(super) fn opt_choice<T: Copy>(
         &mut self,
         map: &Map<String, Value>,
         at: &str,
@@ -240,7 +240,12 @@ impl Validator<'_> {
         f
     }
 
-    fn globs(&mut self, map: &Map<String, Value>, at: &str, key: &str) -> Vec<glob::Pattern> {
+    pub(super) fn globs(
+        &mut self,
+        map: &Map<String, Value>,
+        at: &str,
+        key: &str,
+    ) -> Vec<glob::Pattern> {
         let mut out = Vec::new();
         for (i, g) in self
             .opt_strings(map, at, key)

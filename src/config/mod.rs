@@ -3,10 +3,12 @@
 //! Validation collects every problem with its file and JSON path instead of stopping at the
 //! first, so `mcp-relay config check` can print them all. This module does not start anything.
 
+pub mod auth;
 pub mod filtering;
 pub mod redact;
 pub mod store;
 
+pub use auth::Auth;
 pub use filtering::ToolFiltering;
 
 use serde_json::{Map, Value};
@@ -25,6 +27,8 @@ pub struct Config {
     pub relay: RelaySettings,
     /// Which tools sessions see (`toolFiltering`).
     pub tool_filtering: ToolFiltering,
+    /// Who may use the HTTP front (`auth`); no clients means no authentication.
+    pub auth: Auth,
     /// Non-fatal findings (unknown keys in server entries and the like).
     pub warnings: Vec<String>,
 }
@@ -60,6 +64,56 @@ pub struct RelaySettings {
     pub watch_config: bool,
     /// How backends are supervised (restarts, health checks, waiting for a restart).
     pub supervision: Supervision,
+    /// HTTPS on the front (`tls: {cert, key}`); the files are re-read when they change.
+    pub tls: Option<auth::Tls>,
+    /// Requests per client (per peer address without auth) over HTTP (`rateLimit`); none
+    /// by default. `auth.clients[].rateLimit` overrides it.
+    pub rate_limit: Option<auth::RateLimit>,
+    /// Open HTTP sessions at most (`maxSessions`, default 10000).
+    pub max_sessions: usize,
+    /// Largest request head (request line and headers) in bytes (`maxHeaderBytes`, default
+    /// 16 KiB, at least 8192).
+    pub max_header_bytes: usize,
+    /// Time a connection has to send its TLS handshake and request headers
+    /// (`headerTimeoutMs`, default 10 s): slow-header clients are cut off.
+    pub header_timeout: Duration,
+    /// An HTTP session with no request and no open stream for this long is closed
+    /// (`sessionIdleTimeoutMs`, default 30 min; 0: never).
+    pub session_idle_timeout: Option<Duration>,
+    /// Serve HTTP on a non-loopback address without `auth` (`allowUnauthenticated`,
+    /// default false; also `--allow-unauthenticated`).
+    pub allow_unauthenticated: bool,
+    /// Log format, level and file (`log`).
+    pub log: LogSettings,
+}
+
+/// `relay.log`.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct LogSettings {
+    /// `auto` (default: human on a terminal, JSON lines otherwise), `json` or `text`.
+    pub format: LogFormat,
+    /// Level filter such as `info` or `mcp_relay=debug` (default `info`; `RUST_LOG` wins).
+    pub level: Option<String>,
+    /// Directory of daily-rotated JSON log files (`file: true` is
+    /// `$XDG_STATE_HOME/mcp-relay/logs`, else `~/.local/state/mcp-relay/logs`).
+    pub dir: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum LogFormat {
+    #[default]
+    Auto,
+    Json,
+    Text,
+}
+
+/// The log directory of `log.file: true`.
+pub fn default_log_dir() -> Option<PathBuf> {
+    let state = std::env::var_os("XDG_STATE_HOME")
+        .filter(|v| !v.is_empty())
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".local/state")))?;
+    Some(state.join("mcp-relay").join("logs"))
 }
 
 /// Backend supervision settings (`relay.*`, all optional).
@@ -118,6 +172,14 @@ impl Default for RelaySettings {
             config_backups: store::DEFAULT_BACKUPS,
             watch_config: true,
             supervision: Supervision::default(),
+            tls: None,
+            rate_limit: None,
+            max_sessions: 10_000,
+            max_header_bytes: 16 * 1024,
+            header_timeout: Duration::from_secs(10),
+            session_idle_timeout: Some(Duration::from_secs(30 * 60)),
+            allow_unauthenticated: false,
+            log: LogSettings::default(),
         }
     }
 }
@@ -239,6 +301,14 @@ const RELAY_KEYS: &[&str] = &[
     "healthIntervalMs",
     "healthTimeoutMs",
     "healthMisses",
+    "tls",
+    "rateLimit",
+    "maxSessions",
+    "maxHeaderBytes",
+    "headerTimeoutMs",
+    "sessionIdleTimeoutMs",
+    "allowUnauthenticated",
+    "log",
 ];
 const SERVER_KEYS: &[&str] = &[
     "command",
@@ -344,6 +414,10 @@ pub fn parse(
         None => ToolFiltering::default(),
         Some(f) => v.tool_filtering(f),
     };
+    let auth = match root.get("auth") {
+        None => Auth::default(),
+        Some(a) => v.auth(a),
+    };
     let mut servers = Vec::new();
     match root.get("mcpServers") {
         None => v.warnings.push(format!(
@@ -380,6 +454,7 @@ pub fn parse(
             servers,
             relay,
             tool_filtering,
+            auth,
             warnings: v.warnings,
         })
     } else {
@@ -471,6 +546,30 @@ impl Validator<'_> {
         }
         if let Some(v) = self.opt_uint(map, "relay", "healthMisses", 1) {
             sup.health_misses = u32::try_from(v).unwrap_or(u32::MAX);
+        }
+        if let Some(t) = map.get("tls") {
+            s.tls = self.tls(t);
+        }
+        if let Some(r) = map.get("rateLimit") {
+            s.rate_limit = self.rate_limit("relay.rateLimit", r);
+        }
+        if let Some(n) = self.opt_usize(map, "relay", "maxSessions", 1) {
+            s.max_sessions = n;
+        }
+        if let Some(n) = self.opt_usize(map, "relay", "maxHeaderBytes", 8192) {
+            s.max_header_bytes = n;
+        }
+        if let Some(v) = self.opt_uint(map, "relay", "headerTimeoutMs", 1) {
+            s.header_timeout = ms(v);
+        }
+        if let Some(v) = self.opt_uint(map, "relay", "sessionIdleTimeoutMs", 0) {
+            s.session_idle_timeout = (v > 0).then(|| ms(v));
+        }
+        if let Some(b) = self.opt_bool(map, "relay", "allowUnauthenticated") {
+            s.allow_unauthenticated = b;
+        }
+        if let Some(l) = map.get("log") {
+            s.log = self.log(l);
         }
         s.allowed_hosts = self
             .opt_strings(map, "relay", "allowedHosts")
@@ -724,6 +823,60 @@ impl Validator<'_> {
     ) -> Option<usize> {
         self.opt_uint(map, at, key, min)
             .map(|n| usize::try_from(n).unwrap_or(usize::MAX))
+    }
+
+    fn log(&mut self, v: &Value) -> LogSettings {
+        let at = "relay.log";
+        let mut out = LogSettings::default();
+        let Some(map) = v.as_object() else {
+            self.problem(
+                at,
+                "must be an object with `format`, `level` and/or `file`".into(),
+            );
+            return out;
+        };
+        self.unknown_keys(map, at, &["format", "level", "file"], "log setting");
+        if let Some(f) = self.opt_choice(
+            map,
+            at,
+            "format",
+            &[
+                ("auto", LogFormat::Auto),
+                ("json", LogFormat::Json),
+                ("text", LogFormat::Text),
+            ],
+        ) {
+            out.format = f;
+        }
+        if let Some(l) = self.opt_string(map, at, "level") {
+            if tracing_subscriber::EnvFilter::try_new(&l).is_err() {
+                self.problem(
+                    &format!("{at}.level"),
+                    format!(
+                        "`{l}` is not a level filter; use e.g. \"info\" or \"mcp_relay=debug\""
+                    ),
+                );
+            } else {
+                out.level = Some(l);
+            }
+        }
+        match map.get("file") {
+            None | Some(Value::Bool(false)) => {}
+            Some(Value::Bool(true)) => match default_log_dir() {
+                Some(d) => out.dir = Some(d),
+                None => self.problem(
+                    &format!("{at}.file"),
+                    "neither XDG_STATE_HOME nor HOME is set; give a directory instead of true"
+                        .into(),
+                ),
+            },
+            Some(Value::String(_)) => out.dir = self.opt_string(map, at, "file").map(PathBuf::from),
+            Some(_) => self.problem(
+                &format!("{at}.file"),
+                "must be true, false or a directory path".into(),
+            ),
+        }
+        out
     }
 
     /// Reports keys of `map` not in `known` (`what` names them: "relay setting").

@@ -2,22 +2,31 @@
 //! sessions with random `Mcp-Session-Id`s, JSON or SSE answers, a priming event and `retry`,
 //! per-stream event ids with a bounded replay store for `Last-Event-ID`, `Origin` and `Host`
 //! checks against DNS rebinding, `MCP-Protocol-Version` validation and a body size limit.
+//!
+//! Around it: bearer-token authentication and rate limits ([`super::gate`]), session caps
+//! and an idle timeout, `/health` `/ready` `/metrics`, and our own accept loop (TLS through
+//! [`super::tls`], a header size cap and a header read timeout against slow clients).
 
+use super::gate::{self, Caller, Limiters};
 use crate::error::RpcError;
 use crate::protocol::{self, Kind, Message};
 use crate::router::Relay;
 use crate::session::Session;
 use crate::sync::lock;
+use axum::Extension;
 use axum::Router;
 use axum::body::{Body, Bytes};
-use axum::extract::State;
+use axum::extract::{Request, State};
 use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
+use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::post;
+use axum::routing::{get, post};
 use std::collections::{HashMap, VecDeque};
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt as _;
 use tokio_util::sync::CancellationToken;
@@ -34,12 +43,39 @@ pub struct Front {
     relay: Arc<Relay>,
     sessions: Mutex<HashMap<String, Arc<HttpSession>>>,
     listen: SocketAddr,
+    limiters: Limiters,
+    /// Start of the front's clock (session activity is kept as milliseconds since it).
+    epoch: Instant,
 }
 
 struct HttpSession {
     session: Arc<Session>,
     streams: Mutex<Streams>,
+    /// The authenticated client that opened it (`None` without auth).
+    client: Option<String>,
+    /// Milliseconds since [`Front::epoch`] of its last request.
+    active: AtomicU64,
 }
+
+/// The peer address of a connection (set by the accept loop).
+#[derive(Debug, Clone, Copy)]
+pub struct Peer(pub SocketAddr);
+
+/// A peer address in logs (`-` when unknown).
+struct PeerText(Option<SocketAddr>);
+
+impl std::fmt::Display for PeerText {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            Some(p) => write!(f, "{p}"),
+            None => f.write_str("-"),
+        }
+    }
+}
+
+/// The authenticated client of a request (`None` without auth), set by [`guard`].
+#[derive(Debug, Clone)]
+struct Who(Option<String>);
 
 #[derive(Default)]
 struct Streams {
@@ -154,7 +190,13 @@ impl Front {
             relay,
             sessions: Mutex::new(HashMap::new()),
             listen,
+            limiters: Limiters::default(),
+            epoch: Instant::now(),
         })
+    }
+
+    fn now_ms(&self) -> u64 {
+        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
     }
 
     /// The relay settings now in force (a config reload may change them).
@@ -162,7 +204,8 @@ impl Front {
         self.relay.config()
     }
 
-    fn session(&self, headers: &HeaderMap) -> Result<Arc<HttpSession>, Reject> {
+    /// The session of a request; a session opened by another client is unknown to this one.
+    fn session(&self, headers: &HeaderMap, who: &Who) -> Result<Arc<HttpSession>, Reject> {
         let Some(id) = headers.get(SESSION_HEADER).and_then(|v| v.to_str().ok()) else {
             return Err(reject(
                 StatusCode::BAD_REQUEST,
@@ -170,21 +213,74 @@ impl Front {
                 "missing Mcp-Session-Id header; send initialize first",
             ));
         };
-        lock(&self.sessions).get(id).cloned().ok_or_else(|| {
-            reject(
-                StatusCode::NOT_FOUND,
-                protocol::code::INVALID_REQUEST,
-                "unknown or ended session; initialize a new one",
-            )
-        })
+        let hs = lock(&self.sessions)
+            .get(id)
+            .filter(|hs| hs.client == who.0)
+            .cloned()
+            .ok_or_else(|| {
+                reject(
+                    StatusCode::NOT_FOUND,
+                    protocol::code::INVALID_REQUEST,
+                    "unknown or ended session; initialize a new one",
+                )
+            })?;
+        hs.active.store(self.now_ms(), Ordering::Relaxed);
+        Ok(hs)
     }
 
-    fn create_session(self: &Arc<Self>) -> Arc<HttpSession> {
+    /// Opens a session for `who`, within `relay.maxSessions` and the client's `maxSessions`.
+    fn create_session(self: &Arc<Self>, who: &Who) -> Result<Arc<HttpSession>, Box<Response>> {
+        let cfg = self.settings();
+        {
+            let sessions = lock(&self.sessions);
+            if sessions.len() >= cfg.relay.max_sessions {
+                self.relay.metrics.session_refused("global");
+                tracing::warn!(
+                    cap = cfg.relay.max_sessions,
+                    "New session refused: relay.maxSessions reached."
+                );
+                let mut r = error(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    protocol::code::INVALID_REQUEST,
+                    &format!(
+                        "too many open sessions (relay.maxSessions = {}); close unused sessions with DELETE or retry later",
+                        cfg.relay.max_sessions
+                    ),
+                );
+                r.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+                return Err(Box::new(r));
+            }
+            let cap = who.0.as_ref().and_then(|name| {
+                cfg.auth
+                    .clients
+                    .iter()
+                    .find(|c| &c.name == name)
+                    .and_then(|c| c.max_sessions)
+                    .map(|cap| (name, cap))
+            });
+            if let Some((name, cap)) = cap
+                && sessions.values().filter(|s| s.client == who.0).count() >= cap
+            {
+                self.relay.metrics.session_refused("client");
+                tracing::warn!(client = %name, cap, "New session refused: the client's maxSessions reached.");
+                return Err(Box::new(error(
+                    StatusCode::TOO_MANY_REQUESTS,
+                    protocol::code::INVALID_REQUEST,
+                    &format!(
+                        "client `{name}` has {cap} open sessions, its maxSessions; close one with DELETE first"
+                    ),
+                )));
+            }
+        }
         let (tx, mut rx) = mpsc::unbounded_channel::<String>();
         let session = self.relay.open_session(Session::random_id(), tx);
+        session.state().client = who.0.clone();
         let hs = Arc::new(HttpSession {
             session,
             streams: Mutex::new(Streams::default()),
+            client: who.0.clone(),
+            active: AtomicU64::new(self.now_ms()),
         });
         // Stream 0 is the standalone (GET) stream; it buffers until a GET attaches.
         let k = hs.new_stream();
@@ -204,7 +300,43 @@ impl Front {
             }
         });
         lock(&self.sessions).insert(hs.session.id.clone(), hs.clone());
-        hs
+        Ok(hs)
+    }
+
+    /// Ends one session: its state is dropped and its streams end.
+    async fn end_session(&self, hs: &Arc<HttpSession>) {
+        lock(&self.sessions).remove(&hs.session.id);
+        self.relay.close_session(&hs.session).await;
+        let mut st = lock(&hs.streams);
+        for buf in st.map.values_mut() {
+            buf.live = None;
+        }
+    }
+
+    /// Closes sessions idle for `relay.sessionIdleTimeoutMs`: no request for that long, none
+    /// in flight, and no stream a client is reading.
+    async fn reap_idle(&self) {
+        let Some(timeout) = self.settings().relay.session_idle_timeout else {
+            return;
+        };
+        let limit = u64::try_from(timeout.as_millis()).unwrap_or(u64::MAX);
+        let now = self.now_ms();
+        let idle: Vec<Arc<HttpSession>> = lock(&self.sessions)
+            .values()
+            .filter(|hs| {
+                now.saturating_sub(hs.active.load(Ordering::Relaxed)) >= limit
+                    && !hs.session.busy()
+                    && !lock(&hs.streams)
+                        .map
+                        .values()
+                        .any(|b| b.live.as_ref().is_some_and(|l| !l.is_closed()))
+            })
+            .cloned()
+            .collect();
+        for hs in idle {
+            tracing::info!(session = %hs.session.id, idle_ms = limit, "Idle session closed.");
+            self.end_session(&hs).await;
+        }
     }
 
     /// Host and Origin checks (DNS-rebinding protection).
@@ -335,7 +467,12 @@ fn accepts_sse(headers: &HeaderMap) -> bool {
         .any(|v| v.contains("text/event-stream") || v.contains("*/*"))
 }
 
-async fn handle_post(State(front): State<Arc<Front>>, headers: HeaderMap, body: Body) -> Response {
+async fn handle_post(
+    State(front): State<Arc<Front>>,
+    Extension(who): Extension<Who>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
     let max = match front.check_origin(&headers) {
         Ok(cfg) => cfg.relay.max_message_bytes,
         Err(r) => return r.into_response(),
@@ -356,7 +493,7 @@ async fn handle_post(State(front): State<Arc<Front>>, headers: HeaderMap, body: 
     };
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     if first == Some(&b'[') {
-        return handle_batch(&front, &headers, &body).await;
+        return handle_batch(&front, &headers, &who, &body).await;
     }
     let msg = match Message::parse(&body) {
         Ok(m) => m,
@@ -369,7 +506,10 @@ async fn handle_post(State(front): State<Arc<Front>>, headers: HeaderMap, body: 
         }
     };
     if msg.method() == protocol::method::INITIALIZE && msg.kind() == Kind::Request {
-        let hs = front.create_session();
+        let hs = match front.create_session(&who) {
+            Ok(hs) => hs,
+            Err(r) => return *r,
+        };
         let reply = front
             .relay
             .handle(&hs.session, msg, hs.session.outbox.clone())
@@ -381,7 +521,7 @@ async fn handle_post(State(front): State<Arc<Front>>, headers: HeaderMap, body: 
         }
         return r;
     }
-    let hs = match front.session(&headers) {
+    let hs = match front.session(&headers, &who) {
         Ok(s) => s,
         Err(r) => return r.into_response(),
     };
@@ -480,7 +620,7 @@ fn stream_reply(
     sse_response(conn)
 }
 
-async fn handle_batch(front: &Arc<Front>, headers: &HeaderMap, body: &[u8]) -> Response {
+async fn handle_batch(front: &Arc<Front>, headers: &HeaderMap, who: &Who, body: &[u8]) -> Response {
     let items: Vec<Box<serde_json::value::RawValue>> = match serde_json::from_slice(body) {
         Ok(v) => v,
         Err(e) => {
@@ -490,7 +630,13 @@ async fn handle_batch(front: &Arc<Front>, headers: &HeaderMap, body: &[u8]) -> R
             );
         }
     };
-    let hs = match front.session(headers) {
+    if items.is_empty() {
+        return json_response(
+            StatusCode::BAD_REQUEST,
+            RpcError::InvalidRequest("an empty batch".into()).to_response("null"),
+        );
+    }
+    let hs = match front.session(headers, who) {
         Ok(s) => s,
         Err(r) => return r.into_response(),
     };
@@ -523,7 +669,11 @@ async fn handle_batch(front: &Arc<Front>, headers: &HeaderMap, body: &[u8]) -> R
     }
 }
 
-async fn handle_get(State(front): State<Arc<Front>>, headers: HeaderMap) -> Response {
+async fn handle_get(
+    State(front): State<Arc<Front>>,
+    Extension(who): Extension<Who>,
+    headers: HeaderMap,
+) -> Response {
     let retry = match front.check_origin(&headers) {
         Ok(cfg) => cfg.relay.sse_retry_ms,
         Err(r) => return r.into_response(),
@@ -535,7 +685,7 @@ async fn handle_get(State(front): State<Arc<Front>>, headers: HeaderMap) -> Resp
             "GET needs Accept: text/event-stream",
         );
     }
-    let hs = match front.session(&headers) {
+    let hs = match front.session(&headers, &who) {
         Ok(s) => s,
         Err(r) => return r.into_response(),
     };
@@ -558,87 +708,382 @@ async fn handle_get(State(front): State<Arc<Front>>, headers: HeaderMap) -> Resp
     }
 }
 
-async fn handle_delete(State(front): State<Arc<Front>>, headers: HeaderMap) -> Response {
+async fn handle_delete(
+    State(front): State<Arc<Front>>,
+    Extension(who): Extension<Who>,
+    headers: HeaderMap,
+) -> Response {
     if let Err(r) = front.check_origin(&headers) {
         return r.into_response();
     }
-    let hs = match front.session(&headers) {
+    let hs = match front.session(&headers, &who) {
         Ok(s) => s,
         Err(r) => return r.into_response(),
     };
-    lock(&front.sessions).remove(&hs.session.id);
-    front.relay.close_session(&hs.session).await;
-    {
-        let mut st = lock(&hs.streams);
-        for buf in st.map.values_mut() {
-            buf.live = None;
-        }
-    }
+    front.end_session(&hs).await;
     StatusCode::OK.into_response()
 }
 
-/// `GET /healthz`: the process serves HTTP.
-async fn handle_health() -> Response {
-    (
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        r#"{"status":"ok"}"#,
-    )
-        .into_response()
+/// Authentication and rate limiting in front of `/mcp`: no or wrong token → 401 with
+/// `WWW-Authenticate: Bearer`; a token with neither `tools` nor `admin` → 403; an empty
+/// bucket → 429 with `Retry-After`. Every refusal is logged with the peer address and the
+/// reason (never the token) and counted.
+async fn guard(State(front): State<Arc<Front>>, mut req: Request, next: Next) -> Response {
+    let cfg = front.settings();
+    let peer = req.extensions().get::<Peer>().map(|p| p.0);
+    let client = match front.authorize(&cfg, req.headers(), peer) {
+        Ok(c) => c,
+        Err(r) => return *r,
+    };
+    if let Some(c) = client
+        && !(c.scopes.tools || c.scopes.admin)
+    {
+        return front.forbidden(
+            peer,
+            &c.name,
+            "the `tools` or `admin` scope to use the MCP endpoint",
+        );
+    }
+    let caller = match (client, peer) {
+        (Some(c), _) => Some(Caller::Client(c.name.clone())),
+        (None, Some(p)) => Some(Caller::Peer(p.ip())),
+        (None, None) => None,
+    };
+    if let Some(caller) = &caller
+        && let Err(wait) = front.limiters.check(&cfg, caller)
+    {
+        front.relay.metrics.rate_limited(caller.label());
+        tracing::warn!(peer = %PeerText(peer), client = %caller.label(), "Request refused: rate limit.");
+        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
+        let mut r = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            protocol::code::RATE_LIMITED,
+            &format!(
+                "rate limit reached; retry in {secs} s (relay.rateLimit / the client's rateLimit)"
+            ),
+        );
+        if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
+            r.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        return r;
+    }
+    req.extensions_mut()
+        .insert(Who(client.map(|c| c.name.clone())));
+    drop(cfg);
+    next.run(req).await
 }
 
-/// `GET /readyz`: 200 while every `required` server is up, else 503 naming those that are
-/// not (names and states only).
-async fn handle_ready(State(front): State<Arc<Front>>) -> Response {
-    let unready = front.relay.unready();
-    let waiting: Vec<serde_json::Value> = unready
+impl Front {
+    /// The authenticated client (`None` without auth), or the 401 answer.
+    fn authorize<'c>(
+        &self,
+        cfg: &'c crate::config::Config,
+        headers: &HeaderMap,
+        peer: Option<SocketAddr>,
+    ) -> Result<Option<&'c crate::config::auth::Client>, Box<Response>> {
+        gate::authenticate(cfg, headers).map_err(|f| {
+            self.relay.metrics.auth_failure(f.reason());
+            tracing::warn!(peer = %PeerText(peer), reason = f.reason(), "Authentication failed.");
+            let (challenge, message) = match f {
+                gate::AuthFailure::Missing => (
+                    r#"Bearer realm="mcp-relay""#,
+                    "authentication required: send Authorization: Bearer <token>",
+                ),
+                gate::AuthFailure::Invalid => (
+                    r#"Bearer realm="mcp-relay", error="invalid_token""#,
+                    "invalid token",
+                ),
+            };
+            let mut r = error(
+                StatusCode::UNAUTHORIZED,
+                protocol::code::INVALID_REQUEST,
+                message,
+            );
+            r.headers_mut().insert(
+                header::WWW_AUTHENTICATE,
+                HeaderValue::from_static(challenge),
+            );
+            Box::new(r)
+        })
+    }
+
+    /// HTTP 403 for an authenticated client whose scopes lack `needs` (logged, counted).
+    fn forbidden(&self, peer: Option<SocketAddr>, client: &str, needs: &str) -> Response {
+        self.relay.metrics.auth_failure("forbidden");
+        tracing::warn!(peer = %PeerText(peer), client = %client, needs, "Request refused: scope.");
+        error(
+            StatusCode::FORBIDDEN,
+            protocol::code::FORBIDDEN,
+            &format!("client `{client}` needs {needs}; add it to its `scopes` in auth.clients"),
+        )
+    }
+
+    /// Whether a request may see the detail of `/health` and `/ready` (any valid token
+    /// when auth is on), without counting a missing token as a failure.
+    fn may_see_detail(&self, cfg: &crate::config::Config, headers: &HeaderMap) -> bool {
+        !cfg.auth.enabled() || matches!(gate::authenticate(cfg, headers), Ok(Some(_)))
+    }
+}
+
+fn json_status(code: StatusCode, body: &serde_json::Value) -> Response {
+    json_response(code, body.to_string())
+}
+
+/// The servers' states for `/health`: status, tools, last error.
+fn servers_detail(relay: &Relay) -> serde_json::Value {
+    let mut out = serde_json::Map::new();
+    for b in relay.backends() {
+        let st = b.state();
+        let last_error = match &st {
+            crate::backend::State::Restarting { last_error, .. } => Some(last_error.clone()),
+            crate::backend::State::Failed(e) | crate::backend::State::NeedsAuth(e) => {
+                Some(e.clone())
+            }
+            _ => None,
+        };
+        out.insert(
+            b.name.clone(),
+            serde_json::json!({
+                "status": st.label(),
+                "tools": b.tool_count(),
+                "required": b.config.required,
+                "last_error": last_error,
+            }),
+        );
+    }
+    serde_json::Value::Object(out)
+}
+
+/// `healthy` (every server ready), `degraded` (some are not, the required ones are) or
+/// `unhealthy` (a required server is down, or the relay is stopping).
+fn overall(relay: &Relay) -> &'static str {
+    if !relay.unready().is_empty() {
+        "unhealthy"
+    } else if relay
+        .backends()
         .iter()
-        .map(|(server, state)| serde_json::json!({"server": server, "state": state}))
-        .collect();
-    let code = if waiting.is_empty() {
+        .all(|b| b.state() == crate::backend::State::Ready)
+    {
+        "healthy"
+    } else {
+        "degraded"
+    }
+}
+
+/// `GET /health` (also `/api/health`): liveness. 200 while the process serves, whatever its
+/// servers do (a restart of the relay cannot heal a server); the body tells how it is.
+/// Server detail needs a token when auth is on.
+async fn handle_health(State(front): State<Arc<Front>>, headers: HeaderMap) -> Response {
+    let relay = &front.relay;
+    let cfg = front.settings();
+    let mut body = serde_json::json!({
+        "status": overall(relay),
+        "version": env!("CARGO_PKG_VERSION"),
+        "uptime_s": relay.uptime().as_secs(),
+    });
+    if front.may_see_detail(&cfg, &headers) {
+        body["sessions"] = relay.session_count().into();
+        body["servers"] = servers_detail(relay);
+    }
+    json_status(StatusCode::OK, &body)
+}
+
+/// `GET /healthz`: the process serves HTTP (no body detail, no auth).
+async fn handle_healthz() -> Response {
+    json_response(StatusCode::OK, r#"{"status":"ok"}"#.to_owned())
+}
+
+/// `GET /ready` (also `/readyz`): 200 while every `required` server is up and the relay is
+/// not stopping, else 503. With auth on, the names of the servers waited for need a token.
+async fn handle_ready(State(front): State<Arc<Front>>, headers: HeaderMap) -> Response {
+    let unready = front.relay.unready();
+    let code = if unready.is_empty() {
         StatusCode::OK
     } else {
         StatusCode::SERVICE_UNAVAILABLE
     };
-    let body = serde_json::json!({"ready": waiting.is_empty(), "waitingFor": waiting});
-    (
-        code,
-        [(axum::http::header::CONTENT_TYPE, "application/json")],
-        body.to_string(),
-    )
-        .into_response()
+    let cfg = front.settings();
+    let mut body = serde_json::json!({
+        "ready": unready.is_empty(),
+        "status": overall(&front.relay),
+    });
+    if front.may_see_detail(&cfg, &headers) {
+        let waiting: Vec<serde_json::Value> = unready
+            .iter()
+            .map(|(server, state)| serde_json::json!({"server": server, "state": state}))
+            .collect();
+        body["waitingFor"] = waiting.into();
+        body["servers"] = servers_detail(&front.relay);
+    }
+    json_status(code, &body)
 }
 
-/// The axum router: the MCP endpoint at `/mcp`, `/healthz` and `/readyz`.
+/// `GET /metrics`: OpenMetrics text. With auth on it needs a token with `metrics` or
+/// `admin`.
+async fn handle_metrics(
+    State(front): State<Arc<Front>>,
+    peer: Option<Extension<Peer>>,
+    headers: HeaderMap,
+) -> Response {
+    let cfg = front.settings();
+    let peer = peer.map(|Extension(p)| p.0);
+    match front.authorize(&cfg, &headers, peer) {
+        Err(r) => return *r,
+        Ok(Some(c)) if !c.scopes.observe() => {
+            return front.forbidden(
+                peer,
+                &c.name,
+                "the `metrics` or `admin` scope to read metrics",
+            );
+        }
+        Ok(_) => {}
+    }
+    let relay = &front.relay;
+    match relay.metrics.encode(&relay.metrics_snapshot()) {
+        Ok(text) => (
+            [(
+                header::CONTENT_TYPE,
+                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+            )],
+            text,
+        )
+            .into_response(),
+        Err(_) => error(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            protocol::code::INTERNAL_ERROR,
+            "metrics could not be encoded",
+        ),
+    }
+}
+
+/// The axum router: the MCP endpoint at `/mcp` (behind [`guard`]), `/health`,
+/// `/api/health`, `/healthz`, `/ready`, `/readyz` and `/metrics`.
 pub fn router(front: Arc<Front>) -> Router {
-    Router::new()
+    let mcp = Router::new()
         .route(
             "/mcp",
             post(handle_post).get(handle_get).delete(handle_delete),
         )
-        .route("/healthz", axum::routing::get(handle_health))
-        .route("/readyz", axum::routing::get(handle_ready))
+        .route_layer(axum::middleware::from_fn_with_state(front.clone(), guard));
+    Router::new()
+        .merge(mcp)
+        .route("/health", get(handle_health))
+        .route("/api/health", get(handle_health))
+        .route("/healthz", get(handle_healthz))
+        .route("/ready", get(handle_ready))
+        .route("/readyz", get(handle_ready))
+        .route("/metrics", get(handle_metrics))
         .with_state(front)
 }
 
-/// Serves HTTP on `listener` until `shutdown` fires.
+/// Serves HTTP (or HTTPS with `relay.tls`) on `listener` until `shutdown` fires.
 pub async fn serve(
     relay: Arc<Relay>,
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
 ) -> std::io::Result<()> {
     let listen = listener.local_addr()?;
-    let front = Front::new(relay, listen);
+    let front = Front::new(relay.clone(), listen);
     let app = router(front.clone());
-    let listener = axum::serve::ListenerExt::tap_io(listener, |tcp| {
+    let tls = match relay.config().relay.tls.clone() {
+        Some(t) => Some(
+            super::tls::acceptor(relay.clone(), &t, shutdown.clone())
+                .map_err(std::io::Error::other)?,
+        ),
+        None => None,
+    };
+    spawn_housekeeping(front.clone(), shutdown.clone());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        let (tcp, peer) = tokio::select! {
+            r = listener.accept() => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    // Out of descriptors and the like: pause instead of spinning.
+                    tracing::warn!(error = %e, "Accept failed.");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = shutdown.cancelled() => break,
+        };
         let _ = tcp.set_nodelay(true);
+        let (max_head, head_timeout) = {
+            let s = relay.config();
+            (s.relay.max_header_bytes, s.relay.header_timeout)
+        };
+        let counted = relay.metrics.connection();
+        let app = app.clone();
+        let tls = tls.clone();
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let _counted = counted;
+            let svc = hyper::service::service_fn(
+                move |mut req: hyper::Request<hyper::body::Incoming>| {
+                    req.extensions_mut().insert(Peer(peer));
+                    let app = app.clone();
+                    async move {
+                        use tower::ServiceExt as _;
+                        app.oneshot(req.map(Body::new)).await
+                    }
+                },
+            );
+            let mut http = hyper::server::conn::http1::Builder::new();
+            http.timer(hyper_util::rt::TokioTimer::new())
+                .header_read_timeout(head_timeout)
+                .max_buf_size(max_head.max(8192));
+            match tls {
+                None => {
+                    let conn = http.serve_connection(hyper_util::rt::TokioIo::new(tcp), svc);
+                    let _ = watcher.watch(conn).await;
+                }
+                Some(acceptor) => {
+                    // The handshake shares the header deadline: a client that stalls in
+                    // it holds a connection no longer than one that stalls in its headers.
+                    let stream =
+                        match tokio::time::timeout(head_timeout, acceptor.accept(tcp)).await {
+                            Ok(Ok(s)) => s,
+                            Ok(Err(e)) => {
+                                tracing::debug!(peer = %peer, error = %e, "TLS handshake failed.");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(peer = %peer, "TLS handshake timed out.");
+                                return;
+                            }
+                        };
+                    let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+                    let _ = watcher.watch(conn).await;
+                }
+            }
+        });
+    }
+    // Stop accepting, end every session (their streams close), then let requests in
+    // flight finish, bounded.
+    drop(listener);
+    front.close_all().await;
+    let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;
+    Ok(())
+}
+
+/// Idle sessions and full rate-limit buckets of past peers are dropped periodically.
+fn spawn_housekeeping(front: Arc<Front>, stop: CancellationToken) {
+    tokio::spawn(async move {
+        loop {
+            let every = front
+                .settings()
+                .relay
+                .session_idle_timeout
+                .map_or(Duration::from_secs(30), |t| t / 4)
+                .clamp(Duration::from_millis(50), Duration::from_secs(30));
+            tokio::select! {
+                () = tokio::time::sleep(every) => {}
+                () = stop.cancelled() => break,
+            }
+            front.reap_idle().await;
+            front.limiters.prune();
+        }
     });
-    let stop = shutdown.clone();
-    let closer = front.clone();
-    let server = axum::serve(listener, app).with_graceful_shutdown(async move {
-        stop.cancelled().await;
-        closer.close_all().await;
-    });
-    server.await
 }
 
 #[cfg(test)]

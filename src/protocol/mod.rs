@@ -31,6 +31,10 @@ pub mod code {
     pub const REQUEST_TIMEOUT: i64 = -32002;
     /// Implementation-defined: the message is larger than `maxMessageBytes`.
     pub const MESSAGE_TOO_LARGE: i64 = -32003;
+    /// Implementation-defined: the client's token lacks the scope the request needs.
+    pub const FORBIDDEN: i64 = -32004;
+    /// Implementation-defined: the client is over its rate limit.
+    pub const RATE_LIMITED: i64 = -32005;
     /// The request was cancelled by its sender.
     pub const REQUEST_CANCELLED: i64 = -32800;
 }

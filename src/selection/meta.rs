@@ -34,7 +34,7 @@ pub(crate) async fn call(
     relay.settle().await;
     match name {
         ANALYZE => Ok(Answer::Result(analyze(relay, ctx, &args).await)),
-        SEARCH => Ok(Answer::Result(search(relay, &args))),
+        SEARCH => Ok(Answer::Result(search(relay, ctx, &args))),
         CALL => call_by_name(relay, params, &args, ctx, cancel).await,
         _ => Err(RpcError::InvalidParams(format!("unknown tool `{name}`"))),
     }
@@ -98,6 +98,9 @@ async fn analyze(relay: &Arc<Relay>, ctx: &ReqCtx, args: &Value) -> Box<RawValue
         );
     }
     let view = relay.view();
+    let grant = relay.grant(session);
+    let sees = |server: &str| grant.sees(server);
+    let sees: super::Sees<'_> = grant.restricted().then_some(&sees);
     let filtering = &view.filtering;
     let requested = match count(args, "maxTools") {
         Ok(n) => n,
@@ -131,7 +134,7 @@ async fn analyze(relay: &Arc<Relay>, ctx: &ReqCtx, args: &Value) -> Box<RawValue
     let picks: Vec<Pick> = match &filtering.llm {
         Some(settings) => {
             let candidates: Vec<(Pick, String)> =
-                super::rank(&view, prompt, settings.candidates.max(limit))
+                super::rank(&view, prompt, settings.candidates.max(limit), sees)
                     .into_iter()
                     .map(|p| {
                         let d = view.description(&p.name).to_owned();
@@ -168,7 +171,7 @@ async fn analyze(relay: &Arc<Relay>, ctx: &ReqCtx, args: &Value) -> Box<RawValue
                 }
             }
         }
-        None => super::cut(super::rank(&view, prompt, limit), limit),
+        None => super::cut(super::rank(&view, prompt, limit, sees), limit),
     };
     if picks.is_empty() {
         return success(
@@ -210,7 +213,7 @@ async fn analyze(relay: &Arc<Relay>, ctx: &ReqCtx, args: &Value) -> Box<RawValue
     )
 }
 
-fn search(relay: &Arc<Relay>, args: &Value) -> Box<RawValue> {
+fn search(relay: &Arc<Relay>, ctx: &ReqCtx, args: &Value) -> Box<RawValue> {
     let query = args
         .get("query")
         .and_then(Value::as_str)
@@ -223,7 +226,10 @@ fn search(relay: &Arc<Relay>, args: &Value) -> Box<RawValue> {
         Err(e) => return error_result(e),
     };
     let view = relay.view();
-    let picks = super::rank(&view, query, limit);
+    let grant = relay.grant(&ctx.session);
+    let sees = |server: &str| grant.sees(server);
+    let sees: super::Sees<'_> = grant.restricted().then_some(&sees);
+    let picks = super::rank(&view, query, limit, sees);
     let mut text = if picks.is_empty() {
         "No tool matched.".to_owned()
     } else {
@@ -263,11 +269,20 @@ async fn call_by_name(
     if let Some(op) = admin::tool(name)
         && relay.admin_enabled()
     {
+        let grant = relay.grant(&ctx.session);
+        if !grant.admin() {
+            return Ok(failure(&format!("forbidden: {}", grant.missing("admin"))));
+        }
         return Ok(Answer::Result(
             admin::call(relay, op, arguments.as_deref()).await,
         ));
     }
-    if relay.view().target(name).is_none() {
+    let grant = relay.grant(&ctx.session);
+    if relay
+        .view()
+        .target(name)
+        .is_none_or(|t| !grant.sees(&t.server))
+    {
         return Ok(failure(&format!(
             "unknown tool `{name}`; relay__search_tools finds the available tools"
         )));

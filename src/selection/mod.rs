@@ -188,19 +188,30 @@ pub fn rank_index(index: &Index, prompt: &str, limit: usize) -> Vec<rank::Hit> {
     index.rank(truncate(prompt, MAX_PROMPT_BYTES), limit)
 }
 
-/// The tool list of a session: `exposed` is what it picked (`None`: nothing yet). Outside
-/// prompt mode and without management tools it is the view's own list, not a copy.
+/// Which servers a session may see (`None`: all); from its client's `servers` globs.
+pub type Sees<'a> = Option<&'a (dyn Fn(&str) -> bool + Sync)>;
+
+/// The tool list of a session: `exposed` is what it picked (`None`: nothing yet); tools of
+/// servers `sees` rejects are left out. Outside prompt mode, with every server visible and
+/// without management tools, it is the view's own list, not a copy.
 pub fn session_tools<'a>(
     view: &'a View,
     exposed: Option<&[String]>,
     admin: &[Arc<RawValue>],
+    sees: Sees<'_>,
 ) -> Cow<'a, [Arc<RawValue>]> {
     let filtering = &view.filtering;
+    let visible = |i: &usize| sees.is_none_or(|f| f(&view.targets[*i].server));
+    let all = || {
+        (0..view.tools.len())
+            .filter(visible)
+            .map(|i| view.tools[i].clone())
+    };
     if filtering.mode != Mode::Prompt {
-        if admin.is_empty() {
+        if admin.is_empty() && sees.is_none() {
             return Cow::Borrowed(&view.tools);
         }
-        return Cow::Owned(admin.iter().chain(&view.tools).cloned().collect());
+        return Cow::Owned(admin.iter().cloned().chain(all()).collect());
     }
     let mut out: Vec<Arc<RawValue>> = definitions().to_vec();
     if filtering.default_exposure != Exposure::None {
@@ -211,11 +222,10 @@ pub fn session_tools<'a>(
             names
                 .iter()
                 .filter_map(|n| view.position(n))
+                .filter(visible)
                 .map(|i| view.tools[i].clone()),
         ),
-        None if filtering.default_exposure == Exposure::All => {
-            out.extend(view.tools.iter().cloned());
-        }
+        None if filtering.default_exposure == Exposure::All => out.extend(all()),
         None => {}
     }
     Cow::Owned(out)
@@ -230,13 +240,23 @@ pub struct Pick {
     pub reason: String,
 }
 
-/// Ranks the view for `prompt`: the best `limit` tools, best first.
-pub fn rank(view: &View, prompt: &str, limit: usize) -> Vec<Pick> {
+/// Ranks the view for `prompt`: the best `limit` tools of the servers `sees` lets through,
+/// best first.
+pub fn rank(view: &View, prompt: &str, limit: usize, sees: Sees<'_>) -> Vec<Pick> {
     let index = view.index();
-    rank_index(index, prompt, limit)
+    // A client that sees only some servers: rank everything, keep its servers' tools.
+    let depth = if sees.is_some() {
+        view.tools.len()
+    } else {
+        limit
+    };
+    rank_index(index, prompt, depth)
         .into_iter()
         .filter_map(|h| {
             let doc = index.doc(h.doc)?;
+            if sees.is_some_and(|f| !f(&doc.server)) {
+                return None;
+            }
             let terms: Vec<&str> = h.matched.iter().take(5).map(String::as_str).collect();
             let reason = if terms.is_empty() {
                 format!("another tool of server {} matches", doc.server)
@@ -250,6 +270,7 @@ pub fn rank(view: &View, prompt: &str, limit: usize) -> Vec<Pick> {
                 reason,
             })
         })
+        .take(limit)
         .collect()
 }
 

@@ -43,6 +43,102 @@ pub struct SessionState {
     /// first); `None` until it first picks, and after a reset.
     #[serde(default)]
     pub exposed: Option<Vec<String>>,
+    /// The authenticated client (`auth.clients[].name`) that opened this session; `None` for
+    /// a trusted front (stdio, or HTTP without auth). Its scopes and servers are looked up
+    /// in the config in force at each request, so a reload applies to open sessions.
+    #[serde(default)]
+    pub client: Option<String>,
+}
+
+/// What a session may reach: derived from its client and the `auth` config in force.
+pub struct Grant {
+    cfg: std::sync::Arc<crate::config::Config>,
+    who: Who,
+}
+
+enum Who {
+    /// Stdio, or HTTP without auth: everything.
+    Trusted,
+    Client(usize),
+    /// A client the config no longer lists: nothing.
+    Unknown,
+}
+
+impl Grant {
+    pub fn new(cfg: std::sync::Arc<crate::config::Config>, client: Option<&str>) -> Grant {
+        let who = match client {
+            None => Who::Trusted,
+            Some(name) => cfg
+                .auth
+                .clients
+                .iter()
+                .position(|c| c.name == name)
+                .map_or(Who::Unknown, Who::Client),
+        };
+        Grant { cfg, who }
+    }
+
+    fn client(&self) -> Option<&crate::config::auth::Client> {
+        match self.who {
+            Who::Client(i) => self.cfg.auth.clients.get(i),
+            _ => None,
+        }
+    }
+
+    /// The client's name, if the session has one.
+    pub fn name(&self) -> Option<&str> {
+        self.client().map(|c| c.name.as_str())
+    }
+
+    /// May use the servers' tools, prompts, resources and completions (scope `tools`).
+    pub fn tools(&self) -> bool {
+        match self.who {
+            Who::Trusted => true,
+            Who::Client(_) => self.client().is_some_and(|c| c.scopes.tools),
+            Who::Unknown => false,
+        }
+    }
+
+    /// May use the management tools (scope `admin`).
+    pub fn admin(&self) -> bool {
+        match self.who {
+            Who::Trusted => true,
+            Who::Client(_) => self.client().is_some_and(|c| c.scopes.admin),
+            Who::Unknown => false,
+        }
+    }
+
+    /// Whether only some servers are visible (the client has `servers` globs).
+    pub fn restricted(&self) -> bool {
+        match self.who {
+            Who::Trusted => false,
+            Who::Client(_) => self.client().is_none_or(|c| c.servers.is_some()),
+            Who::Unknown => true,
+        }
+    }
+
+    /// Whether `server`'s items are visible to the session.
+    pub fn sees(&self, server: &str) -> bool {
+        match self.who {
+            Who::Trusted => true,
+            Who::Client(_) => self.client().is_some_and(|c| {
+                c.servers
+                    .as_ref()
+                    .is_none_or(|p| p.iter().any(|p| p.matches(server)))
+            }),
+            Who::Unknown => false,
+        }
+    }
+
+    /// Why a request needing `scope` is refused (names the client and the fix).
+    pub fn missing(&self, scope: &str) -> String {
+        match self.name() {
+            Some(n) => format!(
+                "client `{n}` lacks the `{scope}` scope; add it to its `scopes` in auth.clients"
+            ),
+            None => format!("this session lacks the `{scope}` scope"),
+        }
+    }
 }
 
 /// A request the relay sent to the client on a backend's behalf, awaiting its answer.
@@ -120,6 +216,11 @@ impl Session {
     }
 
     /// Registers a client request id as in flight; the token fires on client cancellation.
+    /// Whether a request of the client is in flight.
+    pub fn busy(&self) -> bool {
+        !lock(&self.inflight).is_empty()
+    }
+
     pub fn begin(&self, id_text: &str) -> CancellationToken {
         let token = self.closed.child_token();
         lock(&self.inflight).insert(id_text.to_owned(), token.clone());

@@ -4,6 +4,7 @@ mod admin;
 mod http;
 mod lifecycle;
 mod rmcp_client;
+mod security;
 mod selection;
 mod stdio;
 mod support;

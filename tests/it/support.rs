@@ -280,12 +280,38 @@ pub fn is_response(line: &str, id: &Value) -> bool {
 
 /// Starts `mcp-relay serve` on an OS-chosen port; returns the process and the /mcp URL.
 pub fn serve(cfg: &Value, dir: &Path) -> Result<(Proc, String)> {
+    let s = serve_with(cfg, dir, &[])?;
+    Ok((s.proc, s.url))
+}
+
+/// A relay started by [`serve_with`]: its /mcp URL (`http` or `https`) and everything it
+/// wrote on stderr so far.
+pub struct Served {
+    pub proc: Proc,
+    pub url: String,
+    pub log: std::sync::Arc<std::sync::Mutex<String>>,
+}
+
+impl Served {
+    pub fn base(&self) -> String {
+        self.url.trim_end_matches("/mcp").to_owned()
+    }
+
+    pub fn log_text(&self) -> String {
+        self.log.lock().map(|l| l.clone()).unwrap_or_default()
+    }
+}
+
+/// [`serve`] with extra environment variables (tokens for `${VAR}` references); the log
+/// level is `info` so that refusals are visible in [`Served::log`].
+pub fn serve_with(cfg: &Value, dir: &Path, env: &[(&str, &str)]) -> Result<Served> {
     let path = write_config(dir, cfg)?;
     let mut child = Command::new(relay_bin())
         .args(["serve", "--listen", "127.0.0.1:0", "--config"])
         .arg(&path)
-        .env("RUST_LOG", "warn")
+        .env("RUST_LOG", "info")
         .env("MCP_RELAY_RUNTIME_DIR", runtime_dir(dir))
+        .envs(env.iter().copied())
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
@@ -293,18 +319,24 @@ pub fn serve(cfg: &Value, dir: &Path) -> Result<(Proc, String)> {
     let stderr = child.stderr.take().ok_or("no stderr")?;
     let proc = Proc { child };
     let (tx, rx) = mpsc::channel();
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let sink = log.clone();
     std::thread::spawn(move || {
         for line in BufReader::new(stderr).lines() {
             let Ok(line) = line else { break };
             if let Some(url) = line.strip_prefix("mcp-relay listening on ") {
                 let _ = tx.send(url.trim().to_owned());
             }
+            if let Ok(mut l) = sink.lock() {
+                l.push_str(&line);
+                l.push('\n');
+            }
         }
     });
     let url = rx
         .recv_timeout(TIMEOUT)
         .map_err(|_| "relay did not report its address")?;
-    Ok((proc, url))
+    Ok(Served { proc, url, log })
 }
 
 /// Starts the example server with `args` (a listening mode, e.g. `--http 127.0.0.1:0`);
