@@ -311,6 +311,7 @@ fn run(path: Option<PathBuf>, http: Option<(Option<SocketAddr>, bool)>) -> ExitC
     };
     let result = rt.block_on(async move {
         let front = if http.is_some() { Front::Http } else { Front::Stdio };
+        let allow_flag = http.is_some_and(|(_, allow)| allow);
         let http = http.map(|(listen, _)| listen);
         let relay = Relay::start(cfg, front);
         let shutdown = CancellationToken::new();
@@ -323,8 +324,19 @@ fn run(path: Option<PathBuf>, http: Option<(Option<SocketAddr>, bool)>) -> ExitC
                 let addr = listen.unwrap_or(relay.config().relay.listen);
                 match tokio::net::TcpListener::bind(addr).await {
                     Ok(l) => {
-                        // The management tools are offered over HTTP only on loopback.
-                        relay.allow_admin_front(l.local_addr().is_ok_and(|a| a.ip().is_loopback()));
+                        // The management tools are offered over HTTP only on loopback (or by scope).
+                        let loopback = l.local_addr().is_ok_and(|a| a.ip().is_loopback());
+                        relay.allow_admin_front(loopback);
+                        relay.set_public(!loopback && !allow_flag);
+                        // A certificate that does not load fails the start, before the
+                        // listening line.
+                        if let Some(t) = relay.config().relay.tls.clone()
+                            && let Err(e) = frontend::tls::load(&t)
+                        {
+                            shutdown.cancel();
+                            relay.shutdown().await;
+                            return Err(e.to_string());
+                        }
                         let local = l.local_addr().map(|a| a.to_string()).unwrap_or_default();
                         let scheme = if relay.config().relay.tls.is_some() { "https" } else { "http" };
                         tracing::info!(addr = %local, "Serving Streamable HTTP at {scheme}://{local}/mcp");

@@ -33,6 +33,8 @@ pub struct Relay {
     /// Whether this front may offer the management tools (set by the front: stdio, or
     /// HTTP on a loopback address).
     admin_front: AtomicBool,
+    /// Serving a non-loopback address without `--allow-unauthenticated` (see [`Relay::refuse`]).
+    public: AtomicBool,
     started: Instant,
     /// Serializes config changes (tool calls, reloads) so they apply in file order.
     changing: tokio::sync::Mutex<()>,
@@ -117,7 +119,7 @@ impl backend::Hub for HubRef {
             return;
         }
         for s in r.live_sessions() {
-            if s.state().subscriptions.contains(uri) && r.grant(&s).sees(server) {
+            if s.state().subscriptions.contains(uri) && r.grant(&s).reaches(server) {
                 let _ = s.outbox.send(msg.clone());
             }
         }
@@ -126,7 +128,7 @@ impl backend::Hub for HubRef {
     fn broadcast(&self, server: &str, msg: String) {
         if let Some(r) = self.0.upgrade() {
             for s in r.live_sessions() {
-                if s.state().initialized && r.grant(&s).sees(server) {
+                if s.state().initialized && r.grant(&s).reaches(server) {
                     let _ = s.outbox.send(msg.clone());
                 }
             }
@@ -135,9 +137,11 @@ impl backend::Hub for HubRef {
 
     fn task_owner(&self, exposed_task_id: &str) -> Option<ReqCtx> {
         let r = self.0.upgrade()?;
+        let server = tasks::resolve(exposed_task_id).map(|(s, _)| s.to_owned())?;
         r.live_sessions()
             .into_iter()
             .find(|s| s.state().tasks.contains(exposed_task_id))
+            .filter(|s| r.grant(s).reaches(&server))
             .map(|s| s.ctx())
     }
 
@@ -162,11 +166,12 @@ impl backend::Hub for HubRef {
         }
     }
 
-    fn sole_session(&self) -> Option<ReqCtx> {
+    fn sole_session(&self, server: &str) -> Option<ReqCtx> {
         let r = self.0.upgrade()?;
         let live = r.live_sessions();
         match live.as_slice() {
-            [only] => Some(only.ctx()),
+            // Only if its client may see the server (nothing to a session that may not).
+            [only] if r.grant(only).reaches(server) => Some(only.ctx()),
             _ => None,
         }
     }
@@ -230,6 +235,7 @@ impl Relay {
             hub: Arc::new(HubRef(me.clone())),
             front,
             admin_front: AtomicBool::new(front == Front::Stdio),
+            public: AtomicBool::new(false),
             started: Instant::now(),
             changing: tokio::sync::Mutex::new(()),
             config_error: Mutex::new(None),
@@ -283,6 +289,23 @@ impl Relay {
 
     pub fn front(&self) -> Front {
         self.front
+    }
+
+    /// Called by the HTTP front once it knows its address: serving a non-loopback address
+    /// without `--allow-unauthenticated` (a reload may then not turn auth off).
+    pub fn set_public(&self, public: bool) {
+        self.public.store(public, Ordering::Relaxed);
+    }
+
+    /// Why `cfg` may not replace the running config, if it may not: it would leave a
+    /// non-loopback listener without authentication.
+    pub fn refuse(&self, cfg: &Config) -> Option<String> {
+        (self.public.load(Ordering::Relaxed)
+            && !cfg.auth.enabled()
+            && !cfg.relay.allow_unauthenticated)
+            .then(|| {
+                "the relay serves a non-loopback address, and this config has no `auth` clients: it would let anyone in. Keep `auth`, or set relay.allowUnauthenticated".to_owned()
+            })
     }
 
     /// Called by the HTTP front once it knows its address: without auth, the management
@@ -341,6 +364,11 @@ impl Relay {
             applied
                 .needs_restart
                 .push("relay.listen (the HTTP listener stays where it is)".into());
+        }
+        if new.relay.tls.is_some() != old.relay.tls.is_some() {
+            applied
+                .needs_restart
+                .push("relay.tls (HTTPS is turned on or off only at start)".into());
         }
         self.settings
             .limits
@@ -441,8 +469,10 @@ impl Relay {
     }
 
     /// Registers a new session.
-    pub fn open_session(&self, id: String, outbox: Outbox) -> Arc<Session> {
+    /// Registers a new session of `client` (`None`: a trusted front).
+    pub fn open_session(&self, id: String, outbox: Outbox, client: Option<String>) -> Arc<Session> {
         let s = Session::new(id, outbox);
+        s.state().client = client;
         let mut sessions = lock(&self.sessions);
         sessions.retain(|_, w| w.strong_count() > 0);
         sessions.insert(s.id.clone(), Arc::downgrade(&s));
@@ -535,10 +565,43 @@ impl Relay {
             let (due, tools_due) = {
                 let st = s.state();
                 let grant = Grant::new(cfg.clone(), st.client.as_deref());
+                // A client that sees only some servers is told only of changes it can see.
+                let seen_changed = |n: &str| {
+                    if !grant.restricted() && grant.tools() {
+                        return true;
+                    }
+                    let differ = |a: &[Arc<serde_json::value::RawValue>],
+                                  ao: &[Arc<str>],
+                                  b: &[Arc<serde_json::value::RawValue>],
+                                  bo: &[Arc<str>]| {
+                        !same(&visible_items(a, ao, &grant), &visible_items(b, bo, &grant))
+                    };
+                    if n == method::PROMPTS_CHANGED {
+                        differ(
+                            &old.prompts,
+                            &old.owners.prompts,
+                            &new.prompts,
+                            &new.owners.prompts,
+                        )
+                    } else {
+                        differ(
+                            &old.resources,
+                            &old.owners.resources,
+                            &new.resources,
+                            &new.owners.resources,
+                        ) || differ(
+                            &old.templates,
+                            &old.owners.templates,
+                            &new.templates,
+                            &new.owners.templates,
+                        )
+                    }
+                };
                 let due: Vec<&str> = notes
                     .iter()
                     .filter(|(_, lists)| lists.iter().any(|l| st.listed.contains(*l)))
                     .map(|(n, _)| *n)
+                    .filter(|n| seen_changed(n))
                     .collect();
                 let tools_due = tools_moved
                     && st.listed.contains(method::TOOLS_LIST)
@@ -867,7 +930,7 @@ impl Relay {
                 let target = self
                     .catalog()
                     .prompt(&name)
-                    .filter(|t| grant.tools() && grant.sees(&t.server))
+                    .filter(|t| grant.reaches(&t.server))
                     .cloned()
                     .ok_or_else(|| {
                         RpcError::InvalidParams(format!(
@@ -890,7 +953,7 @@ impl Relay {
                 let grant = self.grant(&ctx.session);
                 let owner = self
                     .resource_owner(&uri)
-                    .filter(|o| grant.tools() && grant.sees(o))
+                    .filter(|o| grant.reaches(o))
                     .ok_or_else(|| {
                         RpcError::InvalidParams(format!(
                             "unknown resource `{uri}`; no server offers it"
@@ -918,8 +981,9 @@ impl Relay {
                     RpcError::InvalidParams(format!("`{m}` needs a string `taskId`"))
                 })?;
                 let owned = ctx.session.state().tasks.contains(&exposed);
+                let grant = self.grant(&ctx.session);
                 let (server, id) = tasks::resolve(&exposed)
-                    .filter(|_| owned)
+                    .filter(|(server, _)| owned && grant.reaches(server))
                     .map(|(s, i)| (s.to_owned(), i.to_owned()))
                     .ok_or_else(|| {
                         RpcError::InvalidParams(format!(
@@ -939,7 +1003,7 @@ impl Relay {
                 let body = params.to_raw();
                 let grant = self.grant(&ctx.session);
                 for b in self.backends() {
-                    if b.state().is_up() && grant.sees(&b.name) && b.info().has("logging") {
+                    if b.state().is_up() && grant.reaches(&b.name) && b.info().has("logging") {
                         let r = b
                             .call(
                                 m,
@@ -960,7 +1024,7 @@ impl Relay {
                 let backends = self.backends();
                 let grant = self.grant(&ctx.session);
                 match backends.as_slice() {
-                    [only] if grant.tools() && grant.sees(&only.name) => {
+                    [only] if grant.reaches(&only.name) => {
                         let name = only.name.clone();
                         self.forward(&name, m, params, ctx, cancel).await
                     }
@@ -1015,9 +1079,11 @@ impl Relay {
             ));
         }
         let owned = ctx.session.state().tasks.clone();
+        let grant = self.grant(&ctx.session);
         let mut all = Vec::new();
         for b in self.backends() {
-            if !b.state().is_up()
+            if !grant.reaches(&b.name)
+                || !b.state().is_up()
                 || !b.info().has("tasks")
                 || !owned
                     .iter()
@@ -1105,6 +1171,7 @@ impl Relay {
             )
         };
         self.settle().await;
+        let grant = self.grant(&ctx.session);
         let mut r = params
             .get("ref")
             .and_then(|r| RawMap::parse(r.get()).ok())
@@ -1113,10 +1180,12 @@ impl Relay {
         let server = match ty.as_str() {
             "ref/prompt" => {
                 let name = r.get_str("name").ok_or_else(bad)?;
-                let t =
-                    self.catalog().prompt(&name).cloned().ok_or_else(|| {
-                        RpcError::InvalidParams(format!("unknown prompt `{name}`"))
-                    })?;
+                let t = self
+                    .catalog()
+                    .prompt(&name)
+                    .filter(|t| grant.reaches(&t.server))
+                    .cloned()
+                    .ok_or_else(|| RpcError::InvalidParams(format!("unknown prompt `{name}`")))?;
                 r.set_str("name", &t.name);
                 params.set_raw("ref", r.to_raw());
                 t.server.to_string()
@@ -1127,14 +1196,11 @@ impl Relay {
                 cat.template_owner(&uri)
                     .map(ToString::to_string)
                     .or_else(|| self.resource_owner(&uri))
+                    .filter(|o| grant.reaches(o))
                     .ok_or_else(|| RpcError::InvalidParams(format!("unknown resource `{uri}`")))?
             }
             _ => return Err(bad()),
         };
-        let grant = self.grant(&ctx.session);
-        if !(grant.tools() && grant.sees(&server)) {
-            return Err(bad());
-        }
         let b = self.backend(&server).ok_or_else(bad)?;
         if !b.info().has("completions") {
             return Ok(Answer::Result(protocol::raw(
@@ -1172,7 +1238,11 @@ impl Relay {
         caps.insert("completions".into(), serde_json::json!({}));
         caps.insert("logging".into(), serde_json::json!({}));
         let mut instructions = Vec::new();
+        let grant = self.grant(session);
         for b in self.backends() {
+            if !grant.reaches(&b.name) {
+                continue;
+            }
             let info = b.info();
             if let Some(i) = info.instructions.filter(|i| !i.trim().is_empty()) {
                 instructions.push(format!(
@@ -1220,9 +1290,13 @@ impl Relay {
                 }
             }
             m => {
-                // roots/list_changed and unknown notifications go to every ready backend.
+                // roots/list_changed and unknown notifications go to every ready backend
+                // the session may reach.
+                let grant = self.grant(session);
                 for b in self.backends() {
-                    b.notify(m, msg.params.as_deref()).await;
+                    if grant.reaches(&b.name) {
+                        b.notify(m, msg.params.as_deref()).await;
+                    }
                 }
             }
         }

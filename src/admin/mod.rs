@@ -260,6 +260,10 @@ pub async fn reload(relay: &Arc<Relay>, explicit: bool) -> Result<Applied, Admin
         .map_err(|e| AdminError::Refused(format!("the config read did not finish: {e}")))?;
     match loaded {
         Ok(cfg) => {
+            if let Some(reason) = relay.refuse(&cfg) {
+                relay.reject_config(reason.clone());
+                return Err(AdminError::Invalid(reason));
+            }
             for w in &cfg.warnings {
                 tracing::warn!("{w}");
             }

@@ -33,9 +33,15 @@ pub struct Http {
     pub closed: CancellationToken,
 }
 
-/// The HTTP client every remote backend uses: `TCP_NODELAY`, pooled connections.
-pub fn client(timeout: Duration) -> Result<reqwest::Client, String> {
+/// The HTTP client every remote backend uses: `TCP_NODELAY`, pooled connections, the
+/// system and bundled roots plus `ca_file` for `https://`.
+pub fn client(
+    timeout: Duration,
+    ca_file: Option<&std::path::Path>,
+) -> Result<reqwest::Client, String> {
+    let (tls, _) = super::tls::client_configs(ca_file)?;
     reqwest::Client::builder()
+        .use_preconfigured_tls((*tls).clone())
         .tcp_nodelay(true)
         .connect_timeout(timeout.min(Duration::from_secs(30)))
         .pool_max_idle_per_host(256)
@@ -61,6 +67,7 @@ impl Http {
         url: &str,
         headers: &BTreeMap<String, String>,
         timeout: Duration,
+        ca_file: Option<&std::path::Path>,
     ) -> Result<Arc<Http>, String> {
         let url = reqwest::Url::parse(url).map_err(|e| format!("the URL is not valid: {e}"))?;
         let mut headers = header_map(headers)?;
@@ -70,7 +77,7 @@ impl Http {
         );
         headers.insert(CONTENT_TYPE, HeaderValue::from_static("application/json"));
         Ok(Arc::new(Http {
-            client: client(timeout)?,
+            client: client(timeout, ca_file)?,
             url,
             headers,
             session: Mutex::new(None),

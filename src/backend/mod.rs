@@ -10,6 +10,7 @@ pub mod http;
 pub mod keeper;
 pub mod sse;
 pub mod stdio;
+pub mod tls;
 pub mod ws;
 
 use crate::catalog::{self, Lists};
@@ -34,8 +35,9 @@ pub trait Hub: Send + Sync + 'static {
     fn resource_updated(&self, server: &str, uri: &str, msg: String);
     /// A notification with no session to attribute it to: every session gets it.
     fn broadcast(&self, server: &str, msg: String);
-    /// The only live session, when there is exactly one (stdio front).
-    fn sole_session(&self) -> Option<ReqCtx>;
+    /// The only live session, when there is exactly one (stdio front) and it may reach
+    /// `server`.
+    fn sole_session(&self, server: &str) -> Option<ReqCtx>;
     /// The session that created a task (by its exposed id, see [`crate::tasks`]).
     fn task_owner(&self, exposed_task_id: &str) -> Option<ReqCtx>;
     /// The server (re)connected: re-establish what sessions held on it (subscriptions).
@@ -592,6 +594,7 @@ impl Backend {
                 url,
                 headers,
                 self.settings.request_timeout(),
+                self.config.ca_file.as_deref(),
             )?),
             TransportConfig::Sse { url, headers } => {
                 Conn::Sse(sse::Sse::connect(self, url, headers).await?)
@@ -1166,7 +1169,7 @@ impl Backend {
                 return None;
             }
         }
-        self.hub.sole_session()
+        self.hub.sole_session(&self.name)
     }
 
     fn on_request(self: &Arc<Self>, msg: Message, related: Option<&ReqCtx>) {

@@ -28,7 +28,7 @@ impl Sse {
         headers: &BTreeMap<String, String>,
     ) -> Result<Arc<Sse>, String> {
         let timeout = b.settings().request_timeout();
-        let client = client(timeout)?;
+        let client = client(timeout, b.config.ca_file.as_deref())?;
         let headers = header_map(headers)?;
         let base =
             reqwest::Url::parse(url).map_err(|e| format!("`url` is not a valid URL: {e}"))?;

@@ -43,14 +43,21 @@ impl Ws {
             .max_message_size(Some(max))
             .max_frame_size(Some(max));
         let timeout = b.settings().request_timeout();
+        let (_, tls) = super::tls::client_configs(b.config.ca_file.as_deref())?;
+        let connect = |req| {
+            tokio_tungstenite::connect_async_tls_with_config(
+                req,
+                Some(config),
+                true,
+                Some(tokio_tungstenite::Connector::Rustls(tls.clone())),
+            )
+        };
         let open = async {
-            match tokio_tungstenite::connect_async_with_config(req, Some(config), true).await {
+            match connect(req).await {
                 // A server that does not echo the `mcp` subprotocol: connect without asking.
                 Err(tungstenite::Error::Protocol(
                     tungstenite::error::ProtocolError::SecWebSocketSubProtocolError(_),
-                )) if ours => {
-                    tokio_tungstenite::connect_async_with_config(plain, Some(config), true).await
-                }
+                )) if ours => connect(plain).await,
                 other => other,
             }
         };

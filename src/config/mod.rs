@@ -75,7 +75,9 @@ pub struct RelaySettings {
     /// 16 KiB, at least 8192).
     pub max_header_bytes: usize,
     /// Time a connection has to send its TLS handshake and request headers
-    /// (`headerTimeoutMs`, default 10 s): slow-header clients are cut off.
+    /// (`headerTimeoutMs`, default 30 s): slow-header clients are cut off. hyper counts it
+    /// from when a keep-alive connection goes idle, so it is also the idle-connection
+    /// timeout.
     pub header_timeout: Duration,
     /// An HTTP session with no request and no open stream for this long is closed
     /// (`sessionIdleTimeoutMs`, default 30 min; 0: never).
@@ -176,7 +178,7 @@ impl Default for RelaySettings {
             rate_limit: None,
             max_sessions: 10_000,
             max_header_bytes: 16 * 1024,
-            header_timeout: Duration::from_secs(10),
+            header_timeout: Duration::from_secs(30),
             session_idle_timeout: Some(Duration::from_secs(30 * 60)),
             allow_unauthenticated: false,
             log: LogSettings::default(),
@@ -201,8 +203,11 @@ pub struct ServerConfig {
     /// Which `tools/call`s interrupted by a restart are sent once more to the restarted
     /// server (`retryOnReconnect`).
     pub retry_on_reconnect: Retry,
-    /// The relay is ready (`/readyz`) only while this server is up (`required`).
+    /// The relay is ready (`/ready`) only while this server is up (`required`).
     pub required: bool,
+    /// PEM file of extra CA certificates trusted for this remote server (`caFile`), besides
+    /// the system and bundled roots.
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `retryOnReconnect`: `false` (default; tools are not known to be idempotent), `true`, or
@@ -324,6 +329,7 @@ const SERVER_KEYS: &[&str] = &[
     "maxQueued",
     "retryOnReconnect",
     "required",
+    "caFile",
     // Keys other tools write into the same entries, accepted without a warning.
     "transport",
     "timeout",
@@ -723,6 +729,7 @@ impl Validator<'_> {
             max_queued,
             retry_on_reconnect,
             required: self.opt_bool(map, &at, "required").unwrap_or(false),
+            ca_file: self.opt_string(map, &at, "caFile").map(PathBuf::from),
         })
     }
 

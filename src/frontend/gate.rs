@@ -96,6 +96,18 @@ fn quota(l: RateLimit) -> Quota {
 impl Limiters {
     /// Takes one request from `caller`'s bucket; `Err(wait)` when it is empty.
     pub fn check(&self, cfg: &Config, caller: &Caller) -> Result<(), Duration> {
+        self.check_n(cfg, caller, NonZeroU32::MIN)
+            .map_err(|w| w.unwrap_or(Duration::MAX))
+    }
+
+    /// Takes `n` requests at once (a batch); `Err(Some(wait))` when the bucket has fewer,
+    /// `Err(None)` when `n` is more than its burst (it never will).
+    pub fn check_n(
+        &self,
+        cfg: &Config,
+        caller: &Caller,
+        n: NonZeroU32,
+    ) -> Result<(), Option<Duration>> {
         // (A limiter's own clock: building a clock calibrates it, far too slow per request.)
         match caller {
             Caller::Client(name) => {
@@ -124,9 +136,11 @@ impl Limiters {
                         }
                     }
                 });
-                bucket
-                    .check()
-                    .map_err(|not_until| not_until.wait_time_from(bucket.clock().now()))
+                match bucket.check_n(n) {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(not_until)) => Err(Some(not_until.wait_time_from(bucket.clock().now()))),
+                    Err(_) => Err(None),
+                }
             }
             Caller::Peer(ip) => {
                 let Some(limit) = cfg.relay.rate_limit else {
@@ -143,9 +157,11 @@ impl Limiters {
                         }
                     }
                 };
-                bucket
-                    .check_key(ip)
-                    .map_err(|not_until| not_until.wait_time_from(bucket.clock().now()))
+                match bucket.check_key_n(ip, n) {
+                    Ok(Ok(())) => Ok(()),
+                    Ok(Err(not_until)) => Err(Some(not_until.wait_time_from(bucket.clock().now()))),
+                    Err(_) => Err(None),
+                }
             }
         }
     }

@@ -53,8 +53,10 @@ struct HttpSession {
     streams: Mutex<Streams>,
     /// The authenticated client that opened it (`None` without auth).
     client: Option<String>,
-    /// Milliseconds since [`Front::epoch`] of its last request.
+    /// Milliseconds since [`Front::epoch`] of its last activity (a request began or ended,
+    /// a stream attached or finished).
     active: AtomicU64,
+    epoch: Instant,
 }
 
 /// The peer address of a connection (set by the accept loop).
@@ -76,6 +78,19 @@ impl std::fmt::Display for PeerText {
 /// The authenticated client of a request (`None` without auth), set by [`guard`].
 #[derive(Debug, Clone)]
 struct Who(Option<String>);
+
+/// Whose rate-limit bucket the request took from (a batch takes one per extra message).
+#[derive(Debug, Clone)]
+struct Charge(Option<Caller>);
+
+/// Records the session's activity when the request ends.
+struct TouchOnDrop(Arc<HttpSession>);
+
+impl Drop for TouchOnDrop {
+    fn drop(&mut self) {
+        self.0.touch();
+    }
+}
 
 #[derive(Default)]
 struct Streams {
@@ -107,6 +122,12 @@ fn sse_event(stream: u64, seq: u64, data: &str) -> Bytes {
 }
 
 impl HttpSession {
+    /// Records activity now (for the idle timeout).
+    fn touch(&self) {
+        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
+        self.active.store(now, Ordering::Relaxed);
+    }
+
     fn new_stream(&self) -> u64 {
         let mut st = lock(&self.streams);
         let k = st.next;
@@ -146,6 +167,7 @@ impl HttpSession {
 
     /// Marks stream `k` complete; its connection ends once everything was sent.
     fn finish(&self, k: u64) {
+        self.touch();
         let mut st = lock(&self.streams);
         if let Some(buf) = st.map.get_mut(&k) {
             buf.done = true;
@@ -163,6 +185,7 @@ impl HttpSession {
     /// it, those no connection received yet).
     /// The connection starts with a priming event (its id marks the resume point) and `retry`.
     fn attach(&self, k: u64, after: Option<u64>, retry_ms: u64) -> Option<mpsc::Receiver<Bytes>> {
+        self.touch();
         let mut st = lock(&self.streams);
         let buf = st.map.get_mut(&k)?;
         let (tx, rx) = mpsc::channel(LIVE_QUEUE);
@@ -224,15 +247,17 @@ impl Front {
                     "unknown or ended session; initialize a new one",
                 )
             })?;
-        hs.active.store(self.now_ms(), Ordering::Relaxed);
+        hs.touch();
         Ok(hs)
     }
 
     /// Opens a session for `who`, within `relay.maxSessions` and the client's `maxSessions`.
     fn create_session(self: &Arc<Self>, who: &Who) -> Result<Arc<HttpSession>, Box<Response>> {
         let cfg = self.settings();
+        // The caps are checked and the session registered under one lock: concurrent
+        // initializes cannot overshoot them.
+        let mut sessions = lock(&self.sessions);
         {
-            let sessions = lock(&self.sessions);
             if sessions.len() >= cfg.relay.max_sessions {
                 self.relay.metrics.session_refused("global");
                 tracing::warn!(
@@ -274,18 +299,20 @@ impl Front {
             }
         }
         let (tx, mut rx) = mpsc::unbounded_channel::<String>();
-        let session = self.relay.open_session(Session::random_id(), tx);
-        session.state().client = who.0.clone();
+        let session = self
+            .relay
+            .open_session(Session::random_id(), tx, who.0.clone());
         let hs = Arc::new(HttpSession {
             session,
             streams: Mutex::new(Streams::default()),
             client: who.0.clone(),
             active: AtomicU64::new(self.now_ms()),
+            epoch: self.epoch,
         });
         // Stream 0 is the standalone (GET) stream; it buffers until a GET attaches.
         let k = hs.new_stream();
         let weak = Arc::downgrade(&hs);
-        let cap = self.settings().relay.replay_events;
+        let cap = cfg.relay.replay_events;
         let closed = hs.session.closed().clone();
         tokio::spawn(async move {
             loop {
@@ -299,7 +326,7 @@ impl Front {
                 hs.push(k, &msg, cap);
             }
         });
-        lock(&self.sessions).insert(hs.session.id.clone(), hs.clone());
+        sessions.insert(hs.session.id.clone(), hs.clone());
         Ok(hs)
     }
 
@@ -470,6 +497,7 @@ fn accepts_sse(headers: &HeaderMap) -> bool {
 async fn handle_post(
     State(front): State<Arc<Front>>,
     Extension(who): Extension<Who>,
+    Extension(charge): Extension<Charge>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
@@ -493,7 +521,7 @@ async fn handle_post(
     };
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     if first == Some(&b'[') {
-        return handle_batch(&front, &headers, &who, &body).await;
+        return handle_batch(&front, &headers, &who, &charge, &body).await;
     }
     let msg = match Message::parse(&body) {
         Ok(m) => m,
@@ -525,6 +553,7 @@ async fn handle_post(
         Ok(s) => s,
         Err(r) => return r.into_response(),
     };
+    let _touch = TouchOnDrop(hs.clone());
     if msg.kind() != Kind::Request {
         front
             .relay
@@ -620,7 +649,13 @@ fn stream_reply(
     sse_response(conn)
 }
 
-async fn handle_batch(front: &Arc<Front>, headers: &HeaderMap, who: &Who, body: &[u8]) -> Response {
+async fn handle_batch(
+    front: &Arc<Front>,
+    headers: &HeaderMap,
+    who: &Who,
+    charge: &Charge,
+    body: &[u8],
+) -> Response {
     let items: Vec<Box<serde_json::value::RawValue>> = match serde_json::from_slice(body) {
         Ok(v) => v,
         Err(e) => {
@@ -636,10 +671,21 @@ async fn handle_batch(front: &Arc<Front>, headers: &HeaderMap, who: &Who, body: 
             RpcError::InvalidRequest("an empty batch".into()).to_response("null"),
         );
     }
+    // The request took one token in the guard; each further message takes one more.
+    if let (Some(caller), Some(extra)) = (
+        &charge.0,
+        u32::try_from(items.len() - 1)
+            .ok()
+            .and_then(std::num::NonZeroU32::new),
+    ) && let Err(wait) = front.limiters.check_n(&front.settings(), caller, extra)
+    {
+        return front.rate_limited(caller, wait, items.len());
+    }
     let hs = match front.session(headers, who) {
         Ok(s) => s,
         Err(r) => return r.into_response(),
     };
+    let _touch = TouchOnDrop(hs.clone());
     let futs = items.iter().map(|item| {
         let relay = front.relay.clone();
         let session = hs.session.clone();
@@ -752,23 +798,12 @@ async fn guard(State(front): State<Arc<Front>>, mut req: Request, next: Next) ->
     if let Some(caller) = &caller
         && let Err(wait) = front.limiters.check(&cfg, caller)
     {
-        front.relay.metrics.rate_limited(caller.label());
         tracing::warn!(peer = %PeerText(peer), client = %caller.label(), "Request refused: rate limit.");
-        let secs = wait.as_secs() + u64::from(wait.subsec_nanos() > 0);
-        let mut r = error(
-            StatusCode::TOO_MANY_REQUESTS,
-            protocol::code::RATE_LIMITED,
-            &format!(
-                "rate limit reached; retry in {secs} s (relay.rateLimit / the client's rateLimit)"
-            ),
-        );
-        if let Ok(v) = HeaderValue::from_str(&secs.max(1).to_string()) {
-            r.headers_mut().insert(header::RETRY_AFTER, v);
-        }
-        return r;
+        return front.rate_limited(caller, Some(wait), 1);
     }
     req.extensions_mut()
         .insert(Who(client.map(|c| c.name.clone())));
+    req.extensions_mut().insert(Charge(caller));
     drop(cfg);
     next.run(req).await
 }
@@ -807,6 +842,32 @@ impl Front {
         })
     }
 
+    /// HTTP 429 for a caller over its rate limit (`wait`: until the bucket holds `n`;
+    /// `None`: `n` is over its burst), counted.
+    fn rate_limited(&self, caller: &Caller, wait: Option<Duration>, n: usize) -> Response {
+        self.relay.metrics.rate_limited(caller.label());
+        let secs = wait.map_or(60, |w| {
+            (w.as_secs() + u64::from(w.subsec_nanos() > 0)).max(1)
+        });
+        let message = match wait {
+            Some(_) => format!(
+                "rate limit reached; retry in {secs} s (relay.rateLimit / the client's rateLimit)"
+            ),
+            None => format!(
+                "a batch of {n} messages is more than the rate limit's burst allows; send fewer at once"
+            ),
+        };
+        let mut r = error(
+            StatusCode::TOO_MANY_REQUESTS,
+            protocol::code::RATE_LIMITED,
+            &message,
+        );
+        if let Ok(v) = HeaderValue::from_str(&secs.to_string()) {
+            r.headers_mut().insert(header::RETRY_AFTER, v);
+        }
+        r
+    }
+
     /// HTTP 403 for an authenticated client whose scopes lack `needs` (logged, counted).
     fn forbidden(&self, peer: Option<SocketAddr>, client: &str, needs: &str) -> Response {
         self.relay.metrics.auth_failure("forbidden");
@@ -818,10 +879,28 @@ impl Front {
         )
     }
 
-    /// Whether a request may see the detail of `/health` and `/ready` (any valid token
-    /// when auth is on), without counting a missing token as a failure.
-    fn may_see_detail(&self, cfg: &crate::config::Config, headers: &HeaderMap) -> bool {
-        !cfg.auth.enabled() || matches!(gate::authenticate(cfg, headers), Ok(Some(_)))
+    /// Whether a request may see the detail of `/health` and `/ready` (server names,
+    /// states, errors): with auth, a token with `metrics` or `admin` (a wrong token is
+    /// logged and counted, a missing one is not: probes send none); without auth, a request
+    /// that passes the Host and Origin checks (no DNS-rebinding page reads it).
+    fn may_see_detail(
+        &self,
+        cfg: &crate::config::Config,
+        headers: &HeaderMap,
+        peer: Option<SocketAddr>,
+    ) -> bool {
+        if !cfg.auth.enabled() {
+            return self.check_origin(headers).is_ok();
+        }
+        match gate::authenticate(cfg, headers) {
+            Ok(c) => c.is_some_and(|c| c.scopes.observe()),
+            Err(gate::AuthFailure::Missing) => false,
+            Err(f) => {
+                self.relay.metrics.auth_failure(f.reason());
+                tracing::warn!(peer = %PeerText(peer), reason = f.reason(), "Authentication failed (health detail).");
+                false
+            }
+        }
     }
 }
 
@@ -872,8 +951,12 @@ fn overall(relay: &Relay) -> &'static str {
 
 /// `GET /health` (also `/api/health`): liveness. 200 while the process serves, whatever its
 /// servers do (a restart of the relay cannot heal a server); the body tells how it is.
-/// Server detail needs a token when auth is on.
-async fn handle_health(State(front): State<Arc<Front>>, headers: HeaderMap) -> Response {
+/// Server detail: see [`Front::may_see_detail`].
+async fn handle_health(
+    State(front): State<Arc<Front>>,
+    peer: Option<Extension<Peer>>,
+    headers: HeaderMap,
+) -> Response {
     let relay = &front.relay;
     let cfg = front.settings();
     let mut body = serde_json::json!({
@@ -881,7 +964,7 @@ async fn handle_health(State(front): State<Arc<Front>>, headers: HeaderMap) -> R
         "version": env!("CARGO_PKG_VERSION"),
         "uptime_s": relay.uptime().as_secs(),
     });
-    if front.may_see_detail(&cfg, &headers) {
+    if front.may_see_detail(&cfg, &headers, peer.map(|Extension(p)| p.0)) {
         body["sessions"] = relay.session_count().into();
         body["servers"] = servers_detail(relay);
     }
@@ -895,7 +978,11 @@ async fn handle_healthz() -> Response {
 
 /// `GET /ready` (also `/readyz`): 200 while every `required` server is up and the relay is
 /// not stopping, else 503. With auth on, the names of the servers waited for need a token.
-async fn handle_ready(State(front): State<Arc<Front>>, headers: HeaderMap) -> Response {
+async fn handle_ready(
+    State(front): State<Arc<Front>>,
+    peer: Option<Extension<Peer>>,
+    headers: HeaderMap,
+) -> Response {
     let unready = front.relay.unready();
     let code = if unready.is_empty() {
         StatusCode::OK
@@ -907,7 +994,7 @@ async fn handle_ready(State(front): State<Arc<Front>>, headers: HeaderMap) -> Re
         "ready": unready.is_empty(),
         "status": overall(&front.relay),
     });
-    if front.may_see_detail(&cfg, &headers) {
+    if front.may_see_detail(&cfg, &headers, peer.map(|Extension(p)| p.0)) {
         let waiting: Vec<serde_json::Value> = unready
             .iter()
             .map(|(server, state)| serde_json::json!({"server": server, "state": state}))
@@ -927,6 +1014,11 @@ async fn handle_metrics(
 ) -> Response {
     let cfg = front.settings();
     let peer = peer.map(|Extension(p)| p.0);
+    if !cfg.auth.enabled()
+        && let Err(r) = front.check_origin(&headers)
+    {
+        return r.into_response();
+    }
     match front.authorize(&cfg, &headers, peer) {
         Err(r) => return *r,
         Ok(Some(c)) if !c.scopes.observe() => {
@@ -1058,8 +1150,8 @@ pub async fn serve(
             }
         });
     }
-    // Stop accepting, end every session (their streams close), then let requests in
-    // flight finish, bounded.
+    // Stop accepting, end every session (their streams close and their requests are
+    // cancelled), then give connections a bounded time to finish writing.
     drop(listener);
     front.close_all().await;
     let _ = tokio::time::timeout(Duration::from_secs(5), graceful.shutdown()).await;

@@ -77,7 +77,7 @@ pub async fn serve_io(
             }
         }
     });
-    let session = relay.open_session(Session::random_id(), tx.clone());
+    let session = relay.open_session(Session::random_id(), tx.clone(), None);
     let max = relay.config().relay.max_message_bytes;
     let mut lines = LineBuffer::new(max);
     let mut chunk = vec![0u8; 64 * 1024];

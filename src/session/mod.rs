@@ -130,6 +130,11 @@ impl Grant {
         }
     }
 
+    /// May use `server` at all: scope `tools` and the server visible.
+    pub fn reaches(&self, server: &str) -> bool {
+        self.tools() && self.sees(server)
+    }
+
     /// Why a request needing `scope` is refused (names the client and the fix).
     pub fn missing(&self, scope: &str) -> String {
         match self.name() {

@@ -152,7 +152,14 @@ fn tokens_scopes_and_server_visibility() -> Result {
         403
     );
 
-    // alice (tools, servers a): a's tools only; b's are unknown; no management tools.
+    // alice (tools, servers a): a's tools only; b's are unknown; no management tools; the
+    // instructions of b are not in her initialize answer.
+    let init: Value = Session::new(&http, &relay.url, Some(ALICE))
+        .post(INIT)?
+        .json()?;
+    let instructions = init["result"]["instructions"].as_str().unwrap_or_default();
+    assert!(instructions.contains("a is the example server"), "{init}");
+    assert!(!instructions.contains("b is the example server"), "{init}");
     let mut alice = Session::new(&http, &relay.url, Some(ALICE));
     assert_eq!(alice.open()?, 200);
     let tools = alice.tools()?;
@@ -247,9 +254,18 @@ fn tokens_scopes_and_server_visibility() -> Result {
         open.get("servers").is_none(),
         "no detail without a token: {open}"
     );
-    let detail: Value = http
+    let plain: Value = http
         .get(format!("{base}/api/health"))
         .bearer_auth(ALICE)
+        .send()?
+        .json()?;
+    assert!(
+        plain.get("servers").is_none(),
+        "alice lacks metrics/admin: {plain}"
+    );
+    let detail: Value = http
+        .get(format!("{base}/api/health"))
+        .bearer_auth(PROM)
         .send()?
         .json()?;
     assert_eq!(detail["servers"]["a"]["status"], "ready", "{detail}");
@@ -299,6 +315,27 @@ fn rate_limits_count_exactly_per_client() -> Result {
     assert!(waits.iter().all(|w| (1..=60).contains(w)), "{waits:?}");
     let (ops_ok, _) = count(OPS, 6)?;
     assert_eq!(ops_ok, 3, "ops: the relay's default burst");
+    // A batch takes one token per message: `filed` (default burst 3) sends 4, then 2.
+    let filed = Session::new(&http, &relay.url, Some(FILED));
+    let batch = |n: usize| {
+        let items: Vec<Value> = (0..n)
+            .map(|i| json!({"jsonrpc": "2.0", "id": i, "method": "ping"}))
+            .collect();
+        Value::Array(items).to_string()
+    };
+    assert_eq!(filed.post(&batch(4))?.status(), 429, "4 messages, 3 tokens");
+    assert_ne!(
+        filed.post(&batch(2))?.status(),
+        429,
+        "2 messages from the 3 tokens"
+    );
+    assert_eq!(
+        filed
+            .post(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#)?
+            .status(),
+        429,
+        "the batches used the bucket up"
+    );
     let m = http
         .get(format!("{}/metrics", relay.base()))
         .bearer_auth(PROM)
@@ -310,6 +347,10 @@ fn rate_limits_count_exactly_per_client() -> Result {
     );
     assert!(
         m.contains(r#"mcp_relay_rate_limited_total{client="ops"} 3"#),
+        "{m}"
+    );
+    assert!(
+        m.contains(r#"mcp_relay_rate_limited_total{client="filed"} 2"#),
         "{m}"
     );
     Ok(())
@@ -677,5 +718,70 @@ fn hostile_input_is_refused_and_the_relay_keeps_serving() -> Result {
     eprintln!("RSS with 300 sessions: {before} KiB -> {after} KiB");
     assert!(after < before + 64 * 1024, "{before} -> {after} KiB");
     alive(&good)?;
+    Ok(())
+}
+
+#[test]
+fn https_backends_are_verified_with_a_configured_ca() -> Result {
+    // One relay serves HTTPS (its own TLS front) in front of the example server; a second
+    // relay uses it as a Streamable HTTP server, once trusting its CA and once not.
+    let (front_dir, dir) = (tempfile::tempdir()?, tempfile::tempdir()?);
+    let (ca, cert, key) = certificate("backend")?;
+    let (cert_path, key_path) = (
+        front_dir.path().join("c.pem"),
+        front_dir.path().join("k.pem"),
+    );
+    std::fs::write(&cert_path, cert)?;
+    std::fs::write(&key_path, key)?;
+    let front = serve_with(
+        &json!({"mcpServers": {"ex": example("ex")},
+                "relay": {"tls": {"cert": cert_path, "key": key_path}}}),
+        front_dir.path(),
+        &[],
+    )?;
+    let ca_path = dir.path().join("ca.pem");
+    std::fs::write(&ca_path, ca)?;
+    let relay = serve_with(
+        &json!({
+            "mcpServers": {
+                "untrusted": {"type": "http", "url": front.url},
+                "trusted": {"type": "http", "url": front.url, "caFile": ca_path}
+            },
+            "relay": {"restartBackoffMs": 200, "startupWaitMs": 0}
+        }),
+        dir.path(),
+        &[],
+    )?;
+    let http = http()?;
+    let mut s = Session::new(&http, &relay.url, None);
+    assert_eq!(s.open()?, 200);
+    let tools = poll("the trusted server's tools", || {
+        let tools = s.tools()?;
+        Ok(if tools.iter().any(|t| t == "trusted__ex__echo") {
+            Ok(tools)
+        } else {
+            Err(format!("{tools:?}"))
+        })
+    })?;
+    assert!(
+        !tools.iter().any(|t| t.starts_with("untrusted__")),
+        "{tools:?}"
+    );
+    let r = s.call(1, "trusted__ex__echo", json!({"message": "over tls"}))?;
+    assert_eq!(crate::support::text(&r), "Echo: over tls", "{r}");
+    let health: Value = http
+        .get(format!("{}/health", relay.base()))
+        .send()?
+        .json()?;
+    let untrusted = &health["servers"]["untrusted"];
+    assert_ne!(untrusted["status"], "ready", "{health}");
+    let err = untrusted["last_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_lowercase();
+    assert!(
+        err.contains("certificate") || err.contains("issuer"),
+        "{health}"
+    );
     Ok(())
 }
