@@ -32,6 +32,9 @@ pub enum RpcError {
     /// The client's scopes do not allow the request (the message names client and scope).
     #[error("forbidden: {0}")]
     Forbidden(String),
+    /// No process of an isolated server can take the request (a cap is reached).
+    #[error("{0}")]
+    Capacity(String),
     #[error(transparent)]
     Backend(#[from] backend::Error),
 }
@@ -53,6 +56,7 @@ impl RpcError {
             RpcError::InvalidParams(_) => code::INVALID_PARAMS,
             RpcError::TooLarge { .. } => code::MESSAGE_TOO_LARGE,
             RpcError::Forbidden(_) => code::FORBIDDEN,
+            RpcError::Capacity(_) => code::BACKEND_UNAVAILABLE,
             RpcError::Backend(e) => match e {
                 backend::Error::Unavailable { .. }
                 | backend::Error::Lost { .. }

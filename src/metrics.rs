@@ -132,6 +132,8 @@ pub struct BackendSnapshot {
     pub restarts: u64,
     pub in_flight: usize,
     pub tools: usize,
+    /// Extra processes of an isolated server (per-session, pooled).
+    pub instances: usize,
 }
 
 /// Every state a backend can report, so that each gets a 0/1 series.
@@ -284,6 +286,7 @@ impl Metrics {
         let restarts = Family::<ServerLabels, Counter>::default();
         let in_flight = Family::<ServerLabels, Gauge>::default();
         let tools = Family::<ServerLabels, Gauge>::default();
+        let instances = Family::<ServerLabels, Gauge>::default();
         for b in &now.backends {
             let l = ServerLabels {
                 server: b.server.clone(),
@@ -305,6 +308,9 @@ impl Metrics {
             tools
                 .get_or_create(&l)
                 .set(i64::try_from(b.tools).unwrap_or(i64::MAX));
+            instances
+                .get_or_create(&l)
+                .set(i64::try_from(b.instances).unwrap_or(i64::MAX));
         }
         state.register(
             "backend_up",
@@ -328,6 +334,11 @@ impl Metrics {
             in_flight,
         );
         state.register("backend_tools", "Tools the server lists", tools);
+        state.register(
+            "backend_instances",
+            "Extra processes of the server for its isolation (per-session, pooled)",
+            instances,
+        );
         let mut more = String::new();
         prometheus_client::encoding::text::encode_registry(&mut more, &state)?;
         prometheus_client::encoding::text::encode_eof(&mut more)?;
@@ -366,6 +377,7 @@ mod tests {
                 restarts: 3,
                 in_flight: 1,
                 tools: 14,
+                instances: 0,
             }],
         })?;
         assert!(text.contains(r#"mcp_relay_requests_total{method="tools/call",outcome="ok"} 1"#));

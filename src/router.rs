@@ -61,6 +61,10 @@ pub struct Relay {
     pub metrics: crate::metrics::Metrics,
     /// Numbers requests for the logs (`request` span field).
     next_request: std::sync::atomic::AtomicU64,
+    /// Processes of servers with `isolation` (per-session, pooled, per-call).
+    instances: backend::isolation::Instances,
+    /// The hub of those processes.
+    instance_hub: Arc<dyn backend::Hub>,
 }
 
 /// What [`Relay::apply`] changed, by server name.
@@ -224,6 +228,7 @@ impl Relay {
             config.relay.request_timeout,
             config.relay.max_message_bytes,
         ));
+        let stopping = tokio_util::task::TaskTracker::new();
         let relay = Arc::new_cyclic(|me: &Weak<Relay>| Relay {
             config: RwLock::new(Arc::new(config)),
             settings: backend::Settings {
@@ -240,7 +245,7 @@ impl Relay {
             changing: tokio::sync::Mutex::new(()),
             config_error: Mutex::new(None),
             closing: AtomicBool::new(false),
-            stopping: tokio_util::task::TaskTracker::new(),
+            stopping: stopping.clone(),
             backends: RwLock::new(IndexMap::new()),
             catalog: RwLock::new(Arc::new(Catalog::default())),
             view: RwLock::new(Arc::new(View::default())),
@@ -250,6 +255,10 @@ impl Relay {
             sessions: Mutex::new(HashMap::new()),
             metrics: crate::metrics::Metrics::new(),
             next_request: std::sync::atomic::AtomicU64::new(1),
+            instances: backend::isolation::Instances::new(stopping.clone()),
+            instance_hub: Arc::new(backend::isolation::InstanceHub(Arc::new(HubRef(
+                me.clone(),
+            )))),
             declared,
             released: Mutex::new(Instant::now()),
         });
@@ -262,6 +271,18 @@ impl Relay {
         }
         // The filtering rules are in force before any server reports its lists.
         relay.rebuild_catalog();
+        // Idle per-session processes are stopped.
+        let weak = Arc::downgrade(&relay);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(std::time::Duration::from_millis(250));
+            loop {
+                tick.tick().await;
+                match weak.upgrade() {
+                    Some(r) if !r.closing.load(Ordering::Acquire) => r.instances.reap(),
+                    _ => break,
+                }
+            }
+        });
         relay
     }
 
@@ -278,6 +299,7 @@ impl Relay {
         }
         let all: Vec<Arc<Backend>> = read(&self.backends).values().cloned().collect();
         futures::future::join_all(all.iter().map(|b| b.stop())).await;
+        self.instances.stop_all().await;
         self.stopping.close();
         self.stopping.wait().await;
     }
@@ -417,6 +439,15 @@ impl Relay {
         for b in retired {
             self.stopping.spawn(async move { b.stop().await });
         }
+        // Isolated processes of changed, restarted or removed servers follow them.
+        for name in applied
+            .changed
+            .iter()
+            .chain(&applied.restarted)
+            .chain(&applied.removed)
+        {
+            self.instances.drop_server(name);
+        }
         if filtering_changed
             || !(applied.removed.is_empty()
                 && applied.changed.is_empty()
@@ -483,6 +514,7 @@ impl Relay {
     pub async fn close_session(&self, s: &Arc<Session>) {
         s.close();
         lock(&self.sessions).remove(&s.id);
+        self.instances.end_session(&s.id);
         let subs: Vec<String> = s.state().subscriptions.iter().cloned().collect();
         for uri in subs {
             self.release_subscription(&uri).await;
@@ -745,6 +777,7 @@ impl Relay {
                         restarts: b.restarts(),
                         in_flight: b.in_flight(),
                         tools: b.tool_count(),
+                        instances: self.instances.count(&b.name),
                     }
                 })
                 .collect(),
@@ -1043,9 +1076,31 @@ impl Relay {
         ctx: &ReqCtx,
         cancel: &tokio_util::sync::CancellationToken,
     ) -> Result<Answer, RpcError> {
-        let b = self.backend(server).ok_or_else(|| {
+        let main = self.backend(server).ok_or_else(|| {
             RpcError::InvalidParams(format!("server `{server}` is not configured"))
         })?;
+        // `isolation`: the session's own process, a pool member or a fresh process.
+        let pinned = m.starts_with("tasks/") || params.get("task").is_some();
+        let deadline = tokio::time::Instant::now() + self.settings.request_timeout();
+        let start = |c: &crate::config::ServerConfig| {
+            Backend::start(c.clone(), self.settings.clone(), self.instance_hub.clone())
+        };
+        let lease = self
+            .instances
+            .lease_for(
+                &main.config,
+                backend::isolation::Want {
+                    method: m,
+                    session: &ctx.session.id,
+                    pinned,
+                    deadline,
+                },
+                self.config().relay.max_instances,
+                &start,
+            )
+            .await
+            .map_err(|e| RpcError::Capacity(e.to_string()))?;
+        let b = lease.as_ref().map_or(main, |l| l.backend.clone());
         let shape = match m {
             method::TASKS_GET | method::TASKS_CANCEL => tasks::Shape::Task,
             method::TASKS_LIST => tasks::Shape::List,

@@ -7,6 +7,7 @@
 //! list changes go to the [`Hub`] (the relay), which rebuilds the catalog.
 
 pub mod http;
+pub mod isolation;
 pub mod keeper;
 pub mod sse;
 pub mod stdio;

@@ -87,6 +87,9 @@ pub struct RelaySettings {
     pub allow_unauthenticated: bool,
     /// Log format, level and file (`log`).
     pub log: LogSettings,
+    /// Extra server processes started for `isolation` (per-session, pooled, per-call) at
+    /// most, over all servers (`maxInstances`, default 256).
+    pub max_instances: usize,
 }
 
 /// `relay.log`.
@@ -182,6 +185,7 @@ impl Default for RelaySettings {
             session_idle_timeout: Some(Duration::from_secs(30 * 60)),
             allow_unauthenticated: false,
             log: LogSettings::default(),
+            max_instances: 256,
         }
     }
 }
@@ -208,6 +212,37 @@ pub struct ServerConfig {
     /// PEM file of extra CA certificates trusted for this remote server (`caFile`), besides
     /// the system and bundled roots.
     pub ca_file: Option<PathBuf>,
+    /// How the processes of a stdio server are shared (`isolation`, default `shared`).
+    pub isolation: Isolation,
+}
+
+/// `isolation` of a stdio server: which clients share one process.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Isolation {
+    /// One process for every session (ids remapped).
+    #[default]
+    Shared,
+    /// A process per client session, started on its first request, stopped when the
+    /// session ends or after `idleTimeoutMs` unused; at most `maxInstances` per server.
+    PerSession {
+        max_instances: usize,
+        idle_timeout: Duration,
+    },
+    /// `poolSize` processes, requests spread over them in turn.
+    Pooled { size: usize },
+    /// A fresh process for each `tools/call`, at most `maxInstances` at once (others wait).
+    PerCall { max_instances: usize },
+}
+
+impl Isolation {
+    pub fn label(&self) -> &'static str {
+        match self {
+            Isolation::Shared => "shared",
+            Isolation::PerSession { .. } => "per-session",
+            Isolation::Pooled { .. } => "pooled",
+            Isolation::PerCall { .. } => "per-call",
+        }
+    }
 }
 
 /// `retryOnReconnect`: `false` (default; tools are not known to be idempotent), `true`, or
@@ -314,6 +349,7 @@ const RELAY_KEYS: &[&str] = &[
     "sessionIdleTimeoutMs",
     "allowUnauthenticated",
     "log",
+    "maxInstances",
 ];
 const SERVER_KEYS: &[&str] = &[
     "command",
@@ -330,6 +366,10 @@ const SERVER_KEYS: &[&str] = &[
     "retryOnReconnect",
     "required",
     "caFile",
+    "isolation",
+    "maxInstances",
+    "poolSize",
+    "idleTimeoutMs",
     // Keys other tools write into the same entries, accepted without a warning.
     "transport",
     "timeout",
@@ -571,6 +611,9 @@ impl Validator<'_> {
         if let Some(v) = self.opt_uint(map, "relay", "sessionIdleTimeoutMs", 0) {
             s.session_idle_timeout = (v > 0).then(|| ms(v));
         }
+        if let Some(n) = self.opt_usize(map, "relay", "maxInstances", 0) {
+            s.max_instances = n;
+        }
         if let Some(b) = self.opt_bool(map, "relay", "allowUnauthenticated") {
             s.allow_unauthenticated = b;
         }
@@ -706,6 +749,7 @@ impl Validator<'_> {
                 _ => TransportConfig::Sse { url, headers },
             }
         };
+        let transport_is_stdio = matches!(transport, TransportConfig::Stdio { .. });
         let max_in_flight = self.opt_usize(map, &at, "maxInFlight", 1).unwrap_or(256);
         let max_queued = self.opt_usize(map, &at, "maxQueued", 0).unwrap_or(1024);
         let retry_on_reconnect = match map.get("retryOnReconnect") {
@@ -730,7 +774,42 @@ impl Validator<'_> {
             retry_on_reconnect,
             required: self.opt_bool(map, &at, "required").unwrap_or(false),
             ca_file: self.opt_string(map, &at, "caFile").map(PathBuf::from),
+            isolation: self.isolation(map, &at, transport_is_stdio),
         })
+    }
+
+    fn isolation(&mut self, map: &Map<String, Value>, at: &str, stdio: bool) -> Isolation {
+        let max = self.opt_usize(map, at, "maxInstances", 1);
+        let pool = self.opt_usize(map, at, "poolSize", 1);
+        let idle = self.opt_uint(map, at, "idleTimeoutMs", 1);
+        let kind = self.opt_string(map, at, "isolation");
+        let iso = match kind.as_deref() {
+            None | Some("shared") => Isolation::Shared,
+            Some("per-session") => Isolation::PerSession {
+                max_instances: max.unwrap_or(64),
+                idle_timeout: Duration::from_millis(idle.unwrap_or(10 * 60 * 1000)),
+            },
+            Some("pooled") => Isolation::Pooled {
+                size: pool.unwrap_or(4),
+            },
+            Some("per-call") => Isolation::PerCall {
+                max_instances: max.unwrap_or(8),
+            },
+            Some(other) => {
+                self.problem(
+                    &format!("{at}.isolation"),
+                    format!("`{other}` is not an isolation; use \"shared\", \"per-session\", \"pooled\" or \"per-call\""),
+                );
+                Isolation::Shared
+            }
+        };
+        if iso != Isolation::Shared && !stdio {
+            self.problem(
+                &format!("{at}.isolation"),
+                "isolation applies to stdio servers (a process per session/call); remove it for a remote server".into(),
+            );
+        }
+        iso
     }
 
     fn expand(&mut self, path: &str, s: &str) -> String {

@@ -2,6 +2,7 @@
 
 mod admin;
 mod http;
+mod isolation;
 mod lifecycle;
 mod rmcp_client;
 mod security;
