@@ -43,6 +43,15 @@ const METHODS: &[&str] = &[
     "tasks/cancel",
 ];
 
+/// The `method` label of a request: its name when in [`METHODS`], else `other`.
+pub fn method_label(method: &str) -> &'static str {
+    METHODS
+        .iter()
+        .find(|m| **m == method)
+        .copied()
+        .unwrap_or("other")
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct RequestLabels {
     method: &'static str,
@@ -210,12 +219,8 @@ impl Metrics {
         }
     }
 
-    pub fn request(&self, method: &str, outcome: Outcome) {
-        let method = METHODS
-            .iter()
-            .find(|m| **m == method)
-            .copied()
-            .unwrap_or("other");
+    /// Counts a request; `method` from [`method_label`].
+    pub fn request(&self, method: &'static str, outcome: Outcome) {
         let outcome = match outcome {
             Outcome::Ok => "ok",
             Outcome::Error => "error",
@@ -363,8 +368,8 @@ mod tests {
     #[test]
     fn encodes_bounded_labels_and_state() -> Result<(), std::fmt::Error> {
         let m = Metrics::new();
-        m.request("tools/call", Outcome::Ok);
-        m.request("x-secret-method", Outcome::Error);
+        m.request(method_label("tools/call"), Outcome::Ok);
+        m.request(method_label("x-secret-method"), Outcome::Error);
         m.tool_call("fs", Duration::from_micros(300));
         let _c = m.connection();
         let text = m.encode(&Snapshot {

@@ -828,11 +828,10 @@ impl Relay {
                     session: session.clone(),
                     stream,
                 };
-                let m = msg.method().to_owned();
+                let label = crate::metrics::method_label(msg.method());
                 // Every log line of the request carries its number and session.
                 let n = self.next_request.fetch_add(1, Ordering::Relaxed);
-                let span =
-                    tracing::info_span!("request", request = n, session = %session.id, method = %m);
+                let span = tracing::info_span!("request", request = n, session = %session.id, method = %msg.method());
                 let answer =
                     tracing::Instrument::instrument(self.on_request(&ctx, msg, &cancel), span)
                         .await;
@@ -847,7 +846,7 @@ impl Relay {
                     },
                     Err(e) => (e.to_response(&id), Outcome::Error),
                 };
-                self.metrics.request(&m, outcome);
+                self.metrics.request(label, outcome);
                 Some(out)
             }
         }
@@ -1080,26 +1079,24 @@ impl Relay {
             RpcError::InvalidParams(format!("server `{server}` is not configured"))
         })?;
         // `isolation`: the session's own process, a pool member or a fresh process.
-        let pinned = m.starts_with("tasks/") || params.get("task").is_some();
-        let deadline = tokio::time::Instant::now() + self.settings.request_timeout();
-        let start = |c: &crate::config::ServerConfig| {
-            Backend::start(c.clone(), self.settings.clone(), self.instance_hub.clone())
+        let lease = if main.config.isolation == crate::config::Isolation::Shared {
+            None
+        } else {
+            let want = backend::isolation::Want {
+                method: m,
+                session: &ctx.session.id,
+                pinned: m.starts_with("tasks/") || params.get("task").is_some(),
+                deadline: tokio::time::Instant::now() + self.settings.request_timeout(),
+            };
+            let start = |c: &crate::config::ServerConfig| {
+                Backend::start(c.clone(), self.settings.clone(), self.instance_hub.clone())
+            };
+            let cap = self.config().relay.max_instances;
+            self.instances
+                .lease_for(&main.config, want, cap, &start)
+                .await
+                .map_err(|e| RpcError::Capacity(e.to_string()))?
         };
-        let lease = self
-            .instances
-            .lease_for(
-                &main.config,
-                backend::isolation::Want {
-                    method: m,
-                    session: &ctx.session.id,
-                    pinned,
-                    deadline,
-                },
-                self.config().relay.max_instances,
-                &start,
-            )
-            .await
-            .map_err(|e| RpcError::Capacity(e.to_string()))?;
         let b = lease.as_ref().map_or(main, |l| l.backend.clone());
         let shape = match m {
             method::TASKS_GET | method::TASKS_CANCEL => tasks::Shape::Task,

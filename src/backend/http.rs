@@ -39,9 +39,9 @@ pub fn client(
     timeout: Duration,
     ca_file: Option<&std::path::Path>,
 ) -> Result<reqwest::Client, String> {
-    let (tls, _) = super::tls::client_configs(ca_file)?;
+    let tls = super::tls::client_config(ca_file, super::tls::HTTP)?;
     reqwest::Client::builder()
-        .use_preconfigured_tls((*tls).clone())
+        .use_preconfigured_tls(tls)
         .tcp_nodelay(true)
         .connect_timeout(timeout.min(Duration::from_secs(30)))
         .pool_max_idle_per_host(256)

@@ -273,11 +273,6 @@ impl Instances {
             + st.pools.get(server).map_or(0, |p| p.extra.len())
     }
 
-    /// Every extra process alive.
-    pub fn total(&self) -> usize {
-        lock(&self.state).total
-    }
-
     fn stop_later(&self, gone: Vec<Arc<Backend>>) {
         if gone.is_empty() {
             return;

@@ -21,12 +21,16 @@ static BASE_ROOTS: LazyLock<rustls::RootCertStore> = LazyLock::new(|| {
     roots
 });
 
-/// (HTTP, WebSocket) client configs.
-pub type Configs = (Arc<rustls::ClientConfig>, Arc<rustls::ClientConfig>);
+/// ALPN of the reqwest client (HTTP/2 or HTTP/1.1).
+pub const HTTP: &[&[u8]] = &[b"h2", b"http/1.1"];
+/// ALPN of the WebSocket upgrade (HTTP/1.1 only).
+pub const WEBSOCKET: &[&[u8]] = &[b"http/1.1"];
 
-/// Client configs trusting the system and bundled roots plus `ca_file`: one offering
-/// HTTP/2 and HTTP/1.1 (reqwest), one HTTP/1.1 only (the WebSocket upgrade).
-pub fn client_configs(ca_file: Option<&Path>) -> Result<Configs, String> {
+/// A client config trusting the system and bundled roots plus `ca_file`, offering `alpn`.
+pub fn client_config(
+    ca_file: Option<&Path>,
+    alpn: &[&[u8]],
+) -> Result<rustls::ClientConfig, String> {
     let mut roots = BASE_ROOTS.clone();
     if let Some(path) = ca_file {
         let shown = path.display();
@@ -43,16 +47,13 @@ pub fn client_configs(ca_file: Option<&Path>) -> Result<Configs, String> {
                 .map_err(|e| format!("caFile `{shown}`: a certificate is not usable: {e}"))?;
         }
     }
-    let build = |alpn: &[&[u8]]| -> Result<Arc<rustls::ClientConfig>, String> {
-        let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .map_err(|e| format!("TLS setup failed: {e}"))?
-        .with_root_certificates(roots.clone())
-        .with_no_client_auth();
-        cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
-        Ok(Arc::new(cfg))
-    };
-    Ok((build(&[b"h2", b"http/1.1"])?, build(&[b"http/1.1"])?))
+    let mut cfg = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .map_err(|e| format!("TLS setup failed: {e}"))?
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    cfg.alpn_protocols = alpn.iter().map(|p| p.to_vec()).collect();
+    Ok(cfg)
 }

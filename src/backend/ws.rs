@@ -43,7 +43,10 @@ impl Ws {
             .max_message_size(Some(max))
             .max_frame_size(Some(max));
         let timeout = b.settings().request_timeout();
-        let (_, tls) = super::tls::client_configs(b.config.ca_file.as_deref())?;
+        let tls = Arc::new(super::tls::client_config(
+            b.config.ca_file.as_deref(),
+            super::tls::WEBSOCKET,
+        )?);
         let connect = |req| {
             tokio_tungstenite::connect_async_tls_with_config(
                 req,

@@ -938,7 +938,10 @@ async fn bench_guard(o: &Opts, dir: &Path) -> Res<()> {
     let n = 1_000_000u32;
     let began = Instant::now();
     for _ in 0..n {
-        metrics.request("tools/call", mcp_relay::metrics::Outcome::Ok);
+        metrics.request(
+            mcp_relay::metrics::method_label("tools/call"),
+            mcp_relay::metrics::Outcome::Ok,
+        );
         metrics.tool_call("bench", Duration::from_micros(250));
     }
     let ns = began.elapsed().as_nanos() as f64 / f64::from(n);

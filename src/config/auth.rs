@@ -36,30 +36,9 @@ pub struct Scopes {
 }
 
 impl Scopes {
-    pub const ALL: Scopes = Scopes {
-        tools: true,
-        admin: true,
-        metrics: true,
-    };
-
-    /// May read `/metrics` and the detail of `/ready`.
+    /// May read `/metrics` and the detail of `/health` and `/ready`.
     pub fn observe(&self) -> bool {
         self.admin || self.metrics
-    }
-
-    /// The scope names, as written in the file.
-    pub fn names(&self) -> Vec<&'static str> {
-        let mut out = Vec::new();
-        for (on, name) in [
-            (self.tools, "tools"),
-            (self.admin, "admin"),
-            (self.metrics, "metrics"),
-        ] {
-            if on {
-                out.push(name);
-            }
-        }
-        out
     }
 }
 

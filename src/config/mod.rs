@@ -234,17 +234,6 @@ pub enum Isolation {
     PerCall { max_instances: usize },
 }
 
-impl Isolation {
-    pub fn label(&self) -> &'static str {
-        match self {
-            Isolation::Shared => "shared",
-            Isolation::PerSession { .. } => "per-session",
-            Isolation::Pooled { .. } => "pooled",
-            Isolation::PerCall { .. } => "per-call",
-        }
-    }
-}
-
 /// `retryOnReconnect`: `false` (default; tools are not known to be idempotent), `true`, or
 /// `"idempotent"` (only tools annotated `idempotentHint: true`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

@@ -63,6 +63,11 @@ struct HttpSession {
 #[derive(Debug, Clone, Copy)]
 pub struct Peer(pub SocketAddr);
 
+/// Milliseconds from `epoch` to now (session activity is kept in these).
+fn millis_since(epoch: Instant) -> u64 {
+    u64::try_from(epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+}
+
 /// A peer address in logs (`-` when unknown).
 struct PeerText(Option<SocketAddr>);
 
@@ -124,8 +129,8 @@ fn sse_event(stream: u64, seq: u64, data: &str) -> Bytes {
 impl HttpSession {
     /// Records activity now (for the idle timeout).
     fn touch(&self) {
-        let now = u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX);
-        self.active.store(now, Ordering::Relaxed);
+        self.active
+            .store(millis_since(self.epoch), Ordering::Relaxed);
     }
 
     fn new_stream(&self) -> u64 {
@@ -219,7 +224,7 @@ impl Front {
     }
 
     fn now_ms(&self) -> u64 {
-        u64::try_from(self.epoch.elapsed().as_millis()).unwrap_or(u64::MAX)
+        millis_since(self.epoch)
     }
 
     /// The relay settings now in force (a config reload may change them).
