@@ -32,8 +32,7 @@ fn wait_processes(relay: u32, name: &str, want: usize) -> Result {
 }
 
 fn echo(c: &HttpClient, id: u64, tool: &str) -> Result<Value> {
-    c.call(&json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
-                   "params": {"name": tool, "arguments": {"message": "hi"}}}))
+    c.call_tool(id, tool, json!({"message": "hi"}))
 }
 
 #[test]
@@ -111,8 +110,7 @@ fn per_call_processes_come_and_go_and_pools_spread() -> Result {
     let slow = std::thread::spawn(move || -> Result<Value> {
         let mut c2 = HttpClient::new(&url)?;
         c2.session = session;
-        c2.call(&json!({"jsonrpc": "2.0", "id": 50, "method": "tools/call",
-                        "params": {"name": "pc__slow", "arguments": {"steps": 10, "ms": 300}}}))
+        c2.call_tool(50, "pc__slow", json!({"steps": 10, "ms": 300}))
     });
     wait_processes(pid, "isocall", 2)?;
     let r = slow.join().map_err(|_| "the slow call panicked")??;

@@ -124,7 +124,7 @@ fn a_crash_loop_stops_at_the_start_limit_with_the_stderr_tail() -> Result {
     );
     // Three starts: the first and two restarts, then no more.
     assert_eq!(s["restarts"], 2, "{s}");
-    let call = c.request(1, "tools/call", json!({"name": "boom__x", "arguments": {}}))?;
+    let call = c.call_tool(1, "boom__x", json!({}))?;
     assert!(
         call["error"]["message"]
             .as_str()
@@ -132,11 +132,7 @@ fn a_crash_loop_stops_at_the_start_limit_with_the_stderr_tail() -> Result {
         "{call}"
     );
     // An explicit reload gives it a fresh start.
-    let r = c.request(
-        2,
-        "tools/call",
-        json!({"name": "relay__reload_config", "arguments": {}}),
-    )?;
+    let r = c.call_tool(2, "relay__reload_config", json!({}))?;
     assert_eq!(
         r["result"]["structuredContent"]["applied"]["restarted"],
         json!(["boom"]),
@@ -218,11 +214,7 @@ fn a_hung_server_fails_its_calls_and_comes_back() -> Result {
         nix::sys::signal::Signal::SIGSTOP,
     )?;
     let asked = Instant::now();
-    let r = c.request(
-        2,
-        "tools/call",
-        json!({"name": "hung__echo", "arguments": {"message": "x"}}),
-    )?;
+    let r = c.call_tool(2, "hung__echo", json!({"message": "x"}))?;
     let msg = r["error"]["message"]
         .as_str()
         .unwrap_or_default()
@@ -237,18 +229,10 @@ fn a_hung_server_fails_its_calls_and_comes_back() -> Result {
         "{:?}",
         asked.elapsed()
     );
-    let ok = c.request(
-        3,
-        "tools/call",
-        json!({"name": "ok__echo", "arguments": {"message": "y"}}),
-    )?;
+    let ok = c.call_tool(3, "ok__echo", json!({"message": "y"}))?;
     assert_eq!(ok["result"]["content"][0]["text"], "Echo: y", "{ok}");
     c.wait_server_state("hung", "ready")?;
-    let back = c.request(
-        4,
-        "tools/call",
-        json!({"name": "hung__echo", "arguments": {"message": "z"}}),
-    )?;
+    let back = c.call_tool(4, "hung__echo", json!({"message": "z"}))?;
     assert_eq!(back["result"]["content"][0]["text"], "Echo: z", "{back}");
     // The stopped process was killed, not left behind.
     poll("the hung process is killed", || {
@@ -265,11 +249,7 @@ fn a_hung_server_fails_its_calls_and_comes_back() -> Result {
 fn a_call_during_a_restart_waits_for_it() -> Result {
     let mut c = StdioClient::start(json!({"mcpServers": {"ex": example("ex")}}))?;
     c.initialize(json!({}))?;
-    let e = c.request(
-        1,
-        "tools/call",
-        json!({"name": "ex__crash", "arguments": {}}),
-    )?;
+    let e = c.call_tool(1, "ex__crash", json!({}))?;
     assert!(
         e["error"]["message"]
             .as_str()
@@ -277,11 +257,7 @@ fn a_call_during_a_restart_waits_for_it() -> Result {
         "{e}"
     );
     // No polling: the next call waits (up to restartWaitMs) for the restart.
-    let r = c.request(
-        2,
-        "tools/call",
-        json!({"name": "ex__echo", "arguments": {"message": "again"}}),
-    )?;
+    let r = c.call_tool(2, "ex__echo", json!({"message": "again"}))?;
     assert_eq!(r["result"]["content"][0]["text"], "Echo: again", "{r}");
     Ok(())
 }
@@ -327,11 +303,7 @@ fn subscriptions_are_renewed_after_a_restart() -> Result {
     let touch = json!({"name": "ex__touch", "arguments": {"uri": uri, "onlySubscribed": true}});
     let r = c.request(2, "tools/call", touch.clone())?;
     assert_eq!(r["result"]["content"][0]["text"], "touched", "{r}");
-    c.request(
-        3,
-        "tools/call",
-        json!({"name": "ex__crash", "arguments": {}}),
-    )?;
+    c.call_tool(3, "ex__crash", json!({}))?;
     c.wait_server_state("ex", "ready")?;
     // The new process knows the subscription only if the relay renewed it (bounded wait:
     // the renewal is sent in the background right after the restart).

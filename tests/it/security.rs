@@ -3,7 +3,9 @@
 //! certificate swap, health/readiness, and hostile input. Every token here contains
 //! `s3cr3t`, which the log check of `scripts/test.sh` looks for in all relay logs.
 
-use crate::support::{ACCEPT, Result, Served, TIMEOUT, example, poll, serve_with};
+use crate::support::{
+    ACCEPT, HttpClient, INITIALIZE, Result, Served, TIMEOUT, example, poll, serve_with,
+};
 use reqwest::blocking::{Client, Response};
 use serde_json::{Value, json};
 use std::io::{Read, Write};
@@ -15,83 +17,8 @@ const PROM: &str = "prom-s3cr3t-token-00003";
 const FILED: &str = "filed-s3cr3t-token-0004";
 const HASHED: &str = "hashed-s3cr3t-token-005";
 
-const INIT: &str = r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"it","version":"1"}}}"#;
-
 fn http() -> Result<Client> {
     Ok(Client::builder().timeout(TIMEOUT).build()?)
-}
-
-/// A client session on the relay with one token.
-struct Session<'a> {
-    http: &'a Client,
-    url: String,
-    token: Option<&'a str>,
-    id: Option<String>,
-}
-
-impl<'a> Session<'a> {
-    fn new(http: &'a Client, url: &str, token: Option<&'a str>) -> Session<'a> {
-        Session {
-            http,
-            url: url.to_owned(),
-            token,
-            id: None,
-        }
-    }
-
-    fn post(&self, body: &str) -> Result<Response> {
-        let mut r = self
-            .http
-            .post(&self.url)
-            .header("accept", ACCEPT)
-            .header("content-type", "application/json")
-            .body(body.to_owned());
-        if let Some(t) = self.token {
-            r = r.bearer_auth(t);
-        }
-        if let Some(id) = &self.id {
-            r = r.header("mcp-session-id", id);
-        }
-        Ok(r.send()?)
-    }
-
-    /// Opens the session; returns the HTTP status of `initialize`.
-    fn open(&mut self) -> Result<u16> {
-        let r = self.post(INIT)?;
-        let status = r.status().as_u16();
-        if status == 200 {
-            self.id = r
-                .headers()
-                .get("mcp-session-id")
-                .and_then(|v| v.to_str().ok())
-                .map(str::to_owned);
-            let n = self.post(r#"{"jsonrpc":"2.0","method":"notifications/initialized"}"#)?;
-            assert_eq!(n.status(), 202);
-        }
-        Ok(status)
-    }
-
-    fn rpc(&self, id: u64, method: &str, params: Value) -> Result<Value> {
-        let r = self.post(
-            &json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}).to_string(),
-        )?;
-        let text = r.text()?;
-        for line in text.lines() {
-            if let Some(d) = line.strip_prefix("data: ").filter(|d| d.contains("\"id\"")) {
-                return Ok(serde_json::from_str(d)?);
-            }
-        }
-        Ok(serde_json::from_str(&text)?)
-    }
-
-    fn call(&self, id: u64, tool: &str, args: Value) -> Result<Value> {
-        self.rpc(id, "tools/call", json!({"name": tool, "arguments": args}))
-    }
-
-    fn tools(&self) -> Result<Vec<String>> {
-        let l = self.rpc(90, "tools/list", json!({}))?;
-        Ok(crate::support::names(&l, "tools"))
-    }
 }
 
 fn auth_config(dir: &std::path::Path) -> Result<Value> {
@@ -133,11 +60,12 @@ fn tokens_scopes_and_server_visibility() -> Result {
     let http = http()?;
 
     // No token, a wrong token: 401 with a Bearer challenge.
-    let r = Session::new(&http, &relay.url, None).post(INIT)?;
+    let r = HttpClient::with(&http, &relay.url, None).post_raw(INITIALIZE)?;
     assert_eq!(r.status(), 401);
     let challenge = r.headers()["www-authenticate"].to_str()?.to_owned();
     assert!(challenge.starts_with("Bearer"), "{challenge}");
-    let r = Session::new(&http, &relay.url, Some("alice-s3cr3t-token-0002")).post(INIT)?;
+    let r = HttpClient::with(&http, &relay.url, Some("alice-s3cr3t-token-0002"))
+        .post_raw(INITIALIZE)?;
     assert_eq!(r.status(), 401);
     assert!(
         r.headers()["www-authenticate"]
@@ -146,35 +74,35 @@ fn tokens_scopes_and_server_visibility() -> Result {
     );
     // A token for metrics only may not use the MCP endpoint.
     assert_eq!(
-        Session::new(&http, &relay.url, Some(PROM))
-            .post(INIT)?
+        HttpClient::with(&http, &relay.url, Some(PROM))
+            .post_raw(INITIALIZE)?
             .status(),
         403
     );
 
     // alice (tools, servers a): a's tools only; b's are unknown; no management tools; the
     // instructions of b are not in her initialize answer.
-    let init: Value = Session::new(&http, &relay.url, Some(ALICE))
-        .post(INIT)?
+    let init: Value = HttpClient::with(&http, &relay.url, Some(ALICE))
+        .post_raw(INITIALIZE)?
         .json()?;
     let instructions = init["result"]["instructions"].as_str().unwrap_or_default();
     assert!(instructions.contains("a is the example server"), "{init}");
     assert!(!instructions.contains("b is the example server"), "{init}");
-    let mut alice = Session::new(&http, &relay.url, Some(ALICE));
+    let mut alice = HttpClient::with(&http, &relay.url, Some(ALICE));
     assert_eq!(alice.open()?, 200);
-    let tools = alice.tools()?;
+    let tools = alice.tool_names()?;
     assert!(tools.iter().any(|t| t == "a__echo"), "{tools:?}");
     assert!(tools.iter().all(|t| t.starts_with("a__")), "{tools:?}");
-    let r = alice.call(1, "a__echo", json!({"message": "hi"}))?;
+    let r = alice.call_tool(1, "a__echo", json!({"message": "hi"}))?;
     assert_eq!(crate::support::text(&r), "Echo: hi", "{r}");
-    let r = alice.call(2, "b__echo", json!({"message": "hi"}))?;
+    let r = alice.call_tool(2, "b__echo", json!({"message": "hi"}))?;
     assert!(
         r["error"]["message"]
             .as_str()
             .is_some_and(|m| m.contains("unknown tool `b__echo`")),
         "{r}"
     );
-    let r = alice.call(3, "relay__status", json!({}))?;
+    let r = alice.call_tool(3, "relay__status", json!({}))?;
     assert_eq!(r["error"]["code"], -32004, "{r}");
     assert!(
         r["error"]["message"]
@@ -191,34 +119,34 @@ fn tokens_scopes_and_server_visibility() -> Result {
     );
 
     // ops (admin only): the management tools, no server tools, calls to them refused.
-    let mut ops = Session::new(&http, &relay.url, Some(OPS));
+    let mut ops = HttpClient::with(&http, &relay.url, Some(OPS));
     assert_eq!(ops.open()?, 200);
-    let tools = ops.tools()?;
+    let tools = ops.tool_names()?;
     assert!(tools.iter().any(|t| t == "relay__status"), "{tools:?}");
     assert!(tools.iter().all(|t| t.starts_with("relay__")), "{tools:?}");
-    let r = ops.call(5, "a__echo", json!({"message": "x"}))?;
+    let r = ops.call_tool(5, "a__echo", json!({"message": "x"}))?;
     assert_eq!(r["error"]["code"], -32004, "{r}");
-    let r = ops.call(6, "relay__status", json!({}))?;
+    let r = ops.call_tool(6, "relay__status", json!({}))?;
     assert!(r["result"]["content"][0]["text"].is_string(), "{r}");
 
     // A session belongs to the client that opened it.
-    let mut stolen = Session::new(&http, &relay.url, Some(OPS));
-    stolen.id = alice.id.clone();
+    let mut stolen = HttpClient::with(&http, &relay.url, Some(OPS));
+    stolen.session = alice.session.clone();
     assert_eq!(
         stolen
-            .post(r#"{"jsonrpc":"2.0","id":7,"method":"ping"}"#)?
+            .post_raw(r#"{"jsonrpc":"2.0","id":7,"method":"ping"}"#)?
             .status(),
         404
     );
 
     // Tokens from a file and from a SHA-256 digest.
-    let mut filed = Session::new(&http, &relay.url, Some(FILED));
+    let mut filed = HttpClient::with(&http, &relay.url, Some(FILED));
     assert_eq!(filed.open()?, 200);
-    let tools = filed.tools()?;
+    let tools = filed.tool_names()?;
     assert!(tools.iter().any(|t| t == "b__echo") && tools.iter().any(|t| t == "relay__status"));
-    let mut hashed = Session::new(&http, &relay.url, Some(HASHED));
+    let mut hashed = HttpClient::with(&http, &relay.url, Some(HASHED));
     assert_eq!(hashed.open()?, 200);
-    let tools = hashed.tools()?;
+    let tools = hashed.tool_names()?;
     assert!(
         !tools.is_empty() && tools.iter().all(|t| t.starts_with("b__")),
         "{tools:?}"
@@ -294,11 +222,11 @@ fn rate_limits_count_exactly_per_client() -> Result {
     let relay = start_auth(&cfg, dir.path())?;
     let http = http()?;
     let count = |token: &str, n: usize| -> Result<(usize, Vec<u64>)> {
-        let s = Session::new(&http, &relay.url, Some(token));
+        let s = HttpClient::with(&http, &relay.url, Some(token));
         let mut passed = 0;
         let mut waits = Vec::new();
         for _ in 0..n {
-            let r = s.post(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#)?;
+            let r = s.post_raw(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#)?;
             if r.status() == 429 {
                 waits.push(r.headers()["retry-after"].to_str()?.parse()?);
                 let body: Value = r.json()?;
@@ -316,22 +244,26 @@ fn rate_limits_count_exactly_per_client() -> Result {
     let (ops_ok, _) = count(OPS, 6)?;
     assert_eq!(ops_ok, 3, "ops: the relay's default burst");
     // A batch takes one token per message: `filed` (default burst 3) sends 4, then 2.
-    let filed = Session::new(&http, &relay.url, Some(FILED));
+    let filed = HttpClient::with(&http, &relay.url, Some(FILED));
     let batch = |n: usize| {
         let items: Vec<Value> = (0..n)
             .map(|i| json!({"jsonrpc": "2.0", "id": i, "method": "ping"}))
             .collect();
         Value::Array(items).to_string()
     };
-    assert_eq!(filed.post(&batch(4))?.status(), 429, "4 messages, 3 tokens");
+    assert_eq!(
+        filed.post_raw(batch(4))?.status(),
+        429,
+        "4 messages, 3 tokens"
+    );
     assert_ne!(
-        filed.post(&batch(2))?.status(),
+        filed.post_raw(batch(2))?.status(),
         429,
         "2 messages from the 3 tokens"
     );
     assert_eq!(
         filed
-            .post(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#)?
+            .post_raw(r#"{"jsonrpc":"2.0","id":1,"method":"ping"}"#)?
             .status(),
         429,
         "the batches used the bucket up"
@@ -364,14 +296,14 @@ fn session_caps_and_idle_expiry() -> Result {
     cfg["auth"]["clients"][0]["maxSessions"] = json!(2);
     let relay = start_auth(&cfg, dir.path())?;
     let http = http()?;
-    let mut a1 = Session::new(&http, &relay.url, Some(ALICE));
-    let mut a2 = Session::new(&http, &relay.url, Some(ALICE));
-    let mut a3 = Session::new(&http, &relay.url, Some(ALICE));
+    let mut a1 = HttpClient::with(&http, &relay.url, Some(ALICE));
+    let mut a2 = HttpClient::with(&http, &relay.url, Some(ALICE));
+    let mut a3 = HttpClient::with(&http, &relay.url, Some(ALICE));
     assert_eq!(a1.open()?, 200);
     assert_eq!(a2.open()?, 200);
     assert_eq!(a3.open()?, 429, "alice's own cap of 2");
-    let mut o1 = Session::new(&http, &relay.url, Some(OPS));
-    let mut o2 = Session::new(&http, &relay.url, Some(OPS));
+    let mut o1 = HttpClient::with(&http, &relay.url, Some(OPS));
+    let mut o2 = HttpClient::with(&http, &relay.url, Some(OPS));
     assert_eq!(o1.open()?, 200);
     assert_eq!(o2.open()?, 503, "the global cap of 3");
     // a2 and o1 keep working; a1 falls silent and is closed after the idle timeout (any
@@ -398,7 +330,7 @@ fn session_caps_and_idle_expiry() -> Result {
         began.elapsed()
     );
     let status = a1
-        .post(r#"{"jsonrpc":"2.0","id":2,"method":"ping"}"#)?
+        .post_raw(r#"{"jsonrpc":"2.0","id":2,"method":"ping"}"#)?
         .status();
     assert_eq!(status, 404, "the expired session is gone");
     assert_eq!(a3.open()?, 200, "room again for alice");
@@ -461,9 +393,9 @@ fn tls_serves_https_and_swaps_certificates_without_restart() -> Result {
         "not yet the second certificate"
     );
     // MCP over HTTPS.
-    let mut s = Session::new(&first, &relay.url, None);
+    let mut s = HttpClient::with(&first, &relay.url, None);
     assert_eq!(s.open()?, 200);
-    assert!(s.tools()?.iter().any(|t| t == "a__echo"));
+    assert!(s.tool_names()?.iter().any(|t| t == "a__echo"));
     // Plain HTTP on the TLS port is not served.
     assert!(
         http()?
@@ -491,9 +423,9 @@ fn tls_serves_https_and_swaps_certificates_without_restart() -> Result {
         "the old certificate is gone"
     );
     // The session opened before the swap goes on over a new connection.
-    let mut s2 = Session::new(&second, &relay.url, None);
-    s2.id = s.id.clone();
-    let r = s2.call(1, "a__echo", json!({"message": "after"}))?;
+    let mut s2 = HttpClient::with(&second, &relay.url, None);
+    s2.session = s.session.clone();
+    let r = s2.call_tool(1, "a__echo", json!({"message": "after"}))?;
     assert_eq!(crate::support::text(&r), "Echo: after", "{r}");
     assert!(relay.log_text().contains("TLS certificate reloaded"));
     Ok(())
@@ -558,9 +490,9 @@ fn ready_flips_while_a_required_server_is_down() -> Result {
         })
     };
     ready_is("ready at first", 200)?;
-    let mut s = Session::new(&http, &relay.url, None);
+    let mut s = HttpClient::with(&http, &relay.url, None);
     assert_eq!(s.open()?, 200);
-    let _ = s.call(1, "a__crash", json!({}))?;
+    let _ = s.call_tool(1, "a__crash", json!({}))?;
     let body = ready_is("not ready while a restarts", 503)?;
     assert_eq!(body["ready"], false, "{body}");
     assert_eq!(body["waitingFor"][0]["server"], "a", "{body}");
@@ -597,10 +529,10 @@ fn hostile_input_is_refused_and_the_relay_keeps_serving() -> Result {
         .timeout(TIMEOUT)
         .pool_max_idle_per_host(0)
         .build()?;
-    let mut good = Session::new(&http, &relay.url, None);
+    let mut good = HttpClient::with(&http, &relay.url, None);
     assert_eq!(good.open()?, 200);
-    let alive = |good: &Session| -> Result {
-        let r = good.call(1, "a__echo", json!({"message": "ok"}))?;
+    let alive = |good: &HttpClient| -> Result {
+        let r = good.call_tool(1, "a__echo", json!({"message": "ok"}))?;
         assert_eq!(crate::support::text(&r), "Echo: ok", "{r}");
         Ok(())
     };
@@ -611,7 +543,7 @@ fn hostile_input_is_refused_and_the_relay_keeps_serving() -> Result {
         "a".repeat(1 << 20)
     );
     // 413, or the connection closed while the client was still sending the rest.
-    if let Ok(r) = good.post(&big) {
+    if let Ok(r) = good.post_raw(&big) {
         assert_eq!(r.status(), 413);
     }
     // Oversized headers.
@@ -653,7 +585,7 @@ fn hostile_input_is_refused_and_the_relay_keeps_serving() -> Result {
             .post(&good.url)
             .header("accept", ACCEPT)
             .header("content-type", "application/json")
-            .header("mcp-session-id", good.id.clone().unwrap_or_default())
+            .header("mcp-session-id", good.session.clone().unwrap_or_default())
             .body(body.clone())
             .send()?;
         let status = r.status().as_u16();
@@ -708,8 +640,8 @@ fn hostile_input_is_refused_and_the_relay_keeps_serving() -> Result {
     let before = rss_kib(pid)?;
     let mut refused = 0;
     for _ in 0..400 {
-        match Session::new(&http, &relay.url, None)
-            .post(INIT)?
+        match HttpClient::with(&http, &relay.url, None)
+            .post_raw(INITIALIZE)?
             .status()
             .as_u16()
         {
@@ -758,10 +690,10 @@ fn https_backends_are_verified_with_a_configured_ca() -> Result {
         &[],
     )?;
     let http = http()?;
-    let mut s = Session::new(&http, &relay.url, None);
+    let mut s = HttpClient::with(&http, &relay.url, None);
     assert_eq!(s.open()?, 200);
     let tools = poll("the trusted server's tools", || {
-        let tools = s.tools()?;
+        let tools = s.tool_names()?;
         Ok(if tools.iter().any(|t| t == "trusted__ex__echo") {
             Ok(tools)
         } else {
@@ -772,7 +704,7 @@ fn https_backends_are_verified_with_a_configured_ca() -> Result {
         !tools.iter().any(|t| t.starts_with("untrusted__")),
         "{tools:?}"
     );
-    let r = s.call(1, "trusted__ex__echo", json!({"message": "over tls"}))?;
+    let r = s.call_tool(1, "trusted__ex__echo", json!({"message": "over tls"}))?;
     assert_eq!(crate::support::text(&r), "Echo: over tls", "{r}");
     let health: Value = http
         .get(format!("{}/health", relay.base()))

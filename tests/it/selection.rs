@@ -94,10 +94,10 @@ fn prompt_mode_exposes_picks_and_adjusts_them() -> Result {
     assert!(!after.contains(&"ex__slow".to_owned()), "{after:?}");
 
     // A second prompt adds its picks first and keeps the earlier ones.
-    c.request(
+    c.call_tool(
         5,
-        "tools/call",
-        json!({"name":"relay__analyze_prompt","arguments":{"prompt":"wait and report progress","maxTools":1}}),
+        "relay__analyze_prompt",
+        json!({"prompt":"wait and report progress","maxTools":1}),
     )?;
     let again = c.tool_names(6)?;
     let catalog: Vec<&String> = again.iter().filter(|n| !n.starts_with("relay__")).collect();

@@ -17,11 +17,7 @@ fn merged_catalog_namespaces_and_routes() -> Result {
     for n in ["ex__echo", "ex__add", "other__echo", "other__lossless"] {
         assert!(tools.contains(&n.to_owned()), "{n} missing from {tools:?}");
     }
-    let r = c.request(
-        2,
-        "tools/call",
-        json!({"name":"other__echo","arguments":{"message":"hi"}}),
-    )?;
+    let r = c.call_tool(2, "other__echo", json!({"message":"hi"}))?;
     assert_eq!(r["result"]["content"][0]["text"], "Echo: hi");
     let p = c.request(
         3,
@@ -132,7 +128,7 @@ fn progress_and_sampling_reach_the_right_client() -> Result {
 fn sampling_without_client_capability_is_refused_clearly() -> Result {
     let mut c = StdioClient::start(json!({"mcpServers": {"ex": example("ex")}}))?;
     c.initialize(json!({}))?;
-    let r = c.request(1, "tools/call", json!({"name":"ex__sample","arguments":{}}))?;
+    let r = c.call_tool(1, "ex__sample", json!({}))?;
     let text = r["result"]["content"][0]["text"]
         .as_str()
         .unwrap_or_default()
@@ -152,7 +148,7 @@ fn backends_hear_only_the_capabilities_the_client_has() -> Result {
         (1, "ex__client_capabilities"),
         (2, "other__client_capabilities"),
     ] {
-        let r = c.request(id, "tools/call", json!({"name": tool, "arguments": {}}))?;
+        let r = c.call_tool(id, tool, json!({}))?;
         let text = r["result"]["content"][0]["text"]
             .as_str()
             .unwrap_or_default();
@@ -192,11 +188,7 @@ fn bad_input_gets_clear_errors_and_nothing_breaks() -> Result {
     let e = c.request(3, "tools/list", json!({"cursor":"forged"}))?;
     assert_eq!(e["error"]["code"], -32602);
     // The request timeout names the server and the limit.
-    let e = c.request(
-        4,
-        "tools/call",
-        json!({"name":"ex__slow","arguments":{"steps":1,"ms":5000}}),
-    )?;
+    let e = c.call_tool(4, "ex__slow", json!({"steps":1,"ms":5000}))?;
     let msg = e["error"]["message"].as_str().unwrap_or_default();
     assert!(
         msg.contains("server `ex`") && msg.contains("1500 ms"),
@@ -207,11 +199,7 @@ fn bad_input_gets_clear_errors_and_nothing_breaks() -> Result {
     let seen = wait_for_cancellation(&mut c, 100, "ex__cancellations")?;
     assert_eq!(seen["reason"], "request timed out in the relay", "{seen}");
     // The broken server does not stop the healthy one.
-    let r = c.request(
-        5,
-        "tools/call",
-        json!({"name":"ex__add","arguments":{"a":2,"b":3}}),
-    )?;
+    let r = c.call_tool(5, "ex__add", json!({"a":2,"b":3}))?;
     assert_eq!(r["result"]["content"][0]["text"], "5");
     Ok(())
 }
@@ -222,7 +210,7 @@ fn wait_for_cancellation(c: &mut StdioClient, first_id: u64, tool: &str) -> Resu
     let mut id = first_id;
     poll("the backend sees the cancellation", || {
         id += 1;
-        let r = c.request(id, "tools/call", json!({"name": tool, "arguments": {}}))?;
+        let r = c.call_tool(id, tool, json!({}))?;
         let text = r["result"]["content"][0]["text"].as_str().unwrap_or("[]");
         let list: Vec<Value> = serde_json::from_str(text)?;
         Ok(list
@@ -259,11 +247,7 @@ fn timeout_on_an_http_backend_names_it_and_cancels_there() -> Result {
         "relay": {"requestTimeoutMs": 800}
     }))?;
     c.initialize(json!({}))?;
-    let e = c.request(
-        1,
-        "tools/call",
-        json!({"name":"hx__slow","arguments":{"steps":1,"ms":20000}}),
-    )?;
+    let e = c.call_tool(1, "hx__slow", json!({"steps":1,"ms":20000}))?;
     assert_eq!(e["error"]["code"], -32002, "{e}");
     let msg = e["error"]["message"].as_str().unwrap_or_default();
     assert!(msg.contains("server `hx`") && msg.contains("800 ms"), "{e}");
@@ -361,22 +345,14 @@ fn an_oversized_backend_answer_fails_its_request_at_once() -> Result {
     cfg["relay"] = json!({"maxMessageBytes": 8192, "requestTimeoutMs": 120000});
     let mut c = StdioClient::start(cfg)?;
     c.initialize(json!({}))?;
-    let e = c.request(
-        1,
-        "tools/call",
-        json!({"name":"ex__echo","arguments":{"message":"xy","repeat":20000}}),
-    )?;
+    let e = c.call_tool(1, "ex__echo", json!({"message":"xy","repeat":20000}))?;
     let msg = e["error"]["message"].as_str().unwrap_or_default();
     assert!(
         msg.contains("server `ex`") && msg.contains("maxMessageBytes"),
         "{e}"
     );
     // The connection is intact: the next call works.
-    let r = c.request(
-        2,
-        "tools/call",
-        json!({"name":"ex__echo","arguments":{"message":"ok"}}),
-    )?;
+    let r = c.call_tool(2, "ex__echo", json!({"message":"ok"}))?;
     assert_eq!(r["result"]["content"][0]["text"], "Echo: ok", "{r}");
     Ok(())
 }
@@ -413,11 +389,7 @@ fn list_changed_reaches_the_client_and_new_tool_works() -> Result {
     let mut c = StdioClient::start(json!({"mcpServers": {"ex": example("ex")}}))?;
     c.initialize(json!({}))?;
     c.request(1, "tools/list", json!({}))?;
-    let added = c.request(
-        2,
-        "tools/call",
-        json!({"name":"ex__add_tool","arguments":{"name":"fresh"}}),
-    )?;
+    let added = c.call_tool(2, "ex__add_tool", json!({"name":"fresh"}))?;
     assert_eq!(
         added["result"]["content"][0]["text"], "added fresh",
         "{added}"

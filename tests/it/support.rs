@@ -368,22 +368,32 @@ pub fn example_http(name: &str) -> Result<(Proc, String)> {
 
 pub const ACCEPT: &str = "application/json, text/event-stream";
 
-/// A plain Streamable HTTP client session.
+pub const INITIALIZE: &str = r#"{"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"it","version":"1"}}}"#;
+
+/// A plain Streamable HTTP client session (with a bearer token when given one).
 pub struct HttpClient {
     pub http: reqwest::blocking::Client,
     pub url: String,
     pub session: Option<String>,
+    pub token: Option<String>,
 }
 
 impl HttpClient {
     pub fn new(url: &str) -> Result<HttpClient> {
-        Ok(HttpClient {
-            http: reqwest::blocking::Client::builder()
-                .timeout(crate::support::TIMEOUT)
-                .build()?,
+        let http = reqwest::blocking::Client::builder()
+            .timeout(crate::support::TIMEOUT)
+            .build()?;
+        Ok(HttpClient::with(&http, url, None))
+    }
+
+    /// A session over `http` (a client with its own TLS roots, say) sending `token`.
+    pub fn with(http: &reqwest::blocking::Client, url: &str, token: Option<&str>) -> HttpClient {
+        HttpClient {
+            http: http.clone(),
             url: url.to_owned(),
             session: None,
-        })
+            token: token.map(str::to_owned),
+        }
     }
 
     pub fn post_raw(&self, body: impl Into<String>) -> Result<reqwest::blocking::Response> {
@@ -396,7 +406,42 @@ impl HttpClient {
         if let Some(s) = &self.session {
             r = r.header("mcp-session-id", s);
         }
+        if let Some(t) = &self.token {
+            r = r.bearer_auth(t);
+        }
         Ok(r.send()?)
+    }
+
+    /// Sends a request; returns its answer.
+    pub fn rpc(&self, id: u64, method: &str, params: Value) -> Result<Value> {
+        self.call(&json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params}))
+    }
+
+    pub fn call_tool(&self, id: u64, name: &str, args: Value) -> Result<Value> {
+        self.rpc(id, "tools/call", json!({"name": name, "arguments": args}))
+    }
+
+    /// The names `tools/list` shows this session (first page).
+    pub fn tool_names(&self) -> Result<Vec<String>> {
+        Ok(names(&self.rpc(90, "tools/list", json!({}))?, "tools"))
+    }
+
+    /// Opens the session when the relay lets it; returns the HTTP status of `initialize`.
+    pub fn open(&mut self) -> Result<u16> {
+        let r = self.post_raw(INITIALIZE)?;
+        let status = r.status().as_u16();
+        if status == 200 {
+            self.session = r
+                .headers()
+                .get("mcp-session-id")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let n = self.post_raw(
+                json!({"jsonrpc":"2.0","method":"notifications/initialized"}).to_string(),
+            )?;
+            assert_eq!(n.status(), 202);
+        }
+        Ok(status)
     }
 
     /// Posts a message; returns the JSON-RPC answer (from JSON or from the SSE stream).
@@ -424,7 +469,7 @@ impl HttpClient {
     }
 
     pub fn initialize(&mut self) -> Result<Value> {
-        let resp = self.post_raw(json!({"jsonrpc":"2.0","id":0,"method":"initialize","params":{"protocolVersion":"2025-11-25","capabilities":{},"clientInfo":{"name":"it","version":"1"}}}).to_string())?;
+        let resp = self.post_raw(INITIALIZE)?;
         let sid = resp
             .headers()
             .get("mcp-session-id")

@@ -23,11 +23,7 @@ fn a_websocket_server_is_relayed_and_reconnected_after_it_dies() -> Result {
     c.initialize(json!({}))?;
     let tools = crate::support::names(&c.request(1, "tools/list", json!({}))?, "tools");
     assert!(tools.contains(&"wsx__echo".to_owned()), "{tools:?}");
-    let r = c.request(
-        2,
-        "tools/call",
-        json!({"name": "wsx__echo", "arguments": {"message": "over ws"}}),
-    )?;
+    let r = c.call_tool(2, "wsx__echo", json!({"message": "over ws"}))?;
     assert_eq!(text(&r), "Echo: over ws", "{r}");
     // Progress notifications come back over the socket to the right request.
     c.send(&json!({"jsonrpc":"2.0","id":3,"method":"tools/call","params":{"name":"wsx__slow","arguments":{"steps":2,"ms":10},"_meta":{"progressToken":"p-ws"}}}))?;
@@ -55,11 +51,7 @@ fn a_websocket_server_is_relayed_and_reconnected_after_it_dies() -> Result {
     );
     let msg = failed["error"]["message"].as_str().unwrap_or_default();
     assert!(msg.contains("wsx"), "{failed}");
-    let r = c.request(
-        6,
-        "tools/call",
-        json!({"name": "ex__echo", "arguments": {"message": "still here"}}),
-    )?;
+    let r = c.call_tool(6, "ex__echo", json!({"message": "still here"}))?;
     assert_eq!(text(&r), "Echo: still here");
 
     // Back on the same port: the relay reconnects and re-initializes; the session goes on.
@@ -74,11 +66,7 @@ fn a_websocket_server_is_relayed_and_reconnected_after_it_dies() -> Result {
             Err(s.to_string())
         })
     })?;
-    let r = c.request(
-        7,
-        "tools/call",
-        json!({"name": "wsx__echo", "arguments": {"message": "again"}}),
-    )?;
+    let r = c.call_tool(7, "wsx__echo", json!({"message": "again"}))?;
     assert_eq!(text(&r), "Echo: again", "{r}");
     assert!(c.server_status(8, "wsx")?["restarts"].as_u64() >= Some(1));
     Ok(())
@@ -113,20 +101,12 @@ fn a_websocket_server_refusing_the_token_needs_auth() -> Result {
         s["lastError"].as_str().is_some_and(|e| e.contains("401")),
         "{s}"
     );
-    let r = c.request(
-        1000,
-        "tools/call",
-        json!({"name": "open__add", "arguments": {"a": 1, "b": 2}}),
-    )?;
+    let r = c.call_tool(1000, "open__add", json!({"a": 1, "b": 2}))?;
     assert_eq!(text(&r), "3");
     assert!(
-        !c.request(
-            1001,
-            "tools/call",
-            json!({"name": "relay__list_servers", "arguments": {}})
-        )?
-        .to_string()
-        .contains("s3cret")
+        !c.call_tool(1001, "relay__list_servers", json!({}))?
+            .to_string()
+            .contains("s3cret")
     );
     Ok(())
 }
