@@ -2,7 +2,7 @@
 //! stream, `Mcp-Session-Id`, `MCP-Protocol-Version`, `retry` + `Last-Event-ID` resumption,
 //! and re-initialization when the server forgets our session (404).
 
-use super::Backend;
+use super::{Backend, SendError};
 use crate::session::ReqCtx;
 use crate::sync::lock;
 use eventsource_stream::Eventsource;
@@ -115,7 +115,7 @@ impl Http {
         msg: String,
         related: Option<ReqCtx>,
         expect: Option<u64>,
-    ) -> Result<(), String> {
+    ) -> Result<(), SendError> {
         // The relay's own `initialize` starts a new session; ids are at most 20 digits.
         const INITIALIZE: &[u8] = br#""method":"initialize""#;
         let head = &msg.as_bytes()[..msg.len().min(64)];
@@ -126,10 +126,21 @@ impl Http {
             let (mut req, generation) = self.request(b, reqwest::Method::POST, is_initialize);
             let had_session = req.headers().contains_key(SESSION);
             *req.body_mut() = Some(body.clone().into());
-            let resp = self.client.execute(req).await.map_err(|e| {
-                let url = crate::config::redact::url(self.url.as_str());
-                format!("cannot reach {url}: {}", without_url(&e))
-            })?;
+            let resp = match self.client.execute(req).await {
+                Ok(r) => r,
+                Err(e) => {
+                    let url = crate::config::redact::url(self.url.as_str());
+                    let reason = format!("cannot reach {url}: {}", without_url(&e));
+                    if e.is_connect() {
+                        // Nobody listens (or the TLS handshake failed): the connection is
+                        // lost for every request, so the supervisor reconnects with backoff
+                        // and callers wait for that instead of failing one by one.
+                        self.closed.cancel();
+                        return Err(SendError::undelivered(reason));
+                    }
+                    return Err(reason.into());
+                }
+            };
             let status = resp.status();
             if let Some(sid) = resp.headers().get(SESSION) {
                 let mut s = lock(&self.session);
@@ -166,12 +177,13 @@ impl Http {
                 b.note_auth_failure();
                 return Err(format!(
                     "the server answered HTTP {status}: check the credentials in its `headers`"
-                ));
+                )
+                .into());
             }
             if !status.is_success() {
                 let body = resp.text().await.unwrap_or_default();
                 let snippet: String = body.chars().take(200).collect();
-                return Err(format!("the server answered HTTP {status}: {snippet}"));
+                return Err(format!("the server answered HTTP {status}: {snippet}").into());
             }
             let is_sse = resp
                 .headers()
@@ -182,7 +194,7 @@ impl Http {
                         .is_some_and(|t| t.eq_ignore_ascii_case("text/event-stream"))
                 });
             if is_sse {
-                return self.read_stream(b, resp, related, expect).await;
+                return Ok(self.read_stream(b, resp, related, expect).await?);
             }
             let bytes = resp
                 .bytes()
@@ -193,7 +205,9 @@ impl Http {
             }
             return Ok(());
         }
-        Err("the server kept answering 404 after re-initialization".to_owned())
+        Err(SendError::from(
+            "the server kept answering 404 after re-initialization".to_owned(),
+        ))
     }
 
     /// Reads an SSE response; if it ends before our request's answer, resumes with GET +

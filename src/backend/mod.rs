@@ -220,6 +220,9 @@ type Reply = Result<Message, String>;
 /// How an exchange with a backend ended without a reply.
 enum Failure {
     Lost(String),
+    /// The request never reached the server (no connection): safe to send once more when
+    /// the server is back, whatever `retryOnReconnect` says.
+    Undelivered(String),
     Timeout,
     Cancelled,
 }
@@ -255,6 +258,39 @@ pub(crate) enum Conn {
     Ws(Arc<ws::Ws>),
 }
 
+/// Why a message was not handed over, or its answer not read.
+#[derive(Debug)]
+pub struct SendError {
+    pub reason: String,
+    /// The server cannot have seen the message (it could not even be connected to).
+    pub undelivered: bool,
+}
+
+impl SendError {
+    pub(crate) fn undelivered(reason: String) -> SendError {
+        SendError {
+            reason,
+            undelivered: true,
+        }
+    }
+}
+
+impl From<String> for SendError {
+    /// A failure after the message may have reached the server.
+    fn from(reason: String) -> SendError {
+        SendError {
+            reason,
+            undelivered: false,
+        }
+    }
+}
+
+impl std::fmt::Display for SendError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.reason)
+    }
+}
+
 impl Conn {
     async fn send(
         &self,
@@ -262,12 +298,12 @@ impl Conn {
         msg: String,
         related: Option<ReqCtx>,
         expect: Option<u64>,
-    ) -> Result<(), String> {
+    ) -> Result<(), SendError> {
         match self {
-            Conn::Stdio(s) => s.send(msg),
+            Conn::Stdio(s) => Ok(s.send(msg)?),
             Conn::Http(h) => h.send(b, msg, related, expect).await,
-            Conn::Sse(s) => s.send(msg).await,
-            Conn::Ws(w) => w.send(msg),
+            Conn::Sse(s) => Ok(s.send(msg).await?),
+            Conn::Ws(w) => Ok(w.send(msg)?),
         }
     }
 
@@ -375,6 +411,11 @@ impl Backend {
         b
     }
 
+    /// This server's supervision: its own settings over the relay's.
+    fn policy(&self) -> crate::config::Supervision {
+        self.config.supervision.over(self.settings.supervision())
+    }
+
     pub fn state(&self) -> State {
         self.state.borrow().clone()
     }
@@ -438,9 +479,9 @@ impl Backend {
 
     async fn supervise(self: Arc<Self>) {
         let mut starts: VecDeque<Instant> = VecDeque::new();
-        let mut backoff = self.settings.supervision().backoff;
+        let mut backoff = self.policy().backoff;
         loop {
-            let policy = self.settings.supervision();
+            let policy = self.policy();
             starts.push_back(Instant::now());
             while starts.len() > policy.start_limit_burst {
                 starts.pop_front();
@@ -541,7 +582,7 @@ impl Backend {
     async fn health(self: &Arc<Self>, closed: &CancellationToken) -> Option<String> {
         let mut misses = 0u32;
         loop {
-            let policy = self.settings.supervision();
+            let policy = self.policy();
             if policy.health_interval.is_zero() {
                 // Off (a reload may turn it on: look again now and then).
                 tokio::time::sleep(Duration::from_secs(1)).await;
@@ -671,7 +712,8 @@ impl Backend {
             None,
             None,
         )
-        .await?;
+        .await
+        .map_err(|e| e.reason)?;
         Ok(())
     }
 
@@ -801,7 +843,7 @@ impl Backend {
             .exchange(m, params, None, deadline, None)
             .await
             .map_err(|f| match f {
-                Failure::Lost(reason) => reason,
+                Failure::Lost(reason) | Failure::Undelivered(reason) => reason,
                 Failure::Timeout => format!(
                     "no answer to `{m}` within {} ms",
                     self.settings.request_timeout().as_millis()
@@ -843,16 +885,21 @@ impl Backend {
         let mut guard = AbandonOnDrop(Some((self.clone(), id)));
         let msg = protocol::request(&id.to_string(), m, body.as_deref());
         let wait = async {
-            self.send_raw(msg, related, Some(id)).await?;
+            self.send_raw(msg, related, Some(id))
+                .await
+                .map_err(|e| match e.undelivered {
+                    true => Failure::Undelivered(e.reason),
+                    false => Failure::Lost(e.reason),
+                })?;
             match rx.await {
-                Ok(reply) => reply,
-                Err(_) => Err("the connection closed".to_owned()),
+                Ok(reply) => reply.map_err(Failure::Lost),
+                Err(_) => Err(Failure::Lost("the connection closed".to_owned())),
             }
         };
         let never = CancellationToken::new();
         let cancel = cancel.unwrap_or(&never);
         let outcome = tokio::select! {
-            r = wait => r.map_err(Failure::Lost),
+            r = wait => r,
             () = tokio::time::sleep_until(deadline) => Err(Failure::Timeout),
             () = cancel.cancelled() => Err(Failure::Cancelled),
         };
@@ -860,7 +907,7 @@ impl Backend {
         match &outcome {
             Err(Failure::Timeout) => self.abandon(id, "request timed out in the relay").await,
             Err(Failure::Cancelled) => self.abandon(id, "cancelled by the client").await,
-            Err(Failure::Lost(_)) => {
+            Err(Failure::Lost(_) | Failure::Undelivered(_)) => {
                 lock(&self.pending).remove(&id);
             }
             Ok(_) => {}
@@ -873,18 +920,18 @@ impl Backend {
         msg: String,
         related: Option<ReqCtx>,
         expect: Option<u64>,
-    ) -> Result<(), String> {
+    ) -> Result<(), SendError> {
         if msg.len() > self.settings.max_message_bytes() {
-            return Err(format!(
+            return Err(SendError::from(format!(
                 "the message is {} bytes, over maxMessageBytes ({})",
                 msg.len(),
                 self.settings.max_message_bytes()
-            ));
+            )));
         }
         let conn = read(&self.conn).clone();
         match conn {
             Some(c) => c.send(self, msg, related, expect).await,
-            None => Err("not connected".to_owned()),
+            None => Err(SendError::undelivered("not connected".to_owned())),
         }
     }
 
@@ -928,7 +975,7 @@ impl Backend {
         }
         if matches!(self.state(), State::Restarting { .. }) {
             // A restart under way: wait for it, bounded by `restartWaitMs`.
-            let wait = self.settings.supervision().restart_wait;
+            let wait = self.policy().restart_wait;
             let until = deadline.min(tokio::time::Instant::now() + wait);
             let mut rx = self.state.subscribe();
             let _ = tokio::time::timeout_at(
@@ -970,9 +1017,35 @@ impl Backend {
         };
         let generation = self.restarts();
         let again = (m == method::TOOLS_CALL && self.may_retry(&params)).then(|| params.clone());
+        let resend = params.clone();
         let mut out = self
             .exchange(m, Some(params), Some(ctx.clone()), deadline, Some(cancel))
             .await;
+        if let Err(Failure::Undelivered(_)) = &out
+            && !self.stop.is_cancelled()
+        {
+            // The server could not be reached, so it never saw the request: wait for the
+            // reconnection under way (bounded by `restartWaitMs`) and send it then.
+            let until = deadline.min(tokio::time::Instant::now() + self.policy().restart_wait);
+            let mut rx = self.state.subscribe();
+            let back = tokio::select! {
+                r = tokio::time::timeout_at(until, rx.wait_for(|s| {
+                    (s.is_up() && self.restarts() > generation)
+                        || matches!(s, State::Stopped | State::Failed(_) | State::NeedsAuth(_))
+                })) => matches!(r, Ok(Ok(s)) if s.is_up()),
+                () = cancel.cancelled() => return Err(Error::Cancelled),
+            };
+            if back {
+                out = self
+                    .exchange(m, Some(resend), Some(ctx.clone()), deadline, Some(cancel))
+                    .await;
+            } else {
+                let state = self.state();
+                if !state.is_up() {
+                    return Err(self.unavailable(&state));
+                }
+            }
+        }
         // Only a failure that a restart explains (the server died or was found hung) is
         // retried; other losses (an HTTP 5xx on a server still up) fail at once.
         let restarting = !self.state().is_up() || self.restarts() != generation;
@@ -981,8 +1054,7 @@ impl Backend {
             && !self.stop.is_cancelled()
         {
             // retryOnReconnect: once more on the restarted server, if it is back in time.
-            let until = deadline
-                .min(tokio::time::Instant::now() + self.settings.supervision().restart_wait);
+            let until = deadline.min(tokio::time::Instant::now() + self.policy().restart_wait);
             let mut rx = self.state.subscribe();
             let back = tokio::select! {
                 r = tokio::time::timeout_at(until, rx.wait_for(|s| {
@@ -1006,6 +1078,11 @@ impl Backend {
             }
         }
         out.map_err(|f| match f {
+            Failure::Undelivered(reason) => Error::Unavailable {
+                server: self.name.clone(),
+                state: self.state().label(),
+                reason,
+            },
             Failure::Lost(reason) => Error::Lost {
                 server: self.name.clone(),
                 method: m.to_owned(),

@@ -146,6 +146,37 @@ pub struct Supervision {
     pub health_misses: u32,
 }
 
+/// Supervision settings one server sets for itself; `None` follows the relay's.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct SupervisionOverrides {
+    pub backoff: Option<Duration>,
+    pub backoff_max: Option<Duration>,
+    pub start_limit_burst: Option<usize>,
+    pub start_limit_interval: Option<Duration>,
+    pub restart_wait: Option<Duration>,
+    pub health_interval: Option<Duration>,
+    pub health_timeout: Option<Duration>,
+    pub health_misses: Option<u32>,
+}
+
+impl SupervisionOverrides {
+    /// `base` with these settings put over it.
+    pub fn over(&self, base: Supervision) -> Supervision {
+        Supervision {
+            backoff: self.backoff.unwrap_or(base.backoff),
+            backoff_max: self.backoff_max.unwrap_or(base.backoff_max),
+            start_limit_burst: self.start_limit_burst.unwrap_or(base.start_limit_burst),
+            start_limit_interval: self
+                .start_limit_interval
+                .unwrap_or(base.start_limit_interval),
+            restart_wait: self.restart_wait.unwrap_or(base.restart_wait),
+            health_interval: self.health_interval.unwrap_or(base.health_interval),
+            health_timeout: self.health_timeout.unwrap_or(base.health_timeout),
+            health_misses: self.health_misses.unwrap_or(base.health_misses),
+        }
+    }
+}
+
 impl Default for Supervision {
     fn default() -> Self {
         Supervision {
@@ -214,6 +245,9 @@ pub struct ServerConfig {
     pub ca_file: Option<PathBuf>,
     /// How the processes of a stdio server are shared (`isolation`, default `shared`).
     pub isolation: Isolation,
+    /// This server's own supervision settings (the `relay` keys of the same names, e.g.
+    /// `healthIntervalMs`, in its entry); what it leaves out follows `relay`.
+    pub supervision: SupervisionOverrides,
 }
 
 /// `isolation` of a stdio server: which clients share one process.
@@ -359,6 +393,14 @@ const SERVER_KEYS: &[&str] = &[
     "maxInstances",
     "poolSize",
     "idleTimeoutMs",
+    "restartBackoffMs",
+    "restartBackoffMaxMs",
+    "startLimitBurst",
+    "startLimitIntervalMs",
+    "restartWaitMs",
+    "healthIntervalMs",
+    "healthTimeoutMs",
+    "healthMisses",
     // Keys other tools write into the same entries, accepted without a warning.
     "transport",
     "timeout",
@@ -556,32 +598,8 @@ impl Validator<'_> {
         if let Some(b) = self.opt_bool(map, "relay", "watchConfig") {
             s.watch_config = b;
         }
-        let sup = &mut s.supervision;
+        s.supervision = self.supervision(map, "relay").over(s.supervision);
         let ms = Duration::from_millis;
-        if let Some(v) = self.opt_uint(map, "relay", "restartBackoffMs", 1) {
-            sup.backoff = ms(v);
-        }
-        if let Some(v) = self.opt_uint(map, "relay", "restartBackoffMaxMs", 1) {
-            sup.backoff_max = ms(v);
-        }
-        if let Some(v) = self.opt_usize(map, "relay", "startLimitBurst", 1) {
-            sup.start_limit_burst = v;
-        }
-        if let Some(v) = self.opt_uint(map, "relay", "startLimitIntervalMs", 0) {
-            sup.start_limit_interval = ms(v);
-        }
-        if let Some(v) = self.opt_uint(map, "relay", "restartWaitMs", 0) {
-            sup.restart_wait = ms(v);
-        }
-        if let Some(v) = self.opt_uint(map, "relay", "healthIntervalMs", 0) {
-            sup.health_interval = ms(v);
-        }
-        if let Some(v) = self.opt_uint(map, "relay", "healthTimeoutMs", 1) {
-            sup.health_timeout = ms(v);
-        }
-        if let Some(v) = self.opt_uint(map, "relay", "healthMisses", 1) {
-            sup.health_misses = u32::try_from(v).unwrap_or(u32::MAX);
-        }
         if let Some(t) = map.get("tls") {
             s.tls = self.tls(t);
         }
@@ -764,7 +782,26 @@ impl Validator<'_> {
             required: self.opt_bool(map, &at, "required").unwrap_or(false),
             ca_file: self.opt_string(map, &at, "caFile").map(PathBuf::from),
             isolation: self.isolation(map, &at, transport_is_stdio),
+            supervision: self.supervision(map, &at),
         })
+    }
+
+    /// The supervision keys of one object (`relay` or a server entry); absent keys stay
+    /// `None`, so that a server's entry overrides only what it names.
+    fn supervision(&mut self, map: &Map<String, Value>, at: &str) -> SupervisionOverrides {
+        let ms = |v: Option<u64>| v.map(Duration::from_millis);
+        SupervisionOverrides {
+            backoff: ms(self.opt_uint(map, at, "restartBackoffMs", 1)),
+            backoff_max: ms(self.opt_uint(map, at, "restartBackoffMaxMs", 1)),
+            start_limit_burst: self.opt_usize(map, at, "startLimitBurst", 1),
+            start_limit_interval: ms(self.opt_uint(map, at, "startLimitIntervalMs", 0)),
+            restart_wait: ms(self.opt_uint(map, at, "restartWaitMs", 0)),
+            health_interval: ms(self.opt_uint(map, at, "healthIntervalMs", 0)),
+            health_timeout: ms(self.opt_uint(map, at, "healthTimeoutMs", 1)),
+            health_misses: self
+                .opt_uint(map, at, "healthMisses", 1)
+                .map(|v| u32::try_from(v).unwrap_or(u32::MAX)),
+        }
     }
 
     fn isolation(&mut self, map: &Map<String, Value>, at: &str, stdio: bool) -> Isolation {
@@ -1075,6 +1112,35 @@ mod tests {
         let p = problems(r#"{"mcpServers": {"c": {"type": "ws", "url": "http://h"}}}"#);
         assert!(
             p[0].contains("must start with ws:// or wss:// for a ws server"),
+            "{p:?}"
+        );
+        Ok(())
+    }
+
+    #[test]
+    fn a_server_overrides_only_the_supervision_keys_it_names() -> Result<(), Error> {
+        let c = parse(
+            r#"{"relay": {"healthIntervalMs": 0, "restartWaitMs": 900},
+                "mcpServers": {"a": {"command": "x", "healthIntervalMs": 200, "healthMisses": 2},
+                               "b": {"command": "y"}}}"#,
+            "relay.json",
+            &env,
+        )?;
+        let a = c.servers[0].supervision.over(c.relay.supervision);
+        let b = c.servers[1].supervision.over(c.relay.supervision);
+        assert_eq!(a.health_interval, Duration::from_millis(200));
+        assert_eq!(a.health_misses, 2);
+        assert_eq!(a.restart_wait, Duration::from_millis(900), "follows relay");
+        assert_eq!(
+            a.backoff,
+            Supervision::default().backoff,
+            "follows the default"
+        );
+        assert_eq!(b.health_interval, Duration::ZERO);
+        assert_eq!(b.health_misses, 3);
+        let p = problems(r#"{"mcpServers": {"a": {"command": "x", "healthTimeoutMs": 0}}}"#);
+        assert!(
+            p[0].contains("mcpServers.a.healthTimeoutMs: must be a whole number of at least 1"),
             "{p:?}"
         );
         Ok(())

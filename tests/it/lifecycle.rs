@@ -200,9 +200,19 @@ fn child_with(relay: i32, needle: &str) -> Option<i32> {
 
 #[test]
 fn a_hung_server_fails_its_calls_and_comes_back() -> Result {
+    // Health pings are off for the relay and on for `hung` alone: its own settings win.
+    let mut hung = example("hung");
+    for (k, v) in [
+        ("healthIntervalMs", 200),
+        ("healthTimeoutMs", 200),
+        ("healthMisses", 2),
+        ("restartBackoffMs", 10),
+    ] {
+        hung[k] = json!(v);
+    }
     let cfg = json!({
-        "mcpServers": {"hung": example("hung"), "ok": example("ok")},
-        "relay": {"healthIntervalMs": 200, "healthTimeoutMs": 200, "healthMisses": 2, "restartBackoffMs": 10},
+        "mcpServers": {"hung": hung, "ok": example("ok")},
+        "relay": {"healthIntervalMs": 0},
     });
     let mut c = StdioClient::start(cfg)?;
     c.initialize(json!({}))?;
@@ -220,7 +230,8 @@ fn a_hung_server_fails_its_calls_and_comes_back() -> Result {
         .unwrap_or_default()
         .to_owned();
     assert!(
-        msg.contains("server `hung`") && msg.contains("health pings"),
+        msg.contains("server `hung`")
+            && msg.contains("2 health pings in a row (each within 200 ms)"),
         "{r}"
     );
     // 2 misses of 200 ms after 200 ms intervals, with slack for a loaded machine.

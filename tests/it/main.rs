@@ -1,6 +1,7 @@
 //! Integration tests: the real `mcp-relay` binary in front of real MCP servers.
 
 mod admin;
+mod faults;
 mod http;
 mod isolation;
 mod lifecycle;
