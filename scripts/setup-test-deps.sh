@@ -48,7 +48,7 @@ if ! command -v npm >/dev/null 2>&1; then
 fi
 npm_want="$(sha package.json package-lock.json)"
 npm_have="$(cat "$NPM_STAMP" 2>/dev/null || true)"
-if [[ $FORCE -eq 1 || "$npm_want" != "$npm_have" || ! -x "$NODE22" || ! -f "$CONF_CLI" ]]; then
+if [[ $FORCE -eq 1 || "$npm_want" != "$npm_have" || ! -x "$NODE22" || ! -f "$CONF_CLI" || ! -f node_modules/conformance-2026/dist/index.js ]]; then
   log "npm ci (node $(node --version), npm $(npm --version))"
   npm ci --no-audit --no-fund --loglevel=error
   echo "$npm_want" >"$NPM_STAMP"

@@ -36,8 +36,13 @@ if [[ -f tests/py/test_relay.py ]]; then
 fi
 
 if [[ -x scripts/conformance-diff.sh ]]; then
-  step "conformance suite, direct vs through the relay"
+  step "conformance suite 0.1.16, direct vs through the relay"
   scripts/conformance-diff.sh
+  # The 2026 suite: the stateless era (server/discover, _meta, headers, subscriptions/listen,
+  # cache hints) beside the handshake scenarios, same rule: nothing that passes directly may
+  # fail through the relay.
+  step "conformance suite 0.2.0-alpha.12 (2026-07-28), direct vs through the relay"
+  CONFORMANCE_PACKAGE=conformance-2026 scripts/conformance-diff.sh
 fi
 
 if [[ -x scripts/conformance-client.sh ]]; then

@@ -151,10 +151,15 @@ impl Server {
             }),
             "sample" => {
                 let r = self.ask("sampling/createMessage", json!({"messages":[{"role":"user","content":{"type":"text","text": args["prompt"].as_str().unwrap_or("hi")}}],"maxTokens":50})).await;
-                text(format!(
+                let mut out = text(format!(
                     "sampled: {}",
                     r["content"]["text"].as_str().unwrap_or(&r.to_string())
-                ))
+                ));
+                // No answer from the client's model: the tool failed.
+                if r["content"].is_null() {
+                    out["isError"] = json!(true);
+                }
+                out
             }
             "elicit" => {
                 let r = self.ask("elicitation/create", json!({"message":"Your name?","requestedSchema":{"type":"object","properties":{"name":{"type":"string"}}}})).await;

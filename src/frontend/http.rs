@@ -393,6 +393,12 @@ impl Front {
                 "Origin not allowed; add it to relay.allowedOrigins",
             ));
         }
+        Ok(s)
+    }
+
+    /// The `MCP-Protocol-Version` of a handshake-era request, if it sends one, must be one
+    /// of the era's (stateless requests are checked against their `_meta` instead).
+    fn check_version(headers: &HeaderMap) -> Result<(), Reject> {
         if let Some(v) = headers.get(VERSION_HEADER).and_then(|v| v.to_str().ok())
             && !protocol::is_supported_version(v)
         {
@@ -405,7 +411,7 @@ impl Front {
                 ),
             ));
         }
-        Ok(s)
+        Ok(())
     }
 
     /// Closes every session (on shutdown), ending their streams.
@@ -526,6 +532,9 @@ async fn handle_post(
     };
     let first = body.iter().find(|b| !b.is_ascii_whitespace());
     if first == Some(&b'[') {
+        if let Err(r) = Front::check_version(&headers) {
+            return r.into_response();
+        }
         return handle_batch(&front, &headers, &who, &charge, &body).await;
     }
     let msg = match Message::parse(&body) {
@@ -538,6 +547,12 @@ async fn handle_post(
             return json_response(StatusCode::BAD_REQUEST, err.to_response("null"));
         }
     };
+    if crate::router::is_stateless(&msg, headers.contains_key(SESSION_HEADER)) {
+        return handle_stateless(&front, &headers, who, msg).await;
+    }
+    if let Err(r) = Front::check_version(&headers) {
+        return r.into_response();
+    }
     if msg.method() == protocol::method::INITIALIZE && msg.kind() == Kind::Request {
         let hs = match front.create_session(&who) {
             Ok(hs) => hs,
@@ -600,6 +615,181 @@ async fn handle_post(
 }
 
 type Answer = std::pin::Pin<Box<dyn std::future::Future<Output = Option<String>> + Send>>;
+
+/// The value of a request header with surrounding whitespace removed (RFC 9110 §5.5).
+fn header_value<'a>(headers: &'a HeaderMap, name: &str) -> Option<&'a str> {
+    headers
+        .get(name)
+        .and_then(|v| v.to_str().ok())
+        .map(|v| v.trim_matches([' ', '\t']))
+}
+
+/// The standard headers of a stateless request must repeat its body: `MCP-Protocol-Version`
+/// the `_meta` version, `Mcp-Method` the method, `Mcp-Name` the tool, prompt or resource.
+fn header_mismatch(headers: &HeaderMap, msg: &Message) -> Option<String> {
+    if msg.kind() != Kind::Request {
+        return None;
+    }
+    let method = msg.method();
+    match header_value(headers, "mcp-method") {
+        None => return Some("missing Mcp-Method header".into()),
+        Some(h) if h != method => {
+            return Some(format!(
+                "Mcp-Method header `{h}` does not match the body's method `{method}`"
+            ));
+        }
+        Some(_) => {}
+    }
+    let params = msg.params_map().unwrap_or_default();
+    if let Ok(meta) = protocol::modern::meta(msg) {
+        match header_value(headers, VERSION_HEADER) {
+            None => return Some("missing MCP-Protocol-Version header".into()),
+            Some(h) if h != meta.version => {
+                return Some(format!(
+                    "MCP-Protocol-Version header `{h}` does not match `_meta` version `{}`",
+                    meta.version
+                ));
+            }
+            Some(_) => {}
+        }
+    } else if let (Some(h), Some(v)) = (
+        header_value(headers, VERSION_HEADER),
+        params
+            .get("_meta")
+            .and_then(|m| serde_json::from_str::<serde_json::Value>(m.get()).ok())
+            .and_then(|m| {
+                m[protocol::modern::META_VERSION]
+                    .as_str()
+                    .map(str::to_owned)
+            }),
+    ) && h != v
+    {
+        return Some(format!(
+            "MCP-Protocol-Version header `{h}` does not match `_meta` version `{v}`"
+        ));
+    }
+    let field = match method {
+        protocol::method::TOOLS_CALL | protocol::method::PROMPTS_GET => "name",
+        protocol::method::RESOURCES_READ => "uri",
+        _ => return None,
+    };
+    let want = params.get_str(field)?;
+    match header_value(headers, "mcp-name") {
+        None => Some("missing Mcp-Name header".into()),
+        Some(h) if h != want => Some(format!(
+            "Mcp-Name header `{h}` does not match the body's {field} `{want}`"
+        )),
+        Some(_) => None,
+    }
+}
+
+fn stateless_response(reply: crate::router::Reply) -> Response {
+    let status = match reply.status {
+        crate::router::Status::Ok => StatusCode::OK,
+        crate::router::Status::BadRequest => StatusCode::BAD_REQUEST,
+        crate::router::Status::NotFound => StatusCode::NOT_FOUND,
+    };
+    json_response(status, reply.body)
+}
+
+/// A stateless (2026-07-28) request: no session; the answer as JSON, or as an SSE stream
+/// (no event ids: the era has no resumption) once a related message goes first.
+async fn handle_stateless(
+    front: &Arc<Front>,
+    headers: &HeaderMap,
+    who: Who,
+    msg: Message,
+) -> Response {
+    if let Some(why) = header_mismatch(headers, &msg) {
+        return stateless_response(crate::router::Reply::error(
+            msg.id_text(),
+            protocol::modern::code::HEADER_MISMATCH,
+            &why,
+            None,
+            crate::router::Status::BadRequest,
+        ));
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+    if msg.kind() == Kind::Request && msg.method() == protocol::modern::LISTEN {
+        return match front.relay.listen(msg, who.0, tx).await {
+            Err(reply) => stateless_response(reply),
+            // No answer ends a listen stream: it lasts until the client closes it.
+            Ok(_) => plain_sse(None, rx, Box::pin(std::future::pending())),
+        };
+    }
+    if msg.kind() != Kind::Request {
+        front.relay.stateless(msg, who.0, tx).await;
+        return StatusCode::ACCEPTED.into_response();
+    }
+    let relay = front.relay.clone();
+    let mut work = Box::pin(async move { relay.stateless(msg, who.0, tx).await });
+    let first = tokio::select! {
+        biased;
+        m = rx.recv() => m,
+        r = &mut work => {
+            let Some(reply) = r else {
+                return StatusCode::ACCEPTED.into_response();
+            };
+            if let Ok(rest) = rx.try_recv() {
+                return plain_sse(Some(rest), rx, Box::pin(async move { Some(reply.body) }));
+            }
+            return stateless_response(reply);
+        }
+    };
+    plain_sse(
+        first,
+        rx,
+        Box::pin(async move { work.await.map(|r| r.body) }),
+    )
+}
+
+/// An SSE response without event ids: `first`, then what arrives on `rx`, then the answer.
+fn plain_sse(
+    first: Option<String>,
+    mut rx: mpsc::UnboundedReceiver<String>,
+    mut answer: Answer,
+) -> Response {
+    let (out, body) = mpsc::channel::<Bytes>(64);
+    let event = |m: &str| Bytes::from(format!("data: {m}\n\n"));
+    tokio::spawn(async move {
+        if let Some(f) = first
+            && out.send(event(&f)).await.is_err()
+        {
+            return;
+        }
+        loop {
+            tokio::select! {
+                biased;
+                m = rx.recv() => match m {
+                    Some(m) => {
+                        if out.send(event(&m)).await.is_err() {
+                            return;
+                        }
+                    }
+                    None => {
+                        if let Some(reply) = answer.await {
+                            let _ = out.send(event(&reply)).await;
+                        }
+                        return;
+                    }
+                },
+                reply = &mut answer => {
+                    while let Ok(m) = rx.try_recv() {
+                        if out.send(event(&m)).await.is_err() {
+                            return;
+                        }
+                    }
+                    if let Some(reply) = reply {
+                        let _ = out.send(event(&reply)).await;
+                    }
+                    return;
+                }
+                () = out.closed() => return,
+            }
+        }
+    });
+    sse_response(body)
+}
 
 /// Answers with an SSE stream: priming event, related messages, then the response.
 fn stream_reply(
@@ -729,6 +919,9 @@ async fn handle_get(
         Ok(cfg) => cfg.relay.sse_retry_ms,
         Err(r) => return r.into_response(),
     };
+    if let Err(r) = Front::check_version(&headers) {
+        return r.into_response();
+    }
     if !accepts_sse(&headers) {
         return error(
             StatusCode::NOT_ACCEPTABLE,
@@ -764,7 +957,10 @@ async fn handle_delete(
     Extension(who): Extension<Who>,
     headers: HeaderMap,
 ) -> Response {
-    if let Err(r) = front.check_origin(&headers) {
+    if let Err(r) = front
+        .check_origin(&headers)
+        .and_then(|_| Front::check_version(&headers))
+    {
         return r.into_response();
     }
     let hs = match front.session(&headers, &who) {

@@ -8,6 +8,7 @@ use crate::protocol::lines::{Frame, LineBuffer};
 use crate::protocol::{self, Message};
 use crate::router::Relay;
 use crate::session::Session;
+use crate::sync::lock;
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
@@ -82,6 +83,7 @@ pub async fn serve_io(
     let mut lines = LineBuffer::new(max);
     let mut chunk = vec![0u8; 64 * 1024];
     let tasks = tokio_util::task::TaskTracker::new();
+    let listens = Listens::default();
     loop {
         let n = input.read(&mut chunk).await?;
         if n == 0 {
@@ -98,12 +100,16 @@ pub async fn serve_io(
                     let id = id.as_deref().unwrap_or("null");
                     let _ = tx.send(RpcError::TooLarge { size, max }.to_response(id));
                 }
-                Frame::Line(line) => dispatch(&relay, &session, &tx, &tasks, &line),
+                Frame::Line(line) => dispatch(&relay, &session, &listens, &tx, &tasks, &line),
             }
         }
     }
     tracing::info!("stdin closed; shutting down.");
     relay.close_session(&session).await;
+    let open: Vec<Arc<Session>> = lock(&listens).drain().map(|(_, s)| s).collect();
+    for l in open {
+        relay.close_session(&l).await;
+    }
     tasks.close();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), tasks.wait()).await;
     drop(tx);
@@ -112,9 +118,13 @@ pub async fn serve_io(
     Ok(())
 }
 
+/// Open `subscriptions/listen` streams by the raw id of the request that opened them.
+type Listens = Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<Session>>>>;
+
 fn dispatch(
     relay: &Arc<Relay>,
     session: &Arc<Session>,
+    listens: &Listens,
     tx: &mpsc::UnboundedSender<String>,
     tasks: &tokio_util::task::TaskTracker,
     line: &[u8],
@@ -156,11 +166,46 @@ fn dispatch(
         return;
     }
     match Message::parse(line) {
+        Ok(msg) if crate::protocol::modern::names_version(&msg) => {
+            // A stateless (2026-07-28) request: served on its own, beside the session.
+            let relay = relay.clone();
+            let tx = tx.clone();
+            let listens = listens.clone();
+            tasks.spawn(async move {
+                if msg.method() == crate::protocol::modern::LISTEN {
+                    let id = msg.id_text().to_owned();
+                    match relay.listen(msg, None, tx.clone()).await {
+                        Ok(s) => {
+                            lock(&listens).insert(id, s);
+                        }
+                        Err(reply) => {
+                            let _ = tx.send(reply.body);
+                        }
+                    }
+                } else if let Some(reply) = relay.stateless(msg, None, tx.clone()).await {
+                    let _ = tx.send(reply.body);
+                }
+            });
+        }
         Ok(msg) => {
             let relay = relay.clone();
             let session = session.clone();
             let tx = tx.clone();
+            // Cancelling a listen stream (`notifications/cancelled` naming its request) ends it.
+            let listen = (msg.method() == crate::protocol::method::CANCELLED)
+                .then(|| {
+                    msg.params_map()
+                        .ok()?
+                        .get("requestId")
+                        .map(|r| r.get().to_owned())
+                })
+                .flatten()
+                .and_then(|id| lock(listens).remove(&id));
             tasks.spawn(async move {
+                if let Some(l) = listen {
+                    relay.close_session(&l).await;
+                    return;
+                }
                 if let Some(reply) = relay.handle(&session, msg, tx.clone()).await {
                     let _ = tx.send(reply);
                 }

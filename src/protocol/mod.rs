@@ -5,6 +5,7 @@
 //! (id, tool/prompt name, progress token). No I/O and no knowledge of backends lives here.
 
 pub mod lines;
+pub mod modern;
 
 use indexmap::IndexMap;
 use serde::{Deserialize, Serialize};

@@ -160,6 +160,9 @@ pub struct Session {
     /// Client request ids (raw JSON text) in flight, to honour `notifications/cancelled`.
     inflight: Mutex<HashMap<String, CancellationToken>>,
     closed: CancellationToken,
+    /// A capability a server request needed and the client had not declared (stateless
+    /// requests answer with `MissingRequiredClientCapability` then).
+    missing: Mutex<Option<&'static str>>,
 }
 
 /// The context of one client request: its session and the stream its related messages use.
@@ -178,6 +181,10 @@ pub enum ClientError {
     Timeout { method: String, secs: u64 },
     #[error("the client session ended before answering `{0}`")]
     Gone(String),
+    #[error(
+        "the client speaks the stateless protocol (2026-07-28), which has no server requests; the relay cannot yet turn `{0}` into an input_required result"
+    )]
+    Stateless(String),
 }
 
 impl Session {
@@ -190,6 +197,7 @@ impl Session {
             waiters: Mutex::new(HashMap::new()),
             inflight: Mutex::new(HashMap::new()),
             closed: CancellationToken::new(),
+            missing: Mutex::new(None),
         })
     }
 
@@ -209,6 +217,16 @@ impl Session {
             session: self.clone(),
             stream: self.outbox.clone(),
         }
+    }
+
+    /// Whether this session serves one stateless (2026-07-28) request or listen stream.
+    pub fn is_stateless(&self) -> bool {
+        protocol::modern::VERSIONS.contains(&self.state().protocol_version.as_str())
+    }
+
+    /// The capability a server request of this session's request lacked, if any.
+    pub fn missing_capability(&self) -> Option<&'static str> {
+        *lock(&self.missing)
     }
 
     /// Whether the client declared a capability (top-level key of `capabilities`).
@@ -276,10 +294,17 @@ impl Session {
             protocol::method::ROOTS_LIST => Some("roots"),
             _ => None,
         };
+        let stateless = self.is_stateless();
         if let Some(cap) = needed
             && !self.has_capability(cap)
         {
+            if stateless {
+                *lock(&self.missing) = Some(cap);
+            }
             return Err(ClientError::Unsupported(cap));
+        }
+        if stateless {
+            return Err(ClientError::Stateless(method.to_owned()));
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();

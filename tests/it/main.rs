@@ -5,6 +5,7 @@ mod faults;
 mod http;
 mod isolation;
 mod lifecycle;
+mod modern;
 mod rmcp_client;
 mod security;
 mod selection;

@@ -5,6 +5,9 @@
 //! and forwards everything else to the owning backend. Frontends call [`Relay::handle`]; the
 //! backends call back through [`backend::Hub`].
 
+mod stateless;
+pub use stateless::{Reply, Status, is_stateless};
+
 use crate::admin;
 use crate::backend::{self, Backend, State};
 use crate::catalog::{self, Catalog, Source};
@@ -785,6 +788,18 @@ impl Relay {
     }
 
     /// Waits (bounded by `startupWaitMs` from relay start) for backends still starting.
+    /// The first client's capabilities release the backends' handshakes (stdio front: they
+    /// wait to declare what the client can route back to them).
+    fn release(&self, capabilities: Option<&serde_json::value::RawValue>) {
+        let routable = backend::routable_capabilities(capabilities);
+        let released = self
+            .declared
+            .send_if_modified(|d| d.is_none().then(|| *d = Some(routable)).is_some());
+        if released {
+            *lock(&self.released) = Instant::now();
+        }
+    }
+
     pub(crate) async fn settle(&self) {
         // From when the backends could start their handshakes (over stdio: the client's
         // initialize), so a late client still gets their instructions and capabilities.
@@ -867,13 +882,7 @@ impl Relay {
                 // The first client's capabilities release the backends' handshakes (stdio
                 // front); then the answer waits for them to settle, bounded by
                 // `startupWaitMs`, so that it carries their instructions and capabilities.
-                let routable = backend::routable_capabilities(params.get("capabilities"));
-                let released = self
-                    .declared
-                    .send_if_modified(|d| d.is_none().then(|| *d = Some(routable)).is_some());
-                if released {
-                    *lock(&self.released) = Instant::now();
-                }
+                self.release(params.get("capabilities"));
                 self.settle().await;
                 Ok(Answer::Result(self.initialize(&ctx.session, &params)))
             }
@@ -1280,6 +1289,24 @@ impl Relay {
             st.client_capabilities = params.get("capabilities").map(|c| protocol::raw(c.get()));
             st.client_info = params.get("clientInfo").map(|c| protocol::raw(c.get()));
         }
+        let (caps, instructions) = self.describe(&self.grant(session));
+        let mut result = serde_json::json!({
+            "protocolVersion": version,
+            "capabilities": caps,
+            "serverInfo": protocol::modern::server_info(),
+        });
+        if let (Some(i), Some(o)) = (instructions, result.as_object_mut()) {
+            o.insert("instructions".into(), serde_json::Value::String(i));
+        }
+        protocol::to_raw(&result)
+    }
+
+    /// The relay's capabilities and instructions as a client with `grant` sees them (for
+    /// `initialize` and `server/discover`).
+    fn describe(
+        &self,
+        grant: &Grant,
+    ) -> (serde_json::Map<String, serde_json::Value>, Option<String>) {
         let mut caps = serde_json::Map::new();
         caps.insert("tools".into(), serde_json::json!({"listChanged": true}));
         caps.insert("prompts".into(), serde_json::json!({"listChanged": true}));
@@ -1290,7 +1317,6 @@ impl Relay {
         caps.insert("completions".into(), serde_json::json!({}));
         caps.insert("logging".into(), serde_json::json!({}));
         let mut instructions = Vec::new();
-        let grant = self.grant(session);
         for b in self.backends() {
             if !grant.reaches(&b.name) {
                 continue;
@@ -1313,20 +1339,8 @@ impl Relay {
                 }
             }
         }
-        let mut result = serde_json::json!({
-            "protocolVersion": version,
-            "capabilities": caps,
-            "serverInfo": {"name": "mcp-relay", "title": "MCP relay", "version": env!("CARGO_PKG_VERSION")},
-        });
-        if !instructions.is_empty()
-            && let Some(o) = result.as_object_mut()
-        {
-            o.insert(
-                "instructions".into(),
-                serde_json::Value::String(instructions.join("\n\n")),
-            );
-        }
-        protocol::to_raw(&result)
+        let instructions = (!instructions.is_empty()).then(|| instructions.join("\n\n"));
+        (caps, instructions)
     }
 
     async fn on_notification(&self, session: &Arc<Session>, msg: Message) {

@@ -1,0 +1,306 @@
+//! The stateless era (2026-07-28 and later) on the wire: which requests belong to it, what
+//! their `_meta` must carry, and what every result of the era must say.
+//!
+//! A modern request names its protocol version in `params._meta`; it needs no session and
+//! no `initialize`. The relay serves it beside the handshake era on the same endpoint (the
+//! spec's dual-era server) and speaks to legacy backends for it, so the era's own `_meta`
+//! keys are taken off before a request goes on ([`strip`]), and results gain what the era
+//! requires ([`decorate`]).
+
+use super::{Message, RawMap, raw};
+use serde_json::value::RawValue;
+
+/// Stateless revisions the relay serves, newest first.
+pub const VERSIONS: &[&str] = &["2026-07-28"];
+
+pub const META_VERSION: &str = "io.modelcontextprotocol/protocolVersion";
+pub const META_CAPABILITIES: &str = "io.modelcontextprotocol/clientCapabilities";
+pub const META_CLIENT_INFO: &str = "io.modelcontextprotocol/clientInfo";
+pub const META_LOG_LEVEL: &str = "io.modelcontextprotocol/logLevel";
+pub const META_SERVER_INFO: &str = "io.modelcontextprotocol/serverInfo";
+pub const META_SUBSCRIPTION: &str = "io.modelcontextprotocol/subscriptionId";
+/// Prefix of the keys the spec reserves in `_meta`.
+const RESERVED: &str = "io.modelcontextprotocol/";
+
+pub const DISCOVER: &str = "server/discover";
+pub const LISTEN: &str = "subscriptions/listen";
+pub const ACKNOWLEDGED: &str = "notifications/subscriptions/acknowledged";
+
+/// Error codes the era adds.
+pub mod code {
+    /// An HTTP header disagrees with the body (or is missing).
+    pub const HEADER_MISMATCH: i64 = -32020;
+    /// Serving the request needs a client capability the request did not declare.
+    pub const MISSING_CAPABILITY: i64 = -32021;
+    /// The requested protocol version is not one the relay serves.
+    pub const UNSUPPORTED_VERSION: i64 = -32022;
+}
+
+/// Methods of the handshake era that 2026-07-28 removed: unknown to a modern request.
+pub const REMOVED: &[&str] = &[
+    super::method::INITIALIZE,
+    super::method::PING,
+    super::method::SET_LEVEL,
+    super::method::RESOURCES_SUBSCRIBE,
+    super::method::RESOURCES_UNSUBSCRIBE,
+    // Tasks became an extension without these two.
+    "tasks/list",
+    "tasks/result",
+];
+
+/// What a modern request says about its client.
+#[derive(Debug, Clone)]
+pub struct Meta {
+    pub version: String,
+    pub capabilities: Box<RawValue>,
+    pub client_info: Option<Box<RawValue>>,
+    /// Log notifications for this request only at or above this level; none when absent.
+    pub log_level: Option<String>,
+}
+
+/// Why a modern request's `_meta` is refused.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum MetaError {
+    #[error("`params._meta` must carry `{0}` (protocol 2026-07-28 and later)")]
+    Missing(&'static str),
+    #[error(
+        "protocol version `{requested}` is not supported; this relay serves {} and the handshake versions {}",
+        VERSIONS.join(", "),
+        super::LEGACY_VERSIONS.join(", ")
+    )]
+    Unsupported { requested: String },
+}
+
+impl MetaError {
+    pub fn code(&self) -> i64 {
+        match self {
+            MetaError::Missing(_) => super::code::INVALID_PARAMS,
+            MetaError::Unsupported { .. } => code::UNSUPPORTED_VERSION,
+        }
+    }
+
+    pub fn data(&self) -> Option<serde_json::Value> {
+        match self {
+            MetaError::Missing(_) => None,
+            MetaError::Unsupported { requested } => Some(serde_json::json!({
+                "supported": VERSIONS,
+                "requested": requested,
+            })),
+        }
+    }
+}
+
+/// The request's `_meta` object, if it has one.
+fn meta_map(msg: &Message) -> Option<serde_json::Map<String, serde_json::Value>> {
+    let params = msg.params_map().ok()?;
+    serde_json::from_str(params.get("_meta")?.get()).ok()
+}
+
+/// Whether the message names a protocol version in `_meta`: the modern era's mark.
+pub fn names_version(msg: &Message) -> bool {
+    // Cheap pre-check: most legacy traffic never carries the key.
+    msg.params
+        .as_deref()
+        .is_some_and(|p| p.get().contains(META_VERSION))
+        && meta_map(msg).is_some_and(|m| m.contains_key(META_VERSION))
+}
+
+/// Reads and checks a modern request's `_meta`.
+pub fn meta(msg: &Message) -> Result<Meta, MetaError> {
+    let m = meta_map(msg).ok_or(MetaError::Missing(META_VERSION))?;
+    let version = m
+        .get(META_VERSION)
+        .and_then(|v| v.as_str())
+        .ok_or(MetaError::Missing(META_VERSION))?
+        .to_owned();
+    let capabilities = m
+        .get(META_CAPABILITIES)
+        .filter(|c| c.is_object())
+        .ok_or(MetaError::Missing(META_CAPABILITIES))?;
+    if !VERSIONS.contains(&version.as_str()) {
+        return Err(MetaError::Unsupported { requested: version });
+    }
+    Ok(Meta {
+        version,
+        capabilities: super::to_raw(capabilities),
+        client_info: m.get(META_CLIENT_INFO).map(super::to_raw),
+        log_level: m
+            .get(META_LOG_LEVEL)
+            .and_then(|v| v.as_str())
+            .map(str::to_owned),
+    })
+}
+
+/// The message with the era's reserved `_meta` keys removed (other `_meta`, such as a
+/// progress token, stays): what a backend of either era receives.
+pub fn strip(mut msg: Message) -> Message {
+    let Ok(mut params) = msg.params_map() else {
+        return msg;
+    };
+    let Some(meta) = params.get("_meta").and_then(|m| {
+        serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(m.get()).ok()
+    }) else {
+        return msg;
+    };
+    let kept: serde_json::Map<String, serde_json::Value> = meta
+        .into_iter()
+        .filter(|(k, _)| !k.starts_with(RESERVED))
+        .collect();
+    if kept.is_empty() {
+        params.0.shift_remove("_meta");
+    } else {
+        params.set_raw("_meta", super::to_raw(&kept));
+    }
+    msg.params = Some(params.to_raw());
+    msg
+}
+
+/// Results that carry cache hints (`ttlMs`, `cacheScope`).
+fn cacheable(method: &str) -> bool {
+    use super::method::*;
+    matches!(
+        method,
+        TOOLS_LIST | PROMPTS_LIST | RESOURCES_LIST | RESOURCES_TEMPLATES_LIST | RESOURCES_READ
+    ) || method == DISCOVER
+}
+
+/// The relay's identity, as results of the era carry it in `_meta`.
+pub fn server_info() -> serde_json::Value {
+    serde_json::json!({"name": "mcp-relay", "title": "MCP relay", "version": env!("CARGO_PKG_VERSION")})
+}
+
+/// Completes a result for a modern client: `resultType` (`complete` unless it says
+/// otherwise), the relay's identity in `_meta`, and for lists and reads the cache hints.
+/// Merged lists depend on the session's grant and on backends that change at any time, so
+/// they are never cacheable: `ttlMs: 0`, `cacheScope: "private"`.
+pub fn decorate(result: &RawValue, method: &str) -> Box<RawValue> {
+    let Ok(mut map) = RawMap::parse(result.get()) else {
+        return raw(result.get());
+    };
+    if map.get("resultType").is_none() {
+        map.set_str("resultType", "complete");
+    }
+    if cacheable(method) {
+        map.set_raw("ttlMs", raw("0"));
+        map.set_str("cacheScope", "private");
+    }
+    let mut meta = map
+        .get("_meta")
+        .and_then(|m| {
+            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(m.get()).ok()
+        })
+        .unwrap_or_default();
+    meta.entry(META_SERVER_INFO).or_insert_with(server_info);
+    map.set_raw("_meta", super::to_raw(&meta));
+    map.to_raw()
+}
+
+/// Severity rank of a log level (RFC 5424 order); unknown levels rank lowest.
+pub fn level_rank(level: &str) -> u8 {
+    match level {
+        "debug" => 0,
+        "info" => 1,
+        "notice" => 2,
+        "warning" => 3,
+        "error" => 4,
+        "critical" => 5,
+        "alert" => 6,
+        "emergency" => 7,
+        _ => 0,
+    }
+}
+
+/// Adds the subscription id to a notification's `_meta` (listen streams tag every message).
+pub fn tag(notification: &str, subscription: &RawValue) -> Option<String> {
+    let mut msg = Message::parse_str(notification).ok()?;
+    let mut params = msg.params_map().ok()?;
+    let mut meta = params
+        .get("_meta")
+        .and_then(|m| {
+            serde_json::from_str::<serde_json::Map<String, serde_json::Value>>(m.get()).ok()
+        })
+        .unwrap_or_default();
+    meta.insert(
+        META_SUBSCRIPTION.to_owned(),
+        serde_json::from_str(subscription.get()).ok()?,
+    );
+    params.set_raw("_meta", super::to_raw(&meta));
+    msg.params = Some(params.to_raw());
+    serde_json::to_string(&msg).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn msg(s: &str) -> Message {
+        match Message::parse_str(s) {
+            Ok(m) => m,
+            Err(e) => panic!("{e}"),
+        }
+    }
+
+    #[test]
+    fn meta_is_checked_and_stripped() {
+        let m = msg(
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{"name":"x","_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{"sampling":{}},"progressToken":7}}}"#,
+        );
+        assert!(names_version(&m));
+        let meta = meta(&m).map_err(|e| e.to_string());
+        assert_eq!(
+            meta.map(|m| m.capabilities.get().to_owned()),
+            Ok(r#"{"sampling":{}}"#.to_owned())
+        );
+        let s = strip(m);
+        assert_eq!(
+            s.params.map(|p| p.get().to_owned()).as_deref(),
+            Some(r#"{"name":"x","_meta":{"progressToken":7}}"#)
+        );
+        let old = msg(
+            r#"{"jsonrpc":"2.0","id":1,"method":"server/discover","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"v9","io.modelcontextprotocol/clientCapabilities":{}}}}"#,
+        );
+        let e = super::meta(&old).err();
+        assert_eq!(
+            e.as_ref().map(MetaError::code),
+            Some(code::UNSUPPORTED_VERSION)
+        );
+        let none = msg(r#"{"jsonrpc":"2.0","id":1,"method":"server/discover","params":{}}"#);
+        assert!(!names_version(&none));
+        assert_eq!(
+            super::meta(&none).err(),
+            Some(MetaError::Missing(META_VERSION))
+        );
+    }
+
+    #[test]
+    fn results_are_completed() {
+        let r = decorate(&raw(r#"{"tools":[],"nextCursor":"a"}"#), "tools/list");
+        let v: serde_json::Value = serde_json::from_str(r.get()).unwrap_or_default();
+        assert_eq!(v["resultType"], "complete");
+        assert_eq!(v["ttlMs"], 0);
+        assert_eq!(v["cacheScope"], "private");
+        assert_eq!(v["nextCursor"], "a");
+        assert_eq!(v["_meta"][META_SERVER_INFO]["name"], "mcp-relay");
+        let r = decorate(
+            &raw(r#"{"resultType":"input_required","content":[]}"#),
+            "tools/call",
+        );
+        let v: serde_json::Value = serde_json::from_str(r.get()).unwrap_or_default();
+        assert_eq!(v["resultType"], "input_required");
+        assert!(v.get("ttlMs").is_none());
+    }
+
+    #[test]
+    fn notifications_are_tagged() {
+        let t = tag(
+            r#"{"jsonrpc":"2.0","method":"notifications/tools/list_changed"}"#,
+            &raw("\"s1\""),
+        );
+        assert_eq!(
+            t.as_deref(),
+            Some(
+                r#"{"jsonrpc":"2.0","method":"notifications/tools/list_changed","params":{"_meta":{"io.modelcontextprotocol/subscriptionId":"s1"}}}"#
+            )
+        );
+    }
+}

@@ -1,0 +1,364 @@
+//! The stateless era (2026-07-28) beside the handshake era on the same endpoint: requests
+//! that carry their version in `_meta`, `server/discover`, `subscriptions/listen`.
+
+use crate::support::{HttpClient, Result, StdioClient, TIMEOUT, example, serve, text};
+use serde_json::{Value, json};
+use std::io::{BufRead, BufReader};
+
+const VERSION: &str = "2026-07-28";
+
+fn meta(caps: Value) -> Value {
+    json!({
+        "io.modelcontextprotocol/protocolVersion": VERSION,
+        "io.modelcontextprotocol/clientCapabilities": caps,
+        "io.modelcontextprotocol/clientInfo": {"name": "it", "version": "1"},
+    })
+}
+
+/// A stateless request: `_meta` added to `params`, the standard headers set from the body.
+fn request(id: u64, method: &str, mut params: Value, caps: Value) -> Value {
+    let mut m = meta(caps);
+    if let Some(extra) = params.get("_meta").and_then(Value::as_object) {
+        for (k, v) in extra {
+            m[k] = v.clone();
+        }
+    }
+    params["_meta"] = m;
+    json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params})
+}
+
+struct Stateless {
+    http: reqwest::blocking::Client,
+    url: String,
+}
+
+impl Stateless {
+    fn new(url: &str) -> Result<Stateless> {
+        Ok(Stateless {
+            http: reqwest::blocking::Client::builder()
+                .timeout(TIMEOUT)
+                .build()?,
+            url: url.to_owned(),
+        })
+    }
+
+    /// Posts `body` with the headers a conforming client sends (`fix` may change them).
+    fn send(
+        &self,
+        body: &Value,
+        fix: impl FnOnce(&mut reqwest::header::HeaderMap),
+    ) -> Result<reqwest::blocking::Response> {
+        let mut h = reqwest::header::HeaderMap::new();
+        h.insert("accept", crate::support::ACCEPT.parse()?);
+        h.insert("content-type", "application/json".parse()?);
+        if let Some(m) = body["method"].as_str() {
+            h.insert("mcp-method", m.parse()?);
+        }
+        if let Some(v) = body["params"]["_meta"]["io.modelcontextprotocol/protocolVersion"].as_str()
+        {
+            h.insert("mcp-protocol-version", v.parse()?);
+        }
+        let name = body["params"]["name"]
+            .as_str()
+            .or(body["params"]["uri"].as_str());
+        if let Some(n) = name {
+            h.insert("mcp-name", n.parse()?);
+        }
+        fix(&mut h);
+        Ok(self
+            .http
+            .post(&self.url)
+            .headers(h)
+            .body(body.to_string())
+            .send()?)
+    }
+
+    /// The HTTP status and every JSON-RPC message of the answer (JSON or an SSE stream).
+    fn call(&self, body: &Value) -> Result<(u16, Vec<Value>)> {
+        self.call_with(body, |_| {})
+    }
+
+    fn call_with(
+        &self,
+        body: &Value,
+        fix: impl FnOnce(&mut reqwest::header::HeaderMap),
+    ) -> Result<(u16, Vec<Value>)> {
+        let resp = self.send(body, fix)?;
+        let status = resp.status().as_u16();
+        let sse = resp
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+        let text = resp.text()?;
+        let frames = if sse {
+            text.lines()
+                .filter_map(|l| l.strip_prefix("data: "))
+                .map(serde_json::from_str)
+                .collect::<std::result::Result<Vec<Value>, _>>()?
+        } else {
+            vec![serde_json::from_str(&text)?]
+        };
+        Ok((status, frames))
+    }
+
+    /// The answer alone (the last frame), with its status.
+    fn answer(&self, body: &Value) -> Result<(u16, Value)> {
+        let (status, mut frames) = self.call(body)?;
+        Ok((status, frames.pop().ok_or("no answer")?))
+    }
+}
+
+#[test]
+fn stateless_requests_and_sessions_share_the_endpoint() -> Result {
+    let dir = tempfile::tempdir()?;
+    let (_relay, url) = serve(&json!({"mcpServers": {"ex": example("ex")}}), dir.path())?;
+    let c = Stateless::new(&url)?;
+
+    let (status, d) = c.answer(&request(1, "server/discover", json!({}), json!({})))?;
+    assert_eq!(status, 200, "{d}");
+    let r = &d["result"];
+    assert_eq!(r["supportedVersions"], json!([VERSION]), "{d}");
+    assert_eq!(r["resultType"], "complete");
+    assert!(r["capabilities"]["tools"].is_object(), "{d}");
+    assert_eq!(
+        r["_meta"]["io.modelcontextprotocol/serverInfo"]["name"],
+        "mcp-relay"
+    );
+
+    // A session of the handshake era at the same time, unchanged.
+    let mut legacy = HttpClient::new(&url)?;
+    legacy.initialize()?;
+    let listed = legacy.rpc(2, "tools/list", json!({}))?;
+    assert!(listed["result"].get("resultType").is_none(), "{listed}");
+
+    let (_, l) = c.answer(&request(3, "tools/list", json!({}), json!({})))?;
+    let r = &l["result"];
+    assert!(
+        r["tools"]
+            .as_array()
+            .is_some_and(|t| t.iter().any(|t| t["name"] == "ex__echo")),
+        "{l}"
+    );
+    assert_eq!(
+        (&r["ttlMs"], &r["cacheScope"]),
+        (&json!(0), &json!("private"))
+    );
+    assert_eq!(r["resultType"], "complete");
+
+    let (status, e) = c.answer(&request(
+        4,
+        "tools/call",
+        json!({"name": "ex__echo", "arguments": {"message": "hi"}}),
+        json!({}),
+    ))?;
+    assert_eq!((status, text(&e)), (200, "Echo: hi"), "{e}");
+    assert_eq!(e["result"]["resultType"], "complete");
+    assert_eq!(e["id"], 4);
+
+    // Progress comes on the request's own stream, then the answer.
+    let (_, frames) = c.call(&request(
+        5,
+        "tools/call",
+        json!({"name": "ex__slow", "arguments": {"steps": 2, "ms": 10}, "_meta": {"progressToken": "p"}}),
+        json!({}),
+    ))?;
+    assert_eq!(frames.len(), 3, "{frames:?}");
+    assert_eq!(frames[0]["params"]["progressToken"], "p");
+    assert_eq!(text(&frames[2]), "done after 2 steps");
+
+    // Log messages only for a request that asks for them, at its level.
+    let log = |id, level: Option<&str>| {
+        let m = level.map_or(
+            json!({}),
+            |l| json!({"io.modelcontextprotocol/logLevel": l}),
+        );
+        c.call(&request(
+            id,
+            "tools/call",
+            json!({"name": "ex__log", "arguments": {"text": "note"}, "_meta": m}),
+            json!({}),
+        ))
+    };
+    let quiet = |frames: &[Value]| {
+        !frames
+            .iter()
+            .any(|f| f["method"] == "notifications/message")
+    };
+    let (_, frames) = log(6, None)?;
+    assert!(
+        quiet(&frames) && text(&frames[frames.len() - 1]) == "logged",
+        "{frames:?}"
+    );
+    let (_, frames) = log(7, Some("error"))?;
+    assert!(quiet(&frames), "{frames:?}");
+    let (_, frames) = log(8, Some("debug"))?;
+    assert!(!quiet(&frames), "{frames:?}");
+    Ok(())
+}
+
+#[test]
+fn stateless_requests_are_refused_clearly() -> Result {
+    let dir = tempfile::tempdir()?;
+    let (_relay, url) = serve(&json!({"mcpServers": {"ex": example("ex")}}), dir.path())?;
+    let c = Stateless::new(&url)?;
+    let no_meta = json!({"jsonrpc": "2.0", "id": 1, "method": "tools/list", "params": {}});
+    let (status, e) = c.answer(&no_meta)?;
+    assert_eq!(
+        (status, &e["error"]["code"], &e["id"]),
+        (400, &json!(-32602), &json!(1)),
+        "{e}"
+    );
+
+    let mut old = request(2, "tools/list", json!({}), json!({}));
+    old["params"]["_meta"]["io.modelcontextprotocol/protocolVersion"] = json!("2099-01-01");
+    let (status, e) = c.answer(&old)?;
+    assert_eq!((status, &e["error"]["code"]), (400, &json!(-32022)), "{e}");
+    assert_eq!(e["error"]["data"]["supported"], json!([VERSION]));
+    assert_eq!(e["error"]["data"]["requested"], "2099-01-01");
+
+    let call = request(
+        3,
+        "tools/call",
+        json!({"name": "ex__echo", "arguments": {}}),
+        json!({}),
+    );
+    let (status, frames) = c.call_with(&call, |h| {
+        h.insert(
+            "mcp-name",
+            reqwest::header::HeaderValue::from_static("ex__add"),
+        );
+    })?;
+    assert_eq!(
+        (status, &frames[0]["error"]["code"]),
+        (400, &json!(-32020)),
+        "{frames:?}"
+    );
+    let (status, frames) = c.call_with(&call, |h| {
+        h.remove("mcp-method");
+    })?;
+    assert_eq!(
+        (status, &frames[0]["error"]["code"]),
+        (400, &json!(-32020)),
+        "{frames:?}"
+    );
+    // Whitespace around a header value is not part of it.
+    let (status, frames) = c.call_with(&call, |h| {
+        h.insert(
+            "mcp-name",
+            reqwest::header::HeaderValue::from_static(" ex__echo "),
+        );
+    })?;
+    assert_eq!(status, 200, "{frames:?}");
+
+    for (id, m) in [
+        (4, "ping"),
+        (5, "initialize"),
+        (6, "logging/setLevel"),
+        (7, "no/such"),
+    ] {
+        let (status, e) = c.answer(&request(id, m, json!({}), json!({})))?;
+        assert_eq!(
+            (status, &e["error"]["code"]),
+            (404, &json!(-32601)),
+            "{m}: {e}"
+        );
+    }
+
+    // The server asks for sampling, which the request did not declare: -32021, naming it.
+    let sample = request(
+        8,
+        "tools/call",
+        json!({"name": "ex__sample", "arguments": {}}),
+        json!({}),
+    );
+    let (status, e) = c.answer(&sample)?;
+    assert_eq!((status, &e["error"]["code"]), (400, &json!(-32021)), "{e}");
+    assert!(
+        e["error"]["data"]["requiredCapabilities"]["sampling"].is_object(),
+        "{e}"
+    );
+    Ok(())
+}
+
+#[test]
+fn listen_streams_acknowledge_then_carry_tagged_changes() -> Result {
+    let dir = tempfile::tempdir()?;
+    let (_relay, url) = serve(&json!({"mcpServers": {"ex": example("ex")}}), dir.path())?;
+    let c = Stateless::new(&url)?;
+    let listen = request(
+        5,
+        "subscriptions/listen",
+        json!({"notifications": {"toolsListChanged": true}}),
+        json!({}),
+    );
+    let resp = c.send(&listen, |_| {})?;
+    assert_eq!(resp.status(), 200);
+    let mut lines = BufReader::new(resp).lines();
+    let mut next = || -> Result<Value> {
+        loop {
+            let line = lines.next().ok_or("the stream ended")??;
+            if let Some(d) = line.strip_prefix("data: ") {
+                return Ok(serde_json::from_str(d)?);
+            }
+        }
+    };
+    let ack = next()?;
+    assert_eq!(
+        ack["method"], "notifications/subscriptions/acknowledged",
+        "{ack}"
+    );
+    assert_eq!(
+        ack["params"]["notifications"],
+        json!({"toolsListChanged": true})
+    );
+    assert_eq!(
+        ack["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"],
+        5
+    );
+    let (_, added) = c.answer(&request(
+        9,
+        "tools/call",
+        json!({"name": "ex__add_tool", "arguments": {"name": "fresh"}}),
+        json!({}),
+    ))?;
+    assert_eq!(text(&added), "added fresh", "{added}");
+    let change = next()?;
+    assert_eq!(
+        change["method"], "notifications/tools/list_changed",
+        "{change}"
+    );
+    assert_eq!(
+        change["params"]["_meta"]["io.modelcontextprotocol/subscriptionId"],
+        5
+    );
+    let (_, l) = c.answer(&request(10, "tools/list", json!({}), json!({})))?;
+    assert!(l.to_string().contains("ex__fresh"), "{l}");
+    Ok(())
+}
+
+#[test]
+fn stdio_serves_both_eras() -> Result {
+    let mut c = StdioClient::start(json!({"mcpServers": {"ex": example("ex")}}))?;
+    // A stateless request first: no initialize needed.
+    let d = c.request(1, "server/discover", json!({"_meta": meta(json!({}))}))?;
+    assert_eq!(d["result"]["supportedVersions"], json!([VERSION]), "{d}");
+    let r = c.request(
+        2,
+        "tools/call",
+        json!({"name": "ex__echo", "arguments": {"message": "s"}, "_meta": meta(json!({}))}),
+    )?;
+    assert_eq!(
+        (text(&r), &r["result"]["resultType"]),
+        ("Echo: s", &json!("complete")),
+        "{r}"
+    );
+    let e = c.request(3, "ping", json!({"_meta": meta(json!({}))}))?;
+    assert_eq!(e["error"]["code"], -32601, "{e}");
+    // Then the handshake, on the same pipes.
+    c.initialize(json!({}))?;
+    let r = c.call_tool(4, "ex__echo", json!({"message": "l"}))?;
+    assert_eq!(text(&r), "Echo: l");
+    assert!(r["result"].get("resultType").is_none(), "{r}");
+    Ok(())
+}
