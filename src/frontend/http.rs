@@ -42,6 +42,10 @@ const LIVE_QUEUE: usize = 4096;
 pub struct Front {
     relay: Arc<Relay>,
     sessions: Mutex<HashMap<String, Arc<HttpSession>>>,
+    /// Open `subscriptions/listen` streams (stateless era), counted with the sessions
+    /// against `maxSessions`; always locked after `sessions`.
+    listens: Mutex<HashMap<u64, ListenSlot>>,
+    next_listen: AtomicU64,
     listen: SocketAddr,
     limiters: Limiters,
     /// Start of the front's clock (session activity is kept as milliseconds since it).
@@ -57,6 +61,24 @@ struct HttpSession {
     /// a stream attached or finished).
     active: AtomicU64,
     epoch: Instant,
+}
+
+/// One open listen stream: its client, and its session once set up.
+struct ListenSlot {
+    client: Option<String>,
+    session: Option<Arc<Session>>,
+}
+
+/// A listen stream's place in [`Front::listens`], given up when dropped (the stream ended).
+struct ListenHold {
+    front: Arc<Front>,
+    key: u64,
+}
+
+impl Drop for ListenHold {
+    fn drop(&mut self) {
+        lock(&self.front.listens).remove(&self.key);
+    }
 }
 
 /// The peer address of a connection (set by the accept loop).
@@ -217,6 +239,8 @@ impl Front {
         Arc::new(Front {
             relay,
             sessions: Mutex::new(HashMap::new()),
+            listens: Mutex::new(HashMap::new()),
+            next_listen: AtomicU64::new(0),
             listen,
             limiters: Limiters::default(),
             epoch: Instant::now(),
@@ -256,53 +280,85 @@ impl Front {
         Ok(hs)
     }
 
+    /// Whether one more session or listen stream of `who` fits within `relay.maxSessions`
+    /// and the client's `maxSessions` (both count sessions and listen streams).
+    fn admit(
+        &self,
+        cfg: &crate::config::Config,
+        sessions: &HashMap<String, Arc<HttpSession>>,
+        who: &Who,
+    ) -> Result<(), Box<Response>> {
+        let listens = lock(&self.listens);
+        if sessions.len() + listens.len() >= cfg.relay.max_sessions {
+            self.relay.metrics.session_refused("global");
+            tracing::warn!(
+                cap = cfg.relay.max_sessions,
+                "New session refused: relay.maxSessions reached."
+            );
+            let mut r = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                protocol::code::INVALID_REQUEST,
+                &format!(
+                    "too many open sessions (relay.maxSessions = {}); close unused sessions with DELETE or retry later",
+                    cfg.relay.max_sessions
+                ),
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
+            return Err(Box::new(r));
+        }
+        let cap = who.0.as_ref().and_then(|name| {
+            cfg.auth
+                .clients
+                .iter()
+                .find(|c| &c.name == name)
+                .and_then(|c| c.max_sessions)
+                .map(|cap| (name, cap))
+        });
+        if let Some((name, cap)) = cap
+            && sessions.values().filter(|s| s.client == who.0).count()
+                + listens.values().filter(|l| l.client == who.0).count()
+                >= cap
+        {
+            self.relay.metrics.session_refused("client");
+            tracing::warn!(client = %name, cap, "New session refused: the client's maxSessions reached.");
+            return Err(Box::new(error(
+                StatusCode::TOO_MANY_REQUESTS,
+                protocol::code::INVALID_REQUEST,
+                &format!(
+                    "client `{name}` has {cap} open sessions, its maxSessions; close one with DELETE first"
+                ),
+            )));
+        }
+        Ok(())
+    }
+
+    /// Reserves a place for a listen stream of `who` (see [`Front::admit`]).
+    fn hold_listen(self: &Arc<Self>, who: &Who) -> Result<ListenHold, Box<Response>> {
+        let cfg = self.settings();
+        let sessions = lock(&self.sessions);
+        self.admit(&cfg, &sessions, who)?;
+        let key = self.next_listen.fetch_add(1, Ordering::Relaxed);
+        lock(&self.listens).insert(
+            key,
+            ListenSlot {
+                client: who.0.clone(),
+                session: None,
+            },
+        );
+        Ok(ListenHold {
+            front: self.clone(),
+            key,
+        })
+    }
+
     /// Opens a session for `who`, within `relay.maxSessions` and the client's `maxSessions`.
     fn create_session(self: &Arc<Self>, who: &Who) -> Result<Arc<HttpSession>, Box<Response>> {
         let cfg = self.settings();
         // The caps are checked and the session registered under one lock: concurrent
         // initializes cannot overshoot them.
         let mut sessions = lock(&self.sessions);
-        {
-            if sessions.len() >= cfg.relay.max_sessions {
-                self.relay.metrics.session_refused("global");
-                tracing::warn!(
-                    cap = cfg.relay.max_sessions,
-                    "New session refused: relay.maxSessions reached."
-                );
-                let mut r = error(
-                    StatusCode::SERVICE_UNAVAILABLE,
-                    protocol::code::INVALID_REQUEST,
-                    &format!(
-                        "too many open sessions (relay.maxSessions = {}); close unused sessions with DELETE or retry later",
-                        cfg.relay.max_sessions
-                    ),
-                );
-                r.headers_mut()
-                    .insert(header::RETRY_AFTER, HeaderValue::from_static("5"));
-                return Err(Box::new(r));
-            }
-            let cap = who.0.as_ref().and_then(|name| {
-                cfg.auth
-                    .clients
-                    .iter()
-                    .find(|c| &c.name == name)
-                    .and_then(|c| c.max_sessions)
-                    .map(|cap| (name, cap))
-            });
-            if let Some((name, cap)) = cap
-                && sessions.values().filter(|s| s.client == who.0).count() >= cap
-            {
-                self.relay.metrics.session_refused("client");
-                tracing::warn!(client = %name, cap, "New session refused: the client's maxSessions reached.");
-                return Err(Box::new(error(
-                    StatusCode::TOO_MANY_REQUESTS,
-                    protocol::code::INVALID_REQUEST,
-                    &format!(
-                        "client `{name}` has {cap} open sessions, its maxSessions; close one with DELETE first"
-                    ),
-                )));
-            }
-        }
+        self.admit(&cfg, &sessions, who)?;
         let (tx, mut rx) = mpsc::unbounded_channel::<String>();
         let session = self
             .relay
@@ -416,6 +472,13 @@ impl Front {
 
     /// Closes every session (on shutdown), ending their streams.
     pub async fn close_all(&self) {
+        let listens: Vec<Arc<Session>> = lock(&self.listens)
+            .drain()
+            .filter_map(|(_, l)| l.session)
+            .collect();
+        for l in listens {
+            self.relay.close_session(&l).await;
+        }
         let all: Vec<Arc<HttpSession>> = lock(&self.sessions).drain().map(|(_, s)| s).collect();
         for s in all {
             self.relay.close_session(&s.session).await;
@@ -711,10 +774,29 @@ async fn handle_stateless(
     }
     let (tx, mut rx) = mpsc::unbounded_channel::<String>();
     if msg.kind() == Kind::Request && msg.method() == protocol::modern::LISTEN {
+        let hold = match front.hold_listen(&who) {
+            Ok(h) => h,
+            Err(r) => return *r,
+        };
         return match front.relay.listen(msg, who.0, tx).await {
             Err(reply) => stateless_response(reply),
-            // No answer ends a listen stream: it lasts until the client closes it.
-            Ok(_) => plain_sse(None, rx, Box::pin(std::future::pending())),
+            Ok(session) => {
+                if let Some(slot) = lock(&front.listens).get_mut(&hold.key) {
+                    slot.session = Some(session.clone());
+                }
+                // No answer ends a listen stream: it lasts until the client closes it or
+                // its session ends (shutdown); its place is given up with the stream.
+                let ended = session.closed().clone();
+                plain_sse(
+                    None,
+                    rx,
+                    Box::pin(async move {
+                        let _hold = hold;
+                        ended.cancelled().await;
+                        None
+                    }),
+                )
+            }
         };
     }
     if msg.kind() != Kind::Request {
@@ -749,11 +831,13 @@ fn plain_sse(
     mut rx: mpsc::UnboundedReceiver<String>,
     mut answer: Answer,
 ) -> Response {
-    let (out, body) = mpsc::channel::<Bytes>(64);
+    // A reader that falls LIVE_QUEUE events behind is cut (the era has no resumption,
+    // and an unread stream must not grow without bound).
+    let (out, body) = mpsc::channel::<Bytes>(LIVE_QUEUE);
     let event = |m: &str| Bytes::from(format!("data: {m}\n\n"));
     tokio::spawn(async move {
         if let Some(f) = first
-            && out.send(event(&f)).await.is_err()
+            && out.try_send(event(&f)).is_err()
         {
             return;
         }
@@ -762,7 +846,7 @@ fn plain_sse(
                 biased;
                 m = rx.recv() => match m {
                     Some(m) => {
-                        if out.send(event(&m)).await.is_err() {
+                        if out.try_send(event(&m)).is_err() {
                             return;
                         }
                     }
@@ -775,7 +859,7 @@ fn plain_sse(
                 },
                 reply = &mut answer => {
                     while let Ok(m) = rx.try_recv() {
-                        if out.send(event(&m)).await.is_err() {
+                        if out.try_send(event(&m)).is_err() {
                             return;
                         }
                     }

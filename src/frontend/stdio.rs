@@ -14,6 +14,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::pipe;
 use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
 
 /// Serves one client on stdin/stdout until stdin closes.
 pub async fn serve(relay: Arc<Relay>) -> std::io::Result<()> {
@@ -83,7 +84,7 @@ pub async fn serve_io(
     let mut lines = LineBuffer::new(max);
     let mut chunk = vec![0u8; 64 * 1024];
     let tasks = tokio_util::task::TaskTracker::new();
-    let listens = Listens::default();
+    let open = Open::default();
     loop {
         let n = input.read(&mut chunk).await?;
         if n == 0 {
@@ -100,15 +101,15 @@ pub async fn serve_io(
                     let id = id.as_deref().unwrap_or("null");
                     let _ = tx.send(RpcError::TooLarge { size, max }.to_response(id));
                 }
-                Frame::Line(line) => dispatch(&relay, &session, &listens, &tx, &tasks, &line),
+                Frame::Line(line) => dispatch(&relay, &session, &open, &tx, &tasks, &line),
             }
         }
     }
     tracing::info!("stdin closed; shutting down.");
     relay.close_session(&session).await;
-    let open: Vec<Arc<Session>> = lock(&listens).drain().map(|(_, s)| s).collect();
-    for l in open {
-        relay.close_session(&l).await;
+    // Stateless requests and listen streams end with their client.
+    for (_, (_, t)) in lock(&open).drain() {
+        t.cancel();
     }
     tasks.close();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), tasks.wait()).await;
@@ -118,13 +119,34 @@ pub async fn serve_io(
     Ok(())
 }
 
-/// Open `subscriptions/listen` streams by the raw id of the request that opened them.
-type Listens = Arc<std::sync::Mutex<std::collections::HashMap<String, Arc<Session>>>>;
+/// Cancels the stateless request or listen stream a `notifications/cancelled` names; false
+/// when it names none (it is then the session's).
+fn cancel_open(open: &Open, msg: &Message) -> bool {
+    let id = msg
+        .params_map()
+        .ok()
+        .and_then(|p| p.get("requestId").map(|r| r.get().to_owned()));
+    match id.and_then(|id| lock(open).remove(&id)) {
+        Some((_, t)) => {
+            t.cancel();
+            true
+        }
+        None => false,
+    }
+}
+
+/// Stateless requests and `subscriptions/listen` streams in progress, by the raw id of
+/// their request: `notifications/cancelled` naming one ends it.
+/// Each entry carries a serial number, so a finished request removes its own entry only.
+type Open = Arc<std::sync::Mutex<std::collections::HashMap<String, (u64, CancellationToken)>>>;
+
+/// Serial numbers of [`Open`] entries.
+static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 
 fn dispatch(
     relay: &Arc<Relay>,
     session: &Arc<Session>,
-    listens: &Listens,
+    open: &Open,
     tx: &mpsc::UnboundedSender<String>,
     tasks: &tokio_util::task::TaskTracker,
     line: &[u8],
@@ -166,24 +188,63 @@ fn dispatch(
         return;
     }
     match Message::parse(line) {
-        Ok(msg) if crate::protocol::modern::names_version(&msg) => {
-            // A stateless (2026-07-28) request: served on its own, beside the session.
+        Ok(msg) if msg.method() == protocol::method::CANCELLED && cancel_open(open, &msg) => {}
+        Ok(msg) if protocol::modern::names_version(&msg) => {
+            // A stateless (2026-07-28) message: served on its own, beside the session.
+            if msg.kind() != protocol::Kind::Request {
+                return;
+            }
+            let id = msg.id_text().to_owned();
+            let token = CancellationToken::new();
+            let serial = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            {
+                let mut open = lock(open);
+                if open.contains_key(&id) {
+                    let _ = tx.send(protocol::error_response(
+                        &id,
+                        protocol::code::INVALID_REQUEST,
+                        "this id is already used by a request still in progress; use a fresh id",
+                        None,
+                    ));
+                    return;
+                }
+                open.insert(id.clone(), (serial, token.clone()));
+            }
             let relay = relay.clone();
             let tx = tx.clone();
-            let listens = listens.clone();
+            let open = open.clone();
             tasks.spawn(async move {
-                if msg.method() == crate::protocol::modern::LISTEN {
-                    let id = msg.id_text().to_owned();
-                    match relay.listen(msg, None, tx.clone()).await {
-                        Ok(s) => {
-                            lock(&listens).insert(id, s);
+                if msg.method() == protocol::modern::LISTEN {
+                    let listened = tokio::select! {
+                        r = relay.listen(msg, None, tx.clone()) => Some(r),
+                        () = token.cancelled() => None,
+                    };
+                    match listened {
+                        Some(Ok(s)) => {
+                            tokio::select! {
+                                () = token.cancelled() => relay.close_session(&s).await,
+                                () = s.closed().cancelled() => {}
+                            }
                         }
-                        Err(reply) => {
+                        Some(Err(reply)) => {
                             let _ = tx.send(reply.body);
                         }
+                        None => {}
                     }
-                } else if let Some(reply) = relay.stateless(msg, None, tx.clone()).await {
-                    let _ = tx.send(reply.body);
+                } else {
+                    // A cancelled request gets no answer; dropping its future closes its
+                    // session, which cancels what it had sent to the backends.
+                    let reply = tokio::select! {
+                        r = relay.stateless(msg, None, tx.clone()) => r,
+                        () = token.cancelled() => None,
+                    };
+                    if let Some(reply) = reply {
+                        let _ = tx.send(reply.body);
+                    }
+                }
+                let mut open = lock(&open);
+                if open.get(&id).is_some_and(|(n, _)| *n == serial) {
+                    open.remove(&id);
                 }
             });
         }
@@ -191,21 +252,7 @@ fn dispatch(
             let relay = relay.clone();
             let session = session.clone();
             let tx = tx.clone();
-            // Cancelling a listen stream (`notifications/cancelled` naming its request) ends it.
-            let listen = (msg.method() == crate::protocol::method::CANCELLED)
-                .then(|| {
-                    msg.params_map()
-                        .ok()?
-                        .get("requestId")
-                        .map(|r| r.get().to_owned())
-                })
-                .flatten()
-                .and_then(|id| lock(listens).remove(&id));
             tasks.spawn(async move {
-                if let Some(l) = listen {
-                    relay.close_session(&l).await;
-                    return;
-                }
                 if let Some(reply) = relay.handle(&session, msg, tx.clone()).await {
                     let _ = tx.send(reply);
                 }

@@ -69,19 +69,23 @@ pub enum MetaError {
         super::LEGACY_VERSIONS.join(", ")
     )]
     Unsupported { requested: String },
+    #[error(
+        "`_meta.{META_LOG_LEVEL}` must be one of debug, info, notice, warning, error, critical, alert, emergency (got `{0}`)"
+    )]
+    LogLevel(String),
 }
 
 impl MetaError {
     pub fn code(&self) -> i64 {
         match self {
-            MetaError::Missing(_) => super::code::INVALID_PARAMS,
+            MetaError::Missing(_) | MetaError::LogLevel(_) => super::code::INVALID_PARAMS,
             MetaError::Unsupported { .. } => code::UNSUPPORTED_VERSION,
         }
     }
 
     pub fn data(&self) -> Option<serde_json::Value> {
         match self {
-            MetaError::Missing(_) => None,
+            MetaError::Missing(_) | MetaError::LogLevel(_) => None,
             MetaError::Unsupported { requested } => Some(serde_json::json!({
                 "supported": VERSIONS,
                 "requested": requested,
@@ -120,14 +124,21 @@ pub fn meta(msg: &Message) -> Result<Meta, MetaError> {
     if !VERSIONS.contains(&version.as_str()) {
         return Err(MetaError::Unsupported { requested: version });
     }
+    let log_level = match m.get(META_LOG_LEVEL) {
+        None | Some(serde_json::Value::Null) => None,
+        Some(serde_json::Value::String(l)) if LEVELS.contains(&l.as_str()) => Some(l.clone()),
+        Some(other) => {
+            let shown = other
+                .as_str()
+                .map_or_else(|| other.to_string(), str::to_owned);
+            return Err(MetaError::LogLevel(shown));
+        }
+    };
     Ok(Meta {
         version,
         capabilities: super::to_raw(capabilities),
         client_info: m.get(META_CLIENT_INFO).map(super::to_raw),
-        log_level: m
-            .get(META_LOG_LEVEL)
-            .and_then(|v| v.as_str())
-            .map(str::to_owned),
+        log_level,
     })
 }
 
@@ -197,18 +208,24 @@ pub fn decorate(result: &RawValue, method: &str) -> Box<RawValue> {
 
 /// Severity rank of a log level (RFC 5424 order); unknown levels rank lowest.
 pub fn level_rank(level: &str) -> u8 {
-    match level {
-        "debug" => 0,
-        "info" => 1,
-        "notice" => 2,
-        "warning" => 3,
-        "error" => 4,
-        "critical" => 5,
-        "alert" => 6,
-        "emergency" => 7,
-        _ => 0,
-    }
+    LEVELS
+        .iter()
+        .position(|l| *l == level)
+        .and_then(|i| u8::try_from(i).ok())
+        .unwrap_or(0)
 }
+
+/// The log levels (RFC 5424 severities), least severe first.
+pub const LEVELS: [&str; 8] = [
+    "debug",
+    "info",
+    "notice",
+    "warning",
+    "error",
+    "critical",
+    "alert",
+    "emergency",
+];
 
 /// Adds the subscription id to a notification's `_meta` (listen streams tag every message).
 pub fn tag(notification: &str, subscription: &RawValue) -> Option<String> {
@@ -270,6 +287,15 @@ mod tests {
             super::meta(&none).err(),
             Some(MetaError::Missing(META_VERSION))
         );
+        let loud = msg(
+            r#"{"jsonrpc":"2.0","id":1,"method":"tools/list","params":{"_meta":{"io.modelcontextprotocol/protocolVersion":"2026-07-28","io.modelcontextprotocol/clientCapabilities":{},"io.modelcontextprotocol/logLevel":"loud"}}}"#,
+        );
+        assert_eq!(
+            super::meta(&loud).err(),
+            Some(MetaError::LogLevel("loud".into()))
+        );
+        assert_eq!(level_rank("warning"), 3);
+        assert!(level_rank("emergency") > level_rank("error"));
     }
 
     #[test]

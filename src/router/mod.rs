@@ -175,7 +175,12 @@ impl backend::Hub for HubRef {
 
     fn sole_session(&self, server: &str) -> Option<ReqCtx> {
         let r = self.0.upgrade()?;
-        let live = r.live_sessions();
+        // Listen streams are sessions too, but have no client to ask.
+        let live: Vec<Arc<Session>> = r
+            .live_sessions()
+            .into_iter()
+            .filter(|s| !s.is_stateless())
+            .collect();
         match live.as_slice() {
             // Only if its client may see the server (nothing to a session that may not).
             [only] if r.grant(only).reaches(server) => Some(only.ctx()),
@@ -361,8 +366,12 @@ impl Relay {
         self.started.elapsed()
     }
 
+    /// Open handshake-era sessions (listen streams are not counted).
     pub fn session_count(&self) -> usize {
-        self.live_sessions().len()
+        self.live_sessions()
+            .iter()
+            .filter(|s| !s.is_stateless())
+            .count()
     }
 
     /// The reason the last config reload was rejected, if it was.
@@ -514,14 +523,22 @@ impl Relay {
     }
 
     /// Ends a session: cancels its requests and drops subscriptions no one else holds.
+    /// Idempotent: a second call finds nothing left to release.
     pub async fn close_session(&self, s: &Arc<Session>) {
+        for uri in self.end_session(s) {
+            self.release_subscription(&uri).await;
+        }
+    }
+
+    /// The synchronous part of [`Relay::close_session`]: returns the subscriptions the
+    /// session held, for the caller to release.
+    fn end_session(&self, s: &Arc<Session>) -> Vec<String> {
         s.close();
         lock(&self.sessions).remove(&s.id);
         self.instances.end_session(&s.id);
-        let subs: Vec<String> = s.state().subscriptions.iter().cloned().collect();
-        for uri in subs {
-            self.release_subscription(&uri).await;
-        }
+        std::mem::take(&mut s.state().subscriptions)
+            .into_iter()
+            .collect()
     }
 
     fn live_sessions(&self) -> Vec<Arc<Session>> {
@@ -1002,8 +1019,22 @@ impl Relay {
                     })?;
                 match m {
                     method::RESOURCES_SUBSCRIBE => {
-                        ctx.session.state().subscriptions.insert(uri);
-                        self.forward(&owner, m, params, ctx, cancel).await
+                        // The owner is subscribed once, however many sessions want it.
+                        let held = self.subscribed_elsewhere(&uri);
+                        ctx.session.state().subscriptions.insert(uri.clone());
+                        if held {
+                            return Ok(Answer::Result(protocol::raw("{}")));
+                        }
+                        let answer = self.forward(&owner, m, params, ctx, cancel).await;
+                        let refused = match &answer {
+                            Ok(Answer::Forwarded(reply)) => reply.error.is_some(),
+                            Ok(Answer::Result(_)) => false,
+                            Err(_) => true,
+                        };
+                        if refused {
+                            ctx.session.state().subscriptions.remove(&uri);
+                        }
+                        answer
                     }
                     method::RESOURCES_UNSUBSCRIBE => {
                         ctx.session.state().subscriptions.remove(&uri);

@@ -49,11 +49,12 @@ impl Reply {
 }
 
 /// Whether a client message belongs to the stateless era: it names a version in `_meta`,
-/// or it arrives outside any session (HTTP without `Mcp-Session-Id`) and is not the
-/// handshake's `initialize`, so only the stateless era can serve it.
+/// or it is a request outside any session (HTTP without `Mcp-Session-Id`) other than the
+/// handshake's `initialize`, so only the stateless era can serve it. (A notification or
+/// response outside a session that names no version keeps the handshake era's 400.)
 pub fn is_stateless(msg: &Message, in_session: bool) -> bool {
     modern::names_version(msg)
-        || (!in_session && msg.kind() != Kind::Response && msg.method() != method::INITIALIZE)
+        || (!in_session && msg.kind() == Kind::Request && msg.method() != method::INITIALIZE)
 }
 
 impl Relay {
@@ -87,31 +88,31 @@ impl Relay {
                 Status::NotFound,
             ));
         }
+        // A task outlives its request, and a stateless request has no session to own it.
+        if msg.params_map().is_ok_and(|p| p.get("task").is_some()) {
+            return Some(Reply::error(
+                &id,
+                code::INVALID_PARAMS,
+                &format!(
+                    "`{m}` asks for a task, which this relay keeps per session; send it in an initialize session, or without `task`"
+                ),
+                None,
+                Status::Ok,
+            ));
+        }
         self.release(Some(&meta.capabilities));
+        if m == modern::DISCOVER {
+            return Some(self.discover(&id, &meta, client).await);
+        }
         let (tx, mut rx) = mpsc::unbounded_channel::<String>();
         let session = self.stateless_session(&meta, client, tx.clone());
-        if m == modern::DISCOVER {
-            self.settle().await;
-            let (caps, instructions) = self.describe(&self.grant(&session));
-            let mut result = serde_json::json!({
-                "supportedVersions": modern::VERSIONS,
-                "capabilities": caps,
-                "serverInfo": modern::server_info(),
-            });
-            if let (Some(i), Some(o)) = (instructions, result.as_object_mut()) {
-                o.insert("instructions".into(), serde_json::Value::String(i));
-            }
-            let result = modern::decorate(&protocol::to_raw(&result), &m);
-            return Some(Reply {
-                body: protocol::response(&id, &result),
-                status: Status::Ok,
-            });
-        }
+        // Closes the session however this future ends (the client may go away mid-call).
+        let guard = CloseOnDrop::new(self.clone(), session.clone());
         // Related messages pass through a filter: log messages only at the level the
         // request asked for (none without one).
         let floor = meta.log_level.as_deref().map(modern::level_rank);
         let pass = |m: String| {
-            if m.contains(r#""method":"notifications/message""#) && !log_wanted(&m, floor) {
+            if !log_wanted(&m, floor) {
                 return;
             }
             let _ = stream.send(m);
@@ -133,7 +134,7 @@ impl Relay {
             }
         };
         let missing = session.missing_capability();
-        self.close_session(&session).await;
+        guard.close().await;
         let answer = answer?;
         // A server that asked for a capability the client lacks and then failed failed for
         // that reason; one that coped (e.g. went on without the client's roots) answers.
@@ -149,6 +150,34 @@ impl Relay {
             ));
         }
         Some(complete(&id, &m, &answer))
+    }
+
+    /// `server/discover`: the versions, merged capabilities and identity the relay serves
+    /// to this client.
+    async fn discover(
+        self: &Arc<Self>,
+        id: &str,
+        meta: &modern::Meta,
+        client: Option<String>,
+    ) -> Reply {
+        self.settle().await;
+        let (tx, _rx) = mpsc::unbounded_channel::<String>();
+        let session = self.stateless_session(meta, client, tx);
+        let (caps, instructions) = self.describe(&self.grant(&session));
+        session.close();
+        let mut result = serde_json::json!({
+            "supportedVersions": modern::VERSIONS,
+            "capabilities": caps,
+            "serverInfo": modern::server_info(),
+        });
+        if let (Some(i), Some(o)) = (instructions, result.as_object_mut()) {
+            o.insert("instructions".into(), serde_json::Value::String(i));
+        }
+        let result = modern::decorate(&protocol::to_raw(&result), modern::DISCOVER);
+        Reply {
+            body: protocol::response(id, &result),
+            status: Status::Ok,
+        }
     }
 
     /// Opens a `subscriptions/listen` stream on `stream`: the acknowledgement first, then
@@ -170,12 +199,32 @@ impl Relay {
             .and_then(|n| serde_json::from_str(&n).ok())
             .unwrap_or_default();
         let wants = |k: &str| filter[k].as_bool() == Some(true);
+        let asked: Vec<String> = filter["resourceSubscriptions"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|u| u.as_str().map(str::to_owned))
+            .collect();
+        if asked.len() > MAX_RESOURCE_SUBSCRIPTIONS {
+            return Err(Reply::error(
+                &id,
+                code::INVALID_PARAMS,
+                &format!(
+                    "{} resourceSubscriptions in one listen request; at most {MAX_RESOURCE_SUBSCRIPTIONS} (open another listen stream for more)",
+                    asked.len()
+                ),
+                None,
+                Status::Ok,
+            ));
+        }
         self.release(Some(&meta.capabilities));
         self.settle().await;
         let (tx, mut rx) = mpsc::unbounded_channel::<String>();
         let n = self.next_request.fetch_add(1, Ordering::Relaxed);
         let session = self.open_session(format!("listen-{n}"), tx.clone(), client);
         fill(&session, &meta);
+        // Until the stream is set up, a client going away ends the session here.
+        let guard = CloseOnDrop::new(self.clone(), session.clone());
         let mut agreed = serde_json::Map::new();
         let mut allowed: Vec<&'static str> = Vec::new();
         for (key, list, note) in [
@@ -204,13 +253,7 @@ impl Relay {
         // Resource subscriptions go through the handshake era's own path, so the relay
         // subscribes on the owning backend once however many sessions want the resource.
         let mut uris = Vec::new();
-        for (i, uri) in filter["resourceSubscriptions"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|u| u.as_str())
-            .enumerate()
-        {
+        for (i, uri) in asked.iter().enumerate() {
             let params = protocol::to_raw(&serde_json::json!({"uri": uri}));
             let req = protocol::request(
                 &format!("\"sub-{i}\""),
@@ -223,9 +266,9 @@ impl Relay {
             let ok = self
                 .handle(&session, req, tx.clone())
                 .await
-                .is_some_and(|r| !r.contains(r#""error":"#));
+                .is_some_and(|r| Message::parse_str(&r).is_ok_and(|r| r.error.is_none()));
             if ok {
-                uris.push(uri.to_owned());
+                uris.push(uri.clone());
             }
         }
         if !uris.is_empty() {
@@ -238,6 +281,7 @@ impl Relay {
             "notifications": agreed,
         }));
         let _ = stream.send(protocol::notification(modern::ACKNOWLEDGED, Some(&ack)));
+        guard.disarm();
         let relay = self.clone();
         let held = session.clone();
         tokio::spawn(async move {
@@ -287,6 +331,56 @@ impl Relay {
     }
 }
 
+/// Resource URIs one listen request may subscribe to.
+const MAX_RESOURCE_SUBSCRIPTIONS: usize = 64;
+
+/// Ends a session when dropped, unless disarmed: a front drops the future serving a
+/// stateless request when its client goes away, and the session (its in-flight backend
+/// requests, its `per-session` process) must not outlive it.
+struct CloseOnDrop {
+    relay: Arc<Relay>,
+    session: Option<Arc<Session>>,
+}
+
+impl CloseOnDrop {
+    fn new(relay: Arc<Relay>, session: Arc<Session>) -> CloseOnDrop {
+        CloseOnDrop {
+            relay,
+            session: Some(session),
+        }
+    }
+
+    /// The session lives on (someone else closes it).
+    fn disarm(mut self) {
+        self.session = None;
+    }
+
+    /// Closes the session now, waiting for its subscriptions to be released.
+    async fn close(mut self) {
+        if let Some(s) = self.session.take() {
+            self.relay.close_session(&s).await;
+        }
+    }
+}
+
+impl Drop for CloseOnDrop {
+    fn drop(&mut self) {
+        let Some(s) = self.session.take() else { return };
+        let held = self.relay.end_session(&s);
+        if held.is_empty() {
+            return;
+        }
+        let relay = self.relay.clone();
+        if let Ok(rt) = tokio::runtime::Handle::try_current() {
+            rt.spawn(async move {
+                for uri in held {
+                    relay.release_subscription(&uri).await;
+                }
+            });
+        }
+    }
+}
+
 /// What `initialize` would have told the session.
 fn fill(s: &Session, meta: &modern::Meta) {
     let mut st = s.state();
@@ -308,13 +402,21 @@ fn failed(answer: &str) -> bool {
     })
 }
 
-/// Whether a `notifications/message` is at or above the request's log level.
+/// Whether a related message reaches the client: anything but a log message, and a log
+/// message (`notifications/message`) at or above the request's level (none without one).
 fn log_wanted(msg: &str, floor: Option<u8>) -> bool {
+    // Cheap pre-check: most related messages are progress or server requests.
+    if !msg.contains(method::MESSAGE) {
+        return true;
+    }
+    let Ok(m) = Message::parse_str(msg) else {
+        return true;
+    };
+    if m.method() != method::MESSAGE {
+        return true;
+    }
     let Some(floor) = floor else { return false };
-    let level = Message::parse_str(msg)
-        .ok()
-        .and_then(|m| m.params_map().ok())
-        .and_then(|p| p.get_str("level"));
+    let level = m.params_map().ok().and_then(|p| p.get_str("level"));
     level.is_some_and(|l| modern::level_rank(&l) >= floor)
 }
 

@@ -1,7 +1,7 @@
 //! The stateless era (2026-07-28) beside the handshake era on the same endpoint: requests
 //! that carry their version in `_meta`, `server/discover`, `subscriptions/listen`.
 
-use crate::support::{HttpClient, Result, StdioClient, TIMEOUT, example, serve, text};
+use crate::support::{HttpClient, Result, StdioClient, TIMEOUT, example, poll, serve, text};
 use serde_json::{Value, json};
 use std::io::{BufRead, BufReader};
 
@@ -265,6 +265,45 @@ fn stateless_requests_are_refused_clearly() -> Result {
         );
     }
 
+    // A task would outlive the request, and nothing would own it.
+    let task = request(
+        9,
+        "tools/call",
+        json!({"name": "ex__echo", "arguments": {"message": "t"}, "task": {"ttl": 60000}}),
+        json!({}),
+    );
+    let (_, e) = c.answer(&task)?;
+    assert_eq!(e["error"]["code"], -32602, "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("task"),
+        "{e}"
+    );
+    // A log level the era does not define is refused, not read as `debug`.
+    let loud = request(
+        10,
+        "tools/list",
+        json!({"_meta": {"io.modelcontextprotocol/logLevel": "loud"}}),
+        json!({}),
+    );
+    let (status, e) = c.answer(&loud)?;
+    assert_eq!((status, &e["error"]["code"]), (400, &json!(-32602)), "{e}");
+    assert!(
+        e["error"]["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("loud"),
+        "{e}"
+    );
+    // A notification outside any session that names no version is the handshake era's.
+    let stray = c.send(
+        &json!({"jsonrpc": "2.0", "method": "notifications/initialized"}),
+        |_| {},
+    )?;
+    assert_eq!(stray.status(), 400);
+
     // The server asks for sampling, which the request did not declare: -32021, naming it.
     let sample = request(
         8,
@@ -334,6 +373,121 @@ fn listen_streams_acknowledge_then_carry_tagged_changes() -> Result {
     );
     let (_, l) = c.answer(&request(10, "tools/list", json!({}), json!({})))?;
     assert!(l.to_string().contains("ex__fresh"), "{l}");
+    Ok(())
+}
+
+/// Listen streams count against `maxSessions` with the sessions, give their place up when
+/// the client goes away, and refuse more resource subscriptions than one stream may hold.
+#[test]
+fn listen_streams_are_counted_and_bounded() -> Result {
+    let dir = tempfile::tempdir()?;
+    let cfg = json!({"mcpServers": {"ex": example("ex")}, "relay": {"maxSessions": 1}});
+    let (_relay, url) = serve(&cfg, dir.path())?;
+    let c = Stateless::new(&url)?;
+    let many: Vec<String> = (0..65).map(|i| format!("example://item/{i}")).collect();
+    let (_, e) = c.answer(&request(
+        1,
+        "subscriptions/listen",
+        json!({"notifications": {"resourceSubscriptions": many}}),
+        json!({}),
+    ))?;
+    assert_eq!(e["error"]["code"], -32602, "{e}");
+
+    let listen = request(
+        2,
+        "subscriptions/listen",
+        json!({"notifications": {"toolsListChanged": true}}),
+        json!({}),
+    );
+    let resp = c.send(&listen, |_| {})?;
+    assert_eq!(resp.status(), 200);
+    let mut lines = BufReader::new(resp).lines();
+    let ack = loop {
+        let line = lines.next().ok_or("the stream ended")??;
+        if let Some(d) = line.strip_prefix("data: ") {
+            break serde_json::from_str::<Value>(d)?;
+        }
+    };
+    assert_eq!(ack["method"], "notifications/subscriptions/acknowledged");
+    // The one place is taken: a session is refused, and so is a second stream.
+    let mut h = HttpClient::new(&url)?;
+    assert_eq!(h.open()?, 503);
+    let second = c.send(&listen, |_| {})?;
+    assert_eq!(second.status(), 503);
+    // Plain stateless requests hold no place.
+    let (status, _) = c.answer(&request(3, "tools/list", json!({}), json!({})))?;
+    assert_eq!(status, 200);
+    // The client goes away: its place is given back.
+    drop(lines);
+    poll("a session once the listen stream closed", || {
+        let mut h = HttpClient::new(&url)?;
+        Ok(match h.open()? {
+            200 => Ok(()),
+            s => Err(format!("initialize answered {s}")),
+        })
+    })?;
+    Ok(())
+}
+
+/// Over stdio, `notifications/cancelled` ends a stateless request (the backend hears of it)
+/// and a listen stream; an id still in use is refused.
+#[test]
+fn stdio_cancels_stateless_requests_and_streams() -> Result {
+    let mut c = StdioClient::start(json!({"mcpServers": {"ex": example("ex")}}))?;
+    c.send(&request(
+        7,
+        "subscriptions/listen",
+        json!({"notifications": {"toolsListChanged": true}}),
+        json!({}),
+    ))?;
+    let mut skipped = Vec::new();
+    let ack = c.recv_until(
+        |l| l.contains("notifications/subscriptions/acknowledged"),
+        &mut skipped,
+    )?;
+    assert!(ack.contains("subscriptionId\":7"), "{ack}");
+    let dup = c.request(7, "tools/list", json!({"_meta": meta(json!({}))}))?;
+    assert_eq!(dup["error"]["code"], -32600, "{dup}");
+    c.send(
+        &json!({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 7}}),
+    )?;
+    // The id is free again once the stream ended.
+    let again = poll("id 7 free after the cancellation", || {
+        let r = c.request(7, "tools/list", json!({"_meta": meta(json!({}))}))?;
+        Ok(if r.get("result").is_some() {
+            Ok(r)
+        } else {
+            Err(r.to_string())
+        })
+    })?;
+    assert_eq!(again["result"]["resultType"], "complete", "{again}");
+
+    // A long stateless call, cancelled: the backend receives the cancellation.
+    c.send(&request(
+        8,
+        "tools/call",
+        json!({"name": "ex__slow", "arguments": {"steps": 600, "ms": 100}, "_meta": {"progressToken": "p8"}}),
+        json!({}),
+    ))?;
+    c.recv_until(|l| l.contains("notifications/progress"), &mut skipped)?;
+    c.send(
+        &json!({"jsonrpc": "2.0", "method": "notifications/cancelled", "params": {"requestId": 8}}),
+    )?;
+    let mut n = 100;
+    poll("the backend to hear of the cancellation", || {
+        n += 1;
+        let r = c.request(
+            n,
+            "tools/call",
+            json!({"name": "ex__cancellations", "arguments": {}, "_meta": meta(json!({}))}),
+        )?;
+        let seen = text(&r).to_owned();
+        Ok(if seen.contains("requestId") {
+            Ok(())
+        } else {
+            Err(seen)
+        })
+    })?;
     Ok(())
 }
 

@@ -25,6 +25,7 @@ from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx2 as httpx
 import pytest
 
@@ -354,6 +355,11 @@ async def stdio_relay_client(config: Path, log: Path, **client_kwargs: Any) -> A
             kwargs: dict[str, Any] = {"mode": "legacy", "cache": None, "read_timeout_seconds": CALL_TIMEOUT_S}
             kwargs.update(client_kwargs)
             async with Client(stdio_client(params, errlog=errlog), **kwargs) as client:
+                # A stateless client sends nothing when it connects, so the shell may not
+                # have written the pid yet: wait for it (bounded).
+                with anyio.fail_after(CALL_TIMEOUT_S):
+                    while not pidfile.exists() or not pidfile.read_text().strip():
+                        await anyio.sleep(0.02)
                 tree = ProcessTree(int(pidfile.read_text().strip()))
                 tree.snapshot()
                 try:
