@@ -59,6 +59,18 @@ enum Command {
         #[command(subcommand)]
         command: ServersCommand,
     },
+    /// Upgrade running stdio relays in place to a new binary (default: the path each was
+    /// started from), without their clients noticing; same as sending them SIGUSR2.
+    Upgrade {
+        /// Only the relay with this PID (default: every relay of the config file).
+        #[arg(long)]
+        pid: Option<u32>,
+        /// The new binary.
+        #[arg(long)]
+        binary: Option<PathBuf>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Internal: the watchdog the relay starts to stop its servers if it dies.
     #[command(hide = true)]
     Keeper,
@@ -168,6 +180,8 @@ struct EntryArgs {
 
 /// Runs the command line; the exit code is 0 on success, 2 for config problems, 1 otherwise.
 pub fn main() -> ExitCode {
+    // First, while this is the only thread: an upgrade's hand-over lives in the environment.
+    let inherited = crate::upgrade::Inherited::from_env();
     let cli = Cli::parse();
     if !matches!(cli.command, Command::Serve { .. } | Command::Stdio) {
         crate::telemetry::init(&config::LogSettings::default());
@@ -195,8 +209,9 @@ pub fn main() -> ExitCode {
         Command::Serve {
             listen,
             allow_unauthenticated,
-        } => run(config, Some((listen, allow_unauthenticated))),
-        Command::Stdio => run(config, None),
+        } => run(config, Some((listen, allow_unauthenticated)), &inherited),
+        Command::Stdio => run(config, None, &inherited),
+        Command::Upgrade { pid, binary, json } => manage::upgrade(config, pid, binary, json),
         Command::Status { json } => manage::status(config, json),
         Command::Reload { json } => manage::reload(config, json),
         Command::Servers { command } => match command {
@@ -283,11 +298,47 @@ fn raise_open_files_limit() {
 }
 
 /// `http`: `Some((listen override, --allow-unauthenticated))` serves HTTP, `None` stdio.
-fn run(path: Option<PathBuf>, http: Option<(Option<SocketAddr>, bool)>) -> ExitCode {
+fn run(
+    path: Option<PathBuf>,
+    http: Option<(Option<SocketAddr>, bool)>,
+    inherited: &crate::upgrade::Inherited,
+) -> ExitCode {
     let cfg = match load(path) {
         Ok(c) => c,
-        Err(code) => return code,
+        Err(code) => {
+            if inherited.upgrading() {
+                let e = inherited.roll_back("the config does not load in the new binary");
+                eprintln!("mcp-relay: {e}");
+            }
+            return code;
+        }
     };
+    if inherited.check {
+        return crate::upgrade::run_check();
+    }
+    // An in-place upgrade of a stdio relay: what the previous image handed over.
+    let mut carried = None;
+    if inherited.upgrading() {
+        if http.is_some() {
+            tracing::warn!("Upgrade state handed to an HTTP relay; ignored.");
+        } else {
+            let restored = inherited.read_state().and_then(|st| {
+                let keeper = match &st.keeper {
+                    Some(k) => Some(crate::backend::keeper::Keeper::adopt(k)?),
+                    None => None,
+                };
+                Ok((st, keeper))
+            });
+            match restored {
+                Ok(r) => carried = Some(r),
+                Err(e) => {
+                    let e = inherited.roll_back(&e);
+                    eprintln!("mcp-relay: upgrade failed: {e}");
+                    return ExitCode::FAILURE;
+                }
+            }
+        }
+    }
     if let Some((listen, allow)) = http {
         let addr = listen.unwrap_or(cfg.relay.listen);
         let open = allow || cfg.relay.allow_unauthenticated;
@@ -313,10 +364,30 @@ fn run(path: Option<PathBuf>, http: Option<(Option<SocketAddr>, bool)>) -> ExitC
         let front = if http.is_some() { Front::Http } else { Front::Stdio };
         let allow_flag = http.is_some_and(|(_, allow)| allow);
         let http = http.map(|(listen, _)| listen);
-        let relay = Relay::start(cfg, front);
+        let (restored, keeper) = match carried {
+            Some((st, k)) => (Some(st), k),
+            None => (None, None),
+        };
+        let relay = Relay::start_with(cfg, front, restored.as_ref().map(|st| (st, keeper)));
         let shutdown = CancellationToken::new();
-        spawn_signal_handler(shutdown.clone());
+        spawn_signal_handler(shutdown.clone(), relay.clone());
+        if let Some(st) = &restored {
+            match &inherited.rolled_back {
+                Some(why) => {
+                    tracing::error!(error = %why, version = %crate::version(), "Upgrade failed; the previous binary serves on.");
+                    relay.metrics.upgrade("rolled_back");
+                }
+                None => {
+                    tracing::info!(from = %st.written_by, to = %crate::version(), servers = st.backends.len(), "Upgraded in place.");
+                    relay.metrics.upgrade("completed");
+                }
+            }
+        }
+        let restored = restored.map(|st| st.front);
         admin::watch::spawn(relay.clone(), shutdown.clone());
+        // Signals held across an upgrade's exec are let in now that their handlers exist
+        // (SIGTERM/SIGINT/SIGUSR2 above, SIGHUP in the watch).
+        crate::upgrade::unblock_signals();
         // Removes the socket file when dropped, at the end of this block.
         let _control = admin::control::serve(relay.clone(), shutdown.clone());
         let served = match http {
@@ -350,7 +421,7 @@ fn run(path: Option<PathBuf>, http: Option<(Option<SocketAddr>, bool)>) -> ExitC
                 }
             }
             None => tokio::select! {
-                r = frontend::stdio::serve(relay.clone()) => r.map_err(|e| format!("stdio failed: {e}")),
+                r = frontend::stdio::serve(relay.clone(), restored) => r.map_err(|e| format!("stdio failed: {e}")),
                 () = shutdown.cancelled() => Ok(()),
             },
         };
@@ -368,19 +439,39 @@ fn run(path: Option<PathBuf>, http: Option<(Option<SocketAddr>, bool)>) -> ExitC
     }
 }
 
-fn spawn_signal_handler(shutdown: CancellationToken) {
+/// SIGTERM/SIGINT drain and stop; SIGUSR2 upgrades a stdio relay in place. The handlers
+/// are installed before this returns (an upgraded image unblocks the signals after it).
+fn spawn_signal_handler(shutdown: CancellationToken, relay: std::sync::Arc<Relay>) {
     use tokio::signal::unix::{SignalKind, signal};
+    let (Ok(mut term), Ok(mut int), Ok(mut usr2)) = (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::user_defined2()),
+    ) else {
+        tracing::error!("Cannot install signal handlers; SIGTERM/SIGINT will not drain.");
+        return;
+    };
     tokio::spawn(async move {
-        let (Ok(mut term), Ok(mut int)) = (
-            signal(SignalKind::terminate()),
-            signal(SignalKind::interrupt()),
-        ) else {
-            tracing::error!("Cannot install signal handlers; SIGTERM/SIGINT will not drain.");
-            return;
-        };
-        tokio::select! {
-            _ = term.recv() => tracing::info!("SIGTERM: shutting down."),
-            _ = int.recv() => tracing::info!("SIGINT: shutting down."),
+        loop {
+            tokio::select! {
+                _ = term.recv() => {
+                    tracing::info!("SIGTERM: shutting down.");
+                    break;
+                }
+                _ = int.recv() => {
+                    tracing::info!("SIGINT: shutting down.");
+                    break;
+                }
+                _ = usr2.recv() => {
+                    tracing::info!("SIGUSR2: upgrading in place.");
+                    let relay = relay.clone();
+                    tokio::spawn(async move {
+                        if let Err(e) = relay.request_upgrade(None).await {
+                            tracing::error!(error = %e, "Upgrade not done.");
+                        }
+                    });
+                }
+            }
         }
         shutdown.cancel();
     });

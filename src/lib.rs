@@ -16,6 +16,7 @@
 //! - [`error`]: request errors and their single mapping to JSON-RPC.
 //! - [`metrics`]: Prometheus metrics (`/metrics`).
 //! - [`telemetry`]: tracing setup (stderr and an optional rotating file).
+//! - [`upgrade`]: replacing the running binary in place without a client noticing.
 
 pub mod admin;
 pub mod backend;
@@ -32,3 +33,34 @@ pub mod session;
 pub mod sync;
 pub mod tasks;
 pub mod telemetry;
+pub mod upgrade;
+
+/// A build tag the binary carries in a fixed-size, NUL-padded slot after this marker, empty
+/// in every build. Deploy tooling (and the upgrade tests, which need a second build of the
+/// same code that reports another version) may patch the slot in a copy of the executable.
+#[used]
+static BUILD_TAG: [u8; 48] =
+    *b"MCP-RELAY-BUILD-TAG:\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0\0";
+
+/// The marker before the tag slot in [`BUILD_TAG`].
+pub const BUILD_TAG_MARKER: &[u8] = b"MCP-RELAY-BUILD-TAG:";
+
+/// The build tag ("" unless patched; see [`BUILD_TAG`]).
+pub fn build_tag() -> String {
+    // Read through a volatile load: the compiler must not fold the (patchable) bytes.
+    // SAFETY: `BUILD_TAG` is a valid, aligned static that nothing writes at run time.
+    let bytes: [u8; 48] = unsafe { std::ptr::read_volatile(&raw const BUILD_TAG) };
+    let slot = &bytes[BUILD_TAG_MARKER.len()..];
+    let end = slot.iter().position(|b| *b == 0).unwrap_or(slot.len());
+    String::from_utf8_lossy(&slot[..end]).into_owned()
+}
+
+/// The version this binary reports: the package version, `+tag` when it carries a build tag.
+pub fn version() -> String {
+    let tag = build_tag();
+    if tag.is_empty() {
+        env!("CARGO_PKG_VERSION").to_owned()
+    } else {
+        format!("{}+{tag}", env!("CARGO_PKG_VERSION"))
+    }
+}

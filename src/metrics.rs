@@ -98,6 +98,7 @@ pub struct Metrics {
     rate_limited: Family<ClientLabels, Counter>,
     auth_failures: Family<ReasonLabels, Counter>,
     sessions_refused: Family<ReasonLabels, Counter>,
+    upgrades: Family<OutcomeLabels, Counter>,
     config_reloads: Family<OutcomeLabels, Counter>,
 }
 
@@ -202,10 +203,16 @@ impl Metrics {
             "Config changes (file reloads and management edits) by outcome (applied, rejected)",
             config_reloads.clone(),
         );
+        let upgrades = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "upgrades",
+            "In-place upgrades by outcome: refused (the new binary failed its check), abandoned (requests did not drain, or a server could not be handed over), rolled_back (the new image could not restore), completed (counted by the new image)",
+            upgrades.clone(),
+        );
         registry.register(
             "build",
             "Version of the running relay",
-            Info::new(vec![("version", env!("CARGO_PKG_VERSION"))]),
+            Info::new(vec![("version", crate::version())]),
         );
         Metrics {
             registry,
@@ -215,6 +222,7 @@ impl Metrics {
             rate_limited,
             auth_failures,
             sessions_refused,
+            upgrades,
             config_reloads,
         }
     }
@@ -263,6 +271,13 @@ impl Metrics {
     pub fn session_refused(&self, reason: &'static str) {
         self.sessions_refused
             .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    /// Counts an in-place upgrade by outcome (see the `upgrades` metric).
+    pub fn upgrade(&self, outcome: &'static str) {
+        self.upgrades
+            .get_or_create(&OutcomeLabels { outcome })
             .inc();
     }
 

@@ -234,6 +234,19 @@ pub fn find(config: &Path) -> Vec<PathBuf> {
     sockets_in(&dir, &key)
 }
 
+/// The control socket of the relay with `pid`, whatever its config file.
+pub fn find_pid(pid: u32) -> Vec<PathBuf> {
+    let Ok(entries) = socket_dir().and_then(|d| std::fs::read_dir(&d).map_err(|e| e.to_string()))
+    else {
+        return Vec::new();
+    };
+    entries
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .filter(|p| pid_of(p).is_some_and(|p| i64::from(p) == i64::from(pid)))
+        .collect()
+}
+
 /// Sends one request to a relay's control socket and waits for the answer.
 pub fn request(
     socket: &Path,

@@ -26,6 +26,7 @@ pub const TOOLS: &[&str] = &[
     "update_server",
     "restart_server",
     "reload_config",
+    "upgrade",
 ];
 
 const PREFIX: &str = "relay__";
@@ -96,6 +97,12 @@ static DEFINITIONS: LazyLock<Vec<Arc<RawValue>>> = LazyLock::new(|| {
             "reload_config",
             "Re-read the config file and apply what changed; unchanged servers keep running. An invalid file is rejected as a whole.",
             json!({"type": "object", "properties": {}}),
+            false,
+        ),
+        (
+            "upgrade",
+            "Upgrade this relay in place to a new binary (default: the path it was started from), stdio relays only: the new binary is checked first (a failing one is refused and reported here); then, once requests in flight have answered, it replaces the running one with the same PID, pipes, session and servers. Clients notice nothing; relay__status shows the new version.",
+            json!({"type": "object", "properties": {"binary": {"type": "string", "description": "Path of the new mcp-relay binary."}}}),
             false,
         ),
     ];
@@ -182,6 +189,23 @@ pub async fn run(relay: &Arc<Relay>, op: &str, args: &Value) -> Result<Value, Ad
             }
             settle(relay, std::iter::once(&name)).await;
             Ok(json!({"restarted": name, "server": server_status(relay, &name)}))
+        }
+        "upgrade" => {
+            let binary = args
+                .get("binary")
+                .and_then(Value::as_str)
+                .map(std::path::PathBuf::from);
+            let to = relay
+                .request_upgrade(binary)
+                .await
+                .map_err(AdminError::Refused)?;
+            Ok(json!({
+                "upgrading": true,
+                "from": crate::version(),
+                "to": to,
+                "pid": std::process::id(),
+                "note": "the new binary takes over once the requests in flight have answered; sessions and servers carry on",
+            }))
         }
         "reload_config" => {
             let applied = reload(relay, true).await?;
@@ -318,6 +342,9 @@ fn server_status(relay: &Relay, name: &str) -> Value {
     if let (Some(a), Some(o)) = (attempt, v.as_object_mut()) {
         o.insert("attempt".into(), json!(a));
     }
+    if let (Some(pid), Some(o)) = (b.pid(), v.as_object_mut()) {
+        o.insert("pid".into(), json!(pid));
+    }
     v
 }
 
@@ -330,7 +357,7 @@ pub fn status(relay: &Relay) -> Value {
         .map(|b| server_status(relay, &b.name))
         .collect();
     json!({
-        "version": env!("CARGO_PKG_VERSION"),
+        "version": crate::version(),
         "pid": std::process::id(),
         "uptimeSeconds": relay.uptime().as_secs(),
         "front": match relay.front() { crate::router::Front::Stdio => "stdio", crate::router::Front::Http => "http" },

@@ -16,12 +16,21 @@ use std::io::{BufRead, Write};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
+/// The keeper as handed to the next image by an in-place upgrade.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct Handover {
+    pub pid: u32,
+    pub fd: std::os::fd::RawFd,
+}
+
 /// The relay's end of the keeper's pipe.
 #[derive(Debug)]
 pub struct Keeper {
-    pipe: Mutex<Option<std::process::ChildStdin>>,
-    /// Kept so the keeper is not reported as a zombie while the relay runs.
-    _child: std::process::Child,
+    pipe: Mutex<Option<std::fs::File>>,
+    /// Kept so the keeper is not reported as a zombie while the relay runs (`None` in an
+    /// image that took the keeper over from the previous one).
+    _child: Option<std::process::Child>,
+    pid: u32,
 }
 
 impl Keeper {
@@ -40,8 +49,14 @@ impl Keeper {
             .spawn();
         match spawned {
             Ok(mut child) => Some(Keeper {
-                pipe: Mutex::new(child.stdin.take()),
-                _child: child,
+                pipe: Mutex::new(
+                    child
+                        .stdin
+                        .take()
+                        .map(|p| std::fs::File::from(std::os::fd::OwnedFd::from(p))),
+                ),
+                pid: child.id(),
+                _child: Some(child),
             }),
             Err(e) => {
                 tracing::warn!(error = %e, "Cannot start the keeper; stdio servers may outlive a killed relay.");
@@ -58,6 +73,27 @@ impl Keeper {
             tracing::warn!("The keeper is gone; stdio servers may outlive a killed relay.");
             *pipe = None;
         }
+    }
+
+    /// The keeper of the previous image (an in-place upgrade): its pipe, open across exec.
+    /// The keeper still lists the groups it watched, so adopted servers stay covered.
+    pub fn adopt(h: &Handover) -> Result<Keeper, String> {
+        let fd = crate::upgrade::inherited_fd(h.fd)
+            .map_err(|e| format!("the keeper's pipe {} is unusable: {e}", h.fd))?;
+        Ok(Keeper {
+            pipe: Mutex::new(Some(std::fs::File::from(fd))),
+            _child: None,
+            pid: h.pid,
+        })
+    }
+
+    /// Its pipe, duplicated to stay open across the exec of an upgrade.
+    pub fn hand_over(&self) -> Result<Handover, String> {
+        use std::os::fd::AsRawFd;
+        let pipe = crate::sync::lock(&self.pipe);
+        let fd = pipe.as_ref().ok_or("the keeper is gone")?.as_raw_fd();
+        let fd = crate::upgrade::keep_across_exec(fd).map_err(|e| e.to_string())?;
+        Ok(Handover { pid: self.pid, fd })
     }
 
     /// A stdio server's process group started.

@@ -20,6 +20,8 @@ use crate::protocol::{self, Kind, Message, RawMap, method};
 use crate::session::ReqCtx;
 use crate::sync::{lock, read, write};
 use crate::tasks;
+use nix::sys::signal::{Signal, killpg};
+use nix::unistd::Pid;
 use serde_json::value::RawValue;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -175,8 +177,68 @@ pub enum Error {
     },
 }
 
-/// What `initialize` told us about the server.
-#[derive(Debug, Clone, Default)]
+/// A stdio server handed from one image of the relay to the next (an in-place upgrade).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Adopted {
+    pub name: String,
+    pub stdio: stdio::Handover,
+    pub info: Info,
+    /// The next request id toward it (answers to ids sent before the upgrade are dropped).
+    pub next_id: u64,
+    pub restarts: u64,
+    /// Its lists, so the next image's catalog is whole from its first moment.
+    #[serde(default)]
+    pub lists: CarriedLists,
+}
+
+/// A backend's lists in the upgrade state: `(key, item)` per list.
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
+pub struct CarriedLists {
+    pub tools: Vec<(String, Box<RawValue>)>,
+    pub prompts: Vec<(String, Box<RawValue>)>,
+    pub resources: Vec<(String, Box<RawValue>)>,
+    pub templates: Vec<(String, Box<RawValue>)>,
+}
+
+impl CarriedLists {
+    pub fn from_lists(l: &Lists) -> CarriedLists {
+        let out = |items: &[catalog::Item]| {
+            items
+                .iter()
+                .map(|i| (i.key.clone(), protocol::raw(i.raw.get())))
+                .collect()
+        };
+        CarriedLists {
+            tools: out(&l.tools),
+            prompts: out(&l.prompts),
+            resources: out(&l.resources),
+            templates: out(&l.templates),
+        }
+    }
+
+    pub fn into_lists(self) -> Lists {
+        let back = |items: Vec<(String, Box<RawValue>)>| {
+            items
+                .into_iter()
+                .map(|(key, raw)| catalog::Item {
+                    key,
+                    raw: Arc::from(raw),
+                })
+                .collect()
+        };
+        Lists {
+            tools: back(self.tools),
+            prompts: back(self.prompts),
+            resources: back(self.resources),
+            templates: back(self.templates),
+        }
+    }
+}
+
+/// What `initialize` told us about the server (carried across an in-place upgrade, so an
+/// adopted server is not initialized twice).
+#[derive(Debug, Clone, Default, serde::Serialize, serde::Deserialize)]
 pub struct Info {
     pub protocol_version: String,
     pub capabilities: Option<Box<RawValue>>,
@@ -386,10 +448,100 @@ pub fn routable_capabilities(client: Option<&RawValue>) -> String {
 impl Backend {
     /// Creates the backend and starts connecting in the background.
     pub fn start(config: ServerConfig, settings: Settings, hub: Arc<dyn Hub>) -> Arc<Backend> {
+        let b = Backend::new(config, settings, hub);
+        tokio::spawn(b.clone().supervise(None));
+        b
+    }
+
+    /// Creates the backend around a stdio server the previous image of the relay handed
+    /// over (an in-place upgrade): the same process, its pipes and what its `initialize`
+    /// said; only its lists are read again. If it has died meanwhile, it restarts as usual.
+    pub fn adopt(
+        config: ServerConfig,
+        settings: Settings,
+        hub: Arc<dyn Hub>,
+        carried: Adopted,
+    ) -> Arc<Backend> {
+        let b = Backend::new(config, settings, hub);
+        *write(&b.info) = carried.info;
+        *write(&b.lists) = carried.lists.into_lists();
+        b.next_id.store(carried.next_id.max(1), Ordering::Relaxed);
+        b.restarts.store(carried.restarts, Ordering::Relaxed);
+        let pid = carried.stdio.pid;
+        let first = match stdio::Stdio::adopt(&b, carried.stdio) {
+            Ok(s) => {
+                let conn = Conn::Stdio(s);
+                // Initialized and listed already: ready from the first moment.
+                *write(&b.conn) = Some(conn.clone());
+                b.state.send_replace(State::Ready);
+                Some(conn)
+            }
+            Err(e) => {
+                tracing::error!(server = %b.name, error = %e, "Cannot adopt the handed-over server; starting it afresh.");
+                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                None
+            }
+        };
+        tokio::spawn(b.clone().supervise(first));
+        b
+    }
+
+    /// Creates the backend with the lists the previous image had (an in-place upgrade of a
+    /// remote server: it reconnects, and its items stay listed meanwhile).
+    pub fn start_seeded(
+        config: ServerConfig,
+        settings: Settings,
+        hub: Arc<dyn Hub>,
+        lists: CarriedLists,
+    ) -> Arc<Backend> {
+        let b = Backend::new(config, settings, hub);
+        *write(&b.lists) = lists.into_lists();
+        tokio::spawn(b.clone().supervise(None));
+        b
+    }
+
+    /// This server's lists as an upgrade carries them.
+    pub fn carried_lists(&self) -> CarriedLists {
+        CarriedLists::from_lists(&self.lists())
+    }
+
+    /// Hands this stdio server over to the next image of the relay (see [`Backend::adopt`]):
+    /// its output is read up to a message boundary and its pipes are kept open across exec.
+    /// `None` for a server with nothing to hand over (not a connected stdio server).
+    pub async fn hand_over(&self) -> Option<Result<Adopted, String>> {
+        let conn = read(&self.conn).clone();
+        let Some(Conn::Stdio(s)) = conn else {
+            return None;
+        };
+        if !self.state().is_up() {
+            return None;
+        }
+        Some(s.hand_over().await.map(|stdio| Adopted {
+            name: self.name.clone(),
+            stdio,
+            info: self.info(),
+            next_id: self.next_id.load(Ordering::Relaxed),
+            restarts: self.restarts(),
+            lists: CarriedLists::from_lists(&self.lists()),
+        }))
+    }
+
+    /// The upgrade was abandoned after [`Backend::hand_over`]: the kept pipes close and the
+    /// server's output is read on.
+    pub fn take_back(&self, a: Adopted) {
+        for fd in [a.stdio.stdin, a.stdio.stdout, a.stdio.stderr] {
+            crate::upgrade::close(fd);
+        }
+        if let Some(Conn::Stdio(s)) = read(&self.conn).clone() {
+            s.resume(a.stdio.unread);
+        }
+    }
+
+    fn new(config: ServerConfig, settings: Settings, hub: Arc<dyn Hub>) -> Arc<Backend> {
         let slots = config
             .max_in_flight
             .clamp(1, tokio::sync::Semaphore::MAX_PERMITS);
-        let b = Arc::new(Backend {
+        Arc::new(Backend {
             name: config.name.clone(),
             config,
             settings,
@@ -406,9 +558,7 @@ impl Backend {
             auth_failed: std::sync::atomic::AtomicBool::new(false),
             slots: tokio::sync::Semaphore::new(slots),
             queued: std::sync::atomic::AtomicUsize::new(0),
-        });
-        tokio::spawn(b.clone().supervise());
-        b
+        })
     }
 
     /// This server's supervision: its own settings over the relay's.
@@ -439,6 +589,14 @@ impl Backend {
 
     pub fn restarts(&self) -> u64 {
         self.restarts.load(Ordering::Relaxed)
+    }
+
+    /// The process id of a running stdio server.
+    pub fn pid(&self) -> Option<i32> {
+        match read(&self.conn).as_ref() {
+            Some(Conn::Stdio(s)) => Some(s.pid()),
+            _ => None,
+        }
     }
 
     /// Requests sent to the server and not answered yet.
@@ -477,7 +635,9 @@ impl Backend {
         self.state.send_replace(State::Stopped);
     }
 
-    async fn supervise(self: Arc<Self>) {
+    /// Keeps the server up: `adopted` is a stdio server handed over by an upgrade, taken
+    /// as the first connection instead of starting one.
+    async fn supervise(self: Arc<Self>, mut adopted: Option<Conn>) {
         let mut starts: VecDeque<Instant> = VecDeque::new();
         let mut backoff = self.policy().backoff;
         loop {
@@ -487,9 +647,15 @@ impl Backend {
                 starts.pop_front();
             }
             self.auth_failed.store(false, Ordering::Relaxed);
-            let outcome = tokio::select! {
-                r = self.connect() => r,
-                () = self.stop.cancelled() => return,
+            let outcome = match adopted.take() {
+                Some(h) => tokio::select! {
+                    r = self.resume(h) => r,
+                    () = self.stop.cancelled() => return,
+                },
+                None => tokio::select! {
+                    r = self.connect() => r,
+                    () = self.stop.cancelled() => return,
+                },
             };
             let reason = match outcome {
                 Ok(conn) => {
@@ -667,6 +833,23 @@ impl Backend {
                 });
             }
         }
+        Ok(conn)
+    }
+
+    /// Goes on with an adopted stdio server: reads its lists again (the carried ones serve
+    /// meanwhile).
+    async fn resume(self: &Arc<Self>, conn: Conn) -> Result<Conn, String> {
+        let closed = conn.closed();
+        tokio::select! {
+            () = self.refresh_lists() => {}
+            () = closed.cancelled() => {
+                return Err(match &conn {
+                    Conn::Stdio(s) => s.exit_reason(),
+                    _ => "the connection closed".to_owned(),
+                });
+            }
+        }
+        tracing::info!(server = %self.name, "Backend adopted from the previous relay image.");
         Ok(conn)
     }
 

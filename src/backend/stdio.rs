@@ -7,6 +7,7 @@ use crate::sync::lock;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use std::collections::{BTreeMap, VecDeque};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
 use std::path::Path;
 use std::process::Stdio as StdStdio;
 use std::sync::{Arc, Mutex};
@@ -22,11 +23,33 @@ const STDERR_TAIL: usize = 20;
 /// A running stdio child.
 pub struct Stdio {
     tx: Mutex<Option<mpsc::UnboundedSender<String>>>,
+    pid: i32,
     pgid: i32,
+    /// The relay's ends of the child's stdin, stdout and stderr (owned by the I/O tasks;
+    /// duplicated for an upgrade).
+    fds: [RawFd; 3],
     stderr_tail: Arc<Mutex<VecDeque<String>>>,
     exit: watch::Receiver<Option<String>>,
     /// Fires when the child has exited and its output is drained.
     pub closed: CancellationToken,
+    /// Stops the stdout reader at a message boundary while true (an upgrade hands it over;
+    /// an abandoned upgrade sets it back).
+    pause: watch::Sender<bool>,
+    /// What the stopped reader had read past the last complete message.
+    unread: Arc<Mutex<Option<Vec<u8>>>>,
+}
+
+/// What an upgrade hands to the next image for one stdio child: its pid (also its process
+/// group) and the relay's ends of its pipes, open across `exec`.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Handover {
+    pub pid: i32,
+    pub stdin: RawFd,
+    pub stdout: RawFd,
+    pub stderr: RawFd,
+    /// Bytes read from its stdout past the last complete message.
+    pub unread: Vec<u8>,
 }
 
 impl Stdio {
@@ -55,8 +78,7 @@ impl Stdio {
             .id()
             .and_then(|p| i32::try_from(p).ok())
             .ok_or("the child exited before it could be tracked")?;
-        let keeper = backend.settings().keeper.clone();
-        if let Some(k) = &keeper {
+        if let Some(k) = &backend.settings().keeper {
             k.watch(pgid);
         }
         let (Some(stdin), Some(stdout), Some(stderr)) =
@@ -64,14 +86,70 @@ impl Stdio {
         else {
             return Err("the child's pipes were not created".to_owned());
         };
-        let stdin = stdin
-            .into_owned_fd()
-            .and_then(pipe::Sender::from_owned_fd)
+        let pipes = (
+            stdin.into_owned_fd(),
+            stdout.into_owned_fd(),
+            stderr.into_owned_fd(),
+        );
+        let (Ok(stdin), Ok(stdout), Ok(stderr)) = pipes else {
+            return Err("cannot own the child's pipes".to_owned());
+        };
+        let wait = Box::pin(async move {
+            match child.wait().await {
+                Ok(s) => format!("the process exited ({s})"),
+                Err(e) => format!("the process could not be waited for: {e}"),
+            }
+        });
+        Stdio::run(backend, pgid, [stdin, stdout, stderr], wait, Vec::new())
+    }
+
+    /// Takes over a child a previous image of the relay started (an in-place upgrade): the
+    /// child goes on running with the same pipes; it is reaped by pid.
+    pub fn adopt(backend: &Arc<Backend>, h: Handover) -> Result<Arc<Stdio>, String> {
+        let own = |fd: RawFd| -> Result<OwnedFd, String> {
+            crate::upgrade::inherited_fd(fd)
+                .map_err(|e| format!("the handed-over pipe {fd} is unusable: {e}"))
+        };
+        let fds = [own(h.stdin)?, own(h.stdout)?, own(h.stderr)?];
+        let pid = h.pid;
+        // The child was started by this process (before its exec): it is still ours to
+        // reap, by pid, on a thread that may block.
+        let wait = Box::pin(async move {
+            let waited = tokio::task::spawn_blocking(move || {
+                nix::sys::wait::waitpid(Pid::from_raw(pid), None)
+            })
+            .await;
+            match waited {
+                Ok(Ok(nix::sys::wait::WaitStatus::Exited(_, code))) => {
+                    format!("the process exited (exit status: {code})")
+                }
+                Ok(Ok(nix::sys::wait::WaitStatus::Signaled(_, sig, _))) => {
+                    format!("the process exited (signal: {sig})")
+                }
+                Ok(Ok(other)) => format!("the process stopped ({other:?})"),
+                Ok(Err(e)) => format!("the process could not be waited for: {e}"),
+                Err(e) => format!("the process could not be waited for: {e}"),
+            }
+        });
+        Stdio::run(backend, pid, fds, wait, h.unread)
+    }
+
+    /// Starts the I/O tasks over the child's pipes and the task that waits for its exit.
+    fn run(
+        backend: &Arc<Backend>,
+        pgid: i32,
+        [stdin, stdout, stderr]: [OwnedFd; 3],
+        wait: futures::future::BoxFuture<'static, String>,
+        unread: Vec<u8>,
+    ) -> Result<Arc<Stdio>, String> {
+        let keeper = backend.settings().keeper.clone();
+        let fds = [stdin.as_raw_fd(), stdout.as_raw_fd(), stderr.as_raw_fd()];
+        let stdin = pipe::Sender::from_owned_fd(stdin)
             .map_err(|e| format!("cannot own the child's stdin: {e}"))?;
-        let stdout = stdout
-            .into_owned_fd()
-            .and_then(pipe::Receiver::from_owned_fd)
+        let stdout = pipe::Receiver::from_owned_fd(stdout)
             .map_err(|e| format!("cannot own the child's stdout: {e}"))?;
+        let stderr = pipe::Receiver::from_owned_fd(stderr)
+            .map_err(|e| format!("cannot own the child's stderr: {e}"))?;
 
         let (tx, rx) = mpsc::unbounded_channel::<String>();
         tokio::spawn(write_loop(stdin, rx));
@@ -94,22 +172,21 @@ impl Stdio {
         let (exit_tx, exit) = watch::channel(None);
         let closed = CancellationToken::new();
         let reader_done = CancellationToken::new();
+        let pause = watch::Sender::new(false);
+        let left = Arc::new(Mutex::new(None));
         let b = backend.clone();
         let max = backend.settings().max_message_bytes();
         let done = reader_done.clone();
+        let (paused, kept) = (pause.subscribe(), left.clone());
         tokio::spawn(async move {
-            read_loop(&b, stdout, max).await;
+            read_loop(&b, stdout, max, unread, paused, &kept).await;
             done.cancel();
         });
         let closed2 = closed.clone();
         tokio::spawn(async move {
-            let status = child.wait().await;
+            let reason = wait.await;
             // Let the reader drain what the child wrote before it exited.
             let _ = tokio::time::timeout(Duration::from_millis(200), reader_done.cancelled()).await;
-            let reason = match status {
-                Ok(s) => format!("the process exited ({s})"),
-                Err(e) => format!("the process could not be waited for: {e}"),
-            };
             let _ = exit_tx.send(Some(reason));
             closed2.cancel();
             // The server is gone: what it left in its group is orphaned. Then the keeper
@@ -122,11 +199,64 @@ impl Stdio {
 
         Ok(Arc::new(Stdio {
             tx: Mutex::new(Some(tx)),
+            pid: pgid,
             pgid,
+            fds,
             stderr_tail,
             exit,
             closed,
+            pause,
+            unread: left,
         }))
+    }
+
+    /// Prepares the child for the next image of the relay: stops reading its stdout at a
+    /// message boundary and returns its pipes, duplicated so that they stay open across
+    /// `exec` (the caller execs right after; the tasks here hold the originals until then).
+    pub async fn hand_over(&self) -> Result<Handover, String> {
+        self.pause.send_replace(true);
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        let unread = loop {
+            if let Some(rest) = lock(&self.unread).take() {
+                break rest;
+            }
+            if tokio::time::Instant::now() >= deadline || self.closed.is_cancelled() {
+                self.pause.send_replace(false);
+                return Err("its output reader did not stop".to_owned());
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        let mut kept = Vec::new();
+        for fd in self.fds {
+            match crate::upgrade::keep_across_exec(fd) {
+                Ok(k) => kept.push(k),
+                Err(e) => {
+                    for k in kept {
+                        crate::upgrade::close(k);
+                    }
+                    self.resume(unread);
+                    return Err(format!("cannot keep its pipes open: {e}"));
+                }
+            }
+        }
+        Ok(Handover {
+            pid: self.pid,
+            stdin: kept[0],
+            stdout: kept[1],
+            stderr: kept[2],
+            unread,
+        })
+    }
+
+    /// The upgrade was abandoned after [`Stdio::hand_over`]: reading goes on where it stopped.
+    pub fn resume(&self, unread: Vec<u8>) {
+        *lock(&self.unread) = Some(unread);
+        self.pause.send_replace(false);
+    }
+
+    /// The child's process id (also its process group).
+    pub fn pid(&self) -> i32 {
+        self.pid
     }
 
     pub fn send(&self, msg: String) -> Result<(), String> {
@@ -218,14 +348,42 @@ async fn write_loop(mut pipe: pipe::Sender, mut rx: mpsc::UnboundedReceiver<Stri
     }
 }
 
-async fn read_loop(b: &Arc<Backend>, mut pipe: pipe::Receiver, max: usize) {
+/// Reads the child's messages until its stdout closes. While `pause` is true it stops at a
+/// message boundary, leaving the bytes read past it in `kept`; when `pause` turns false it
+/// takes them back from `kept` and reads on.
+async fn read_loop(
+    b: &Arc<Backend>,
+    mut pipe: pipe::Receiver,
+    max: usize,
+    unread: Vec<u8>,
+    mut pause: watch::Receiver<bool>,
+    kept: &Mutex<Option<Vec<u8>>>,
+) {
     let mut lines = LineBuffer::new(max);
+    lines.extend(&unread);
     let mut chunk = vec![0u8; 64 * 1024];
+    let mut first = true;
     loop {
-        match pipe.read(&mut chunk).await {
-            Ok(0) | Err(_) => return,
-            Ok(n) => lines.extend(&chunk[..n]),
+        if !first {
+            let read = tokio::select! {
+                biased;
+                _ = pause.wait_for(|p| *p) => None,
+                r = pipe.read(&mut chunk) => Some(r),
+            };
+            match read {
+                None => {
+                    *lock(kept) = Some(lines.take_rest());
+                    if pause.wait_for(|p| !*p).await.is_err() {
+                        return;
+                    }
+                    let back = lock(kept).take().unwrap_or_default();
+                    lines.extend(&back);
+                }
+                Some(Ok(0) | Err(_)) => return,
+                Some(Ok(n)) => lines.extend(&chunk[..n]),
+            }
         }
+        first = false;
         while let Some(frame) = lines.next_frame() {
             match frame {
                 Frame::Line(l) => b.on_message(&l, None),

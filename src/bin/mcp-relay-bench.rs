@@ -20,6 +20,11 @@
 //!    bearer-token auth and a rate limit that never refuses (every request authenticated
 //!    and counted), alternating rounds at each concurrency: calls/s and relay CPU per call,
 //!    and the in-process cost of the metrics recorded per call (both relays record them).
+//! 8. Upgrade (`--only upgrade`): a stdio relay with two stdio servers and one client
+//!    calling an echo tool in a closed loop, upgraded in place 10 times (a copy of the relay
+//!    binary with a patched build tag installed over its path, then SIGUSR2): per upgrade,
+//!    the longest gap between two answers from the signal until the new version answers,
+//!    against the longest gap over the same number of calls just before.
 //! 7. Soak (only with `--only soak`): 8 sessions call two stdio servers for 5 minutes while
 //!    one of them is SIGKILLed every 10 s: calls and errors per server, relay RSS and open
 //!    fds at start and end, child processes at the end.
@@ -31,7 +36,8 @@
 //!   --rounds N        rounds per concurrency (default 5)
 //!   --round-ms MS     length of one direct or relayed run (default 1000)
 //!   --clients N       fan-in clients (default 1000)
-//!   --only call|fanin|list|reload|rank|guard|soak   run one part (soak runs only when named)
+//!   --only call|fanin|list|reload|rank|guard|soak|upgrade   run one part (soak and
+//!                     upgrade run only when named)
 //!   --soak-secs N     length of the soak (default 300)
 //!   --reloads N       config saves of part 4 (default 100)
 //!   --concurrency 1,16,256    the concurrencies of part 1
@@ -950,6 +956,147 @@ async fn bench_guard(o: &Opts, dir: &Path) -> Res<()> {
     Ok(())
 }
 
+/// A copy of the relay binary that reports `VERSION+tag` (its build-tag slot patched).
+fn patched_relay(dest: &Path, tag: &str) -> Res<()> {
+    use std::os::unix::fs::PermissionsExt;
+    let mut bytes = std::fs::read(sibling("mcp-relay")?)?;
+    let marker = mcp_relay::BUILD_TAG_MARKER;
+    let at = bytes
+        .windows(marker.len() + 28)
+        .position(|w| w.starts_with(marker) && w[marker.len()..].iter().all(|b| *b == 0))
+        .ok_or("no build-tag slot in the relay binary")?
+        + marker.len();
+    bytes[at..at + tag.len()].copy_from_slice(tag.as_bytes());
+    let tmp = dest.with_extension("new");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
+    std::fs::rename(&tmp, dest)?;
+    Ok(())
+}
+
+/// Part 8: the longest gap in answered requests across in-place upgrades of a stdio relay.
+fn bench_upgrade(dir: &Path) -> Res<()> {
+    use std::io::Write;
+    let example = sibling("mcp-example-server")?;
+    let bin = dir.join("upgrade-relay");
+    patched_relay(&bin, "u0")?;
+    let cfg_path = dir.join("upgrade.json");
+    let cfg = json!({"mcpServers": {
+        "a": {"command": example, "args": ["--name", "a"]},
+        "b": {"command": example, "args": ["--name", "b"]},
+    }});
+    std::fs::write(&cfg_path, cfg.to_string())?;
+    let mut relay = Proc::spawn(
+        Command::new(&bin)
+            .args(["stdio", "--config"])
+            .arg(&cfg_path)
+            .env("RUST_LOG", "warn")
+            .env("MCP_RELAY_RUNTIME_DIR", dir.join("run"))
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    )?;
+    let mut stdin = relay.0.stdin.take().ok_or("no stdin")?;
+    let mut lines = BufReader::new(relay.0.stdout.take().ok_or("no stdout")?).lines();
+    let pid = nix::unistd::Pid::from_raw(i32::try_from(relay.pid())?);
+    let mut next = 0u64;
+    // One request, its answer (skipping notifications).
+    let mut call = |method: &str, params: Value| -> Res<Value> {
+        next += 1;
+        let msg = json!({"jsonrpc": "2.0", "id": next, "method": method, "params": params});
+        writeln!(stdin, "{msg}")?;
+        loop {
+            let line = lines.next().ok_or("the relay closed stdout")??;
+            let v: Value = serde_json::from_str(&line)?;
+            if v["id"] == next && v.get("method").is_none() {
+                return Ok(v);
+            }
+        }
+    };
+    call(
+        "initialize",
+        json!({"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "bench", "version": "1"}}),
+    )?;
+    let version = |call: &mut dyn FnMut(&str, Value) -> Res<Value>| -> Res<String> {
+        let s = call(
+            "tools/call",
+            json!({"name": "relay__status", "arguments": {}}),
+        )?;
+        Ok(s["result"]["structuredContent"]["version"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned())
+    };
+    let echo = |call: &mut dyn FnMut(&str, Value) -> Res<Value>, i: u64| -> Res<Instant> {
+        let server = if i.is_multiple_of(2) { "a" } else { "b" };
+        let r = call(
+            "tools/call",
+            json!({"name": format!("{server}__echo"), "arguments": {"message": "x"}}),
+        )?;
+        if r.get("result").is_none() {
+            return Err(format!("a call failed: {r}").into());
+        }
+        Ok(Instant::now())
+    };
+    let longest = |times: &[Instant]| -> f64 {
+        times
+            .windows(2)
+            .map(|w| w[1].duration_since(w[0]).as_secs_f64() * 1000.0)
+            .fold(0.0, f64::max)
+    };
+    let (mut gaps, mut quiet, mut calls) = (Vec::new(), Vec::new(), 0usize);
+    for n in 1..=10u32 {
+        let tag = format!("u{n}");
+        let mut before = vec![Instant::now()];
+        for i in 0..300 {
+            before.push(echo(&mut call, i)?);
+        }
+        patched_relay(&bin, &tag)?;
+        let mut during = vec![Instant::now()];
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGUSR2)?;
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut i = 0u64;
+        loop {
+            during.push(echo(&mut call, i)?);
+            i += 1;
+            if i.is_multiple_of(20) && version(&mut call)?.ends_with(&format!("+{tag}")) {
+                break;
+            }
+            if Instant::now() > deadline {
+                return Err(format!("upgrade {n} did not happen within 60 s").into());
+            }
+        }
+        calls += before.len() + during.len() - 2;
+        quiet.push(longest(&before));
+        gaps.push(longest(&during));
+    }
+    let (mut g, mut q) = (gaps.clone(), quiet.clone());
+    println!(
+        "\nIn-place upgrade of a stdio relay (2 stdio servers, closed-loop echo calls, 10 upgrades, {calls} calls, 0 failed)"
+    );
+    println!("| | p50 ms | max ms |");
+    println!("|---|---|---|");
+    println!(
+        "| longest gap between answers, from SIGUSR2 until the new version answers | {:.1} | {:.1} |",
+        percentile(&mut g, 0.5),
+        percentile(&mut g, 1.0)
+    );
+    println!(
+        "| longest gap over 300 calls just before (no upgrade) | {:.1} | {:.1} |",
+        percentile(&mut q, 0.5),
+        percentile(&mut q, 1.0)
+    );
+    println!(
+        "per upgrade (ms): {}",
+        gaps.iter()
+            .map(|x| format!("{x:.1}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    drop(relay);
+    Ok(())
+}
+
 fn parse_opts() -> Res<Opts> {
     let mut o = Opts {
         backend: "example".into(),
@@ -974,8 +1121,10 @@ fn parse_opts() -> Res<Opts> {
                 o.concurrency = v.split(',').map(str::parse).collect::<Result<_, _>>()?;
             }
             "--only"
-                if ["call", "fanin", "list", "reload", "rank", "guard", "soak"]
-                    .contains(&v.as_str()) =>
+                if [
+                    "call", "fanin", "list", "reload", "rank", "guard", "soak", "upgrade",
+                ]
+                .contains(&v.as_str()) =>
             {
                 o.only = Some(v);
             }
@@ -1030,6 +1179,10 @@ fn main() -> Res<()> {
         // Five minutes: only when asked for.
         if o.only.as_deref() == Some("soak") {
             bench_soak(o.soak_secs, &dir).await?;
+        }
+        if o.only.as_deref() == Some("upgrade") {
+            let dir = dir.clone();
+            tokio::task::spawn_blocking(move || bench_upgrade(&dir)).await??;
         }
         Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
     });

@@ -469,6 +469,81 @@ pub fn restart(config: Option<PathBuf>, name: &str, as_json: bool) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// `mcp-relay upgrade`: asks the relays of the config file (or the one with `pid`) to
+/// upgrade in place, then waits (bounded) until each reports the new version.
+pub fn upgrade(
+    config: Option<PathBuf>,
+    pid: Option<u32>,
+    binary: Option<PathBuf>,
+    as_json: bool,
+) -> ExitCode {
+    let sockets = match pid {
+        Some(p) => control::find_pid(p),
+        None => match running(config) {
+            Ok(s) => s,
+            Err(c) => return c,
+        },
+    };
+    if sockets.is_empty() {
+        // No control socket (a relay without a config file): the signal still works.
+        let Some(p) = pid.and_then(|p| i32::try_from(p).ok()) else {
+            return fail("no running relay found");
+        };
+        return match nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p),
+            nix::sys::signal::Signal::SIGUSR2,
+        ) {
+            Ok(()) => {
+                println!("sent SIGUSR2 to relay pid {p}; its log reports the outcome");
+                ExitCode::SUCCESS
+            }
+            Err(e) => fail(format!("cannot signal pid {p}: {e}")),
+        };
+    }
+    let binary = binary.map(|b| std::fs::canonicalize(&b).unwrap_or(b));
+    let args = json!({"binary": binary});
+    let mut code = ExitCode::SUCCESS;
+    for s in &sockets {
+        let who = control::pid_of(s).unwrap_or_default();
+        let to = match control::request(s, "upgrade", &args, Duration::from_secs(60)) {
+            Ok(v) => v["to"].as_str().unwrap_or_default().to_owned(),
+            Err(e) => {
+                eprintln!("relay pid {who}: upgrade refused: {e}");
+                code = ExitCode::FAILURE;
+                continue;
+            }
+        };
+        // The exec follows once requests in flight have answered.
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        let now = loop {
+            let v = control::request(s, "status", &json!({}), ANSWER_TIMEOUT).ok();
+            let version = v
+                .as_ref()
+                .and_then(|v| v["version"].as_str())
+                .map(str::to_owned);
+            if version.as_deref() == Some(to.as_str()) || std::time::Instant::now() > deadline {
+                break version;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        let done = now.as_deref() == Some(to.as_str());
+        if as_json {
+            print_json(&json!({"pid": who, "to": to, "version": now, "upgraded": done}));
+        } else if done {
+            println!("relay pid {who} now runs {to}");
+        } else {
+            println!(
+                "relay pid {who}: still {} after 120 s (requests still in flight, or the upgrade was rolled back; see its log)",
+                now.unwrap_or_else(|| "unreachable".into())
+            );
+        }
+        if !done {
+            code = ExitCode::FAILURE;
+        }
+    }
+    code
+}
+
 pub fn backups(config: Option<PathBuf>) -> ExitCode {
     let path = match locate(config) {
         Ok(p) => p,

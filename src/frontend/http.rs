@@ -1246,7 +1246,7 @@ async fn handle_health(
     let cfg = front.settings();
     let mut body = serde_json::json!({
         "status": overall(relay),
-        "version": env!("CARGO_PKG_VERSION"),
+        "version": crate::version(),
         "uptime_s": relay.uptime().as_secs(),
     });
     if front.may_see_detail(&cfg, &headers, peer.map(|Extension(p)| p.0)) {

@@ -9,18 +9,21 @@ use crate::protocol::{self, Message};
 use crate::router::Relay;
 use crate::session::Session;
 use crate::sync::lock;
+use crate::upgrade::{self, FrontState};
 use std::os::fd::{AsRawFd, OwnedFd};
 use std::sync::Arc;
+use std::time::Duration;
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::net::unix::pipe;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
-/// Serves one client on stdin/stdout until stdin closes.
-pub async fn serve(relay: Arc<Relay>) -> std::io::Result<()> {
+/// Serves one client on stdin/stdout until stdin closes; `restored` is the session an
+/// upgraded image carries on.
+pub async fn serve(relay: Arc<Relay>, restored: Option<FrontState>) -> std::io::Result<()> {
     let input = open_input()?;
     let output = open_output()?;
-    serve_io(relay, input, output).await
+    serve_io(relay, input, output, restored).await
 }
 
 fn dup_fd(fd: i32) -> std::io::Result<OwnedFd> {
@@ -57,15 +60,28 @@ pub async fn serve_io(
     relay: Arc<Relay>,
     mut input: Box<dyn AsyncRead + Unpin + Send>,
     mut output: Box<dyn AsyncWrite + Unpin + Send>,
+    restored: Option<FrontState>,
 ) -> std::io::Result<()> {
     let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+    // An upgrade asks the writer to write out everything queued and say when it has.
+    let (flush_tx, mut flush_rx) = mpsc::unbounded_channel::<oneshot::Sender<()>>();
     let writer = tokio::spawn(async move {
         let mut buf = Vec::with_capacity(16 * 1024);
-        while let Some(first) = rx.recv().await {
+        loop {
             buf.clear();
-            buf.extend_from_slice(first.as_bytes());
-            buf.push(b'\n');
-            while buf.len() < 256 * 1024 {
+            let ack = tokio::select! {
+                biased;
+                Some(ack) = flush_rx.recv() => Some(ack),
+                m = rx.recv() => match m {
+                    Some(first) => {
+                        buf.extend_from_slice(first.as_bytes());
+                        buf.push(b'\n');
+                        None
+                    }
+                    None => break,
+                },
+            };
+            while buf.len() < 256 * 1024 || ack.is_some() {
                 match rx.try_recv() {
                     Ok(m) => {
                         buf.extend_from_slice(m.as_bytes());
@@ -77,31 +93,59 @@ pub async fn serve_io(
             if output.write_all(&buf).await.is_err() || output.flush().await.is_err() {
                 break;
             }
+            if let Some(ack) = ack {
+                let _ = ack.send(());
+            }
         }
     });
-    let session = relay.open_session(Session::random_id(), tx.clone(), None);
     let max = relay.config().relay.max_message_bytes;
     let mut lines = LineBuffer::new(max);
+    let (session, held) = match restored {
+        Some(r) => {
+            let s = relay.open_session(r.session_id, tx.clone(), None);
+            *s.state() = r.session;
+            lines.extend(&r.partial);
+            (s, r.held)
+        }
+        None => (
+            relay.open_session(Session::random_id(), tx.clone(), None),
+            Vec::new(),
+        ),
+    };
     let mut chunk = vec![0u8; 64 * 1024];
     let tasks = tokio_util::task::TaskTracker::new();
     let open = Open::default();
+    let front = Front {
+        relay: &relay,
+        session: &session,
+        open: &open,
+        tx: &tx,
+        tasks: &tasks,
+    };
+    // Messages an upgrade held go first, in their order.
+    for line in held {
+        front.dispatch(&line);
+    }
+    let mut upgrades = relay.serve_upgrades();
     loop {
-        let n = input.read(&mut chunk).await?;
-        if n == 0 {
-            break;
-        }
-        lines.extend(&chunk[..n]);
-        while let Some(frame) = lines.next_frame() {
-            match frame {
-                Frame::TooLong { size, head, tail } => {
-                    // Only a request gets an answer under its id.
-                    let id = Some(())
-                        .filter(|()| crate::protocol::lines::has_method(&head, &tail))
-                        .and_then(|()| crate::protocol::lines::sniff_id(&head, &tail));
-                    let id = id.as_deref().unwrap_or("null");
-                    let _ = tx.send(RpcError::TooLarge { size, max }.to_response(id));
+        tokio::select! {
+            r = input.read(&mut chunk) => {
+                let n = r?;
+                if n == 0 {
+                    break;
                 }
-                Frame::Line(line) => dispatch(&relay, &session, &open, &tx, &tasks, &line),
+                lines.extend(&chunk[..n]);
+                while let Some(frame) = lines.next_frame() {
+                    front.frame(frame, max, |line| front.dispatch(line));
+                }
+            }
+            Some(req) = upgrades.recv() => {
+                let closed = front
+                    .upgrade(req, &mut input, &mut lines, &mut chunk, max, &flush_tx)
+                    .await?;
+                if closed {
+                    break;
+                }
             }
         }
     }
@@ -117,6 +161,185 @@ pub async fn serve_io(
     drop(session);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), writer).await;
     Ok(())
+}
+
+/// The stdio front's parts that serving a message needs.
+struct Front<'a> {
+    relay: &'a Arc<Relay>,
+    session: &'a Arc<Session>,
+    open: &'a Open,
+    tx: &'a mpsc::UnboundedSender<String>,
+    tasks: &'a tokio_util::task::TaskTracker,
+}
+
+impl Front<'_> {
+    fn dispatch(&self, line: &[u8]) {
+        dispatch(
+            self.relay,
+            self.session,
+            self.open,
+            self.tx,
+            self.tasks,
+            line,
+        );
+    }
+
+    /// Serves a complete line with `serve`; answers an oversized one with an error.
+    fn frame(&self, frame: Frame, max: usize, serve: impl FnOnce(&[u8])) {
+        match frame {
+            Frame::TooLong { size, head, tail } => {
+                // Only a request gets an answer under its id.
+                let id = Some(())
+                    .filter(|()| crate::protocol::lines::has_method(&head, &tail))
+                    .and_then(|()| crate::protocol::lines::sniff_id(&head, &tail));
+                let id = id.as_deref().unwrap_or("null");
+                let _ = self
+                    .tx
+                    .send(RpcError::TooLarge { size, max }.to_response(id));
+            }
+            Frame::Line(line) => serve(&line),
+        }
+    }
+
+    /// Carries out an upgrade (see [`crate::upgrade`]): check the new binary, let the
+    /// requests in flight answer while holding new ones, hand everything over and exec.
+    /// Returns only if the upgrade was refused or abandoned (serving goes on), or with
+    /// `true` when stdin closed meanwhile.
+    async fn upgrade(
+        &self,
+        req: upgrade::Request,
+        input: &mut Box<dyn AsyncRead + Unpin + Send>,
+        lines: &mut LineBuffer,
+        chunk: &mut [u8],
+        max: usize,
+        flush: &mpsc::UnboundedSender<oneshot::Sender<()>>,
+    ) -> std::io::Result<bool> {
+        let upgrade::Request { binary, reply } = req;
+        let answer = |r: Result<String, String>| {
+            if let Some(reply) = reply {
+                let _ = reply.send(r);
+            }
+        };
+        let mut state = upgrade::State {
+            format: upgrade::FORMAT,
+            written_by: crate::version(),
+            front: FrontState {
+                session_id: self.session.id.clone(),
+                session: self.session.state().clone(),
+                ..FrontState::default()
+            },
+            backends: Vec::new(),
+            lists: Default::default(),
+            keeper: None,
+        };
+        let plan = match upgrade::check(binary, &state).await {
+            Ok(p) => p,
+            Err(e) => {
+                tracing::error!(error = %e, "Upgrade refused; serving on.");
+                self.relay.metrics.upgrade("refused");
+                answer(Err(e));
+                return Ok(false);
+            }
+        };
+        tracing::info!(to = %plan.version, "New binary checked; upgrading once the requests in flight have answered.");
+        answer(Ok(plan.version.clone()));
+        // Drain: responses (to the servers' requests) and cancellations still pass; other
+        // messages wait for the next image.
+        let limit = self.relay.config().relay.request_timeout + Duration::from_secs(5);
+        let deadline = tokio::time::Instant::now() + limit;
+        let mut held: Vec<Vec<u8>> = Vec::new();
+        let mut eof = false;
+        self.tasks.close();
+        let drained = loop {
+            if self.tasks.is_empty() {
+                break true;
+            }
+            tokio::select! {
+                () = self.tasks.wait() => break true,
+                () = tokio::time::sleep_until(deadline) => break false,
+                r = input.read(chunk), if !eof => {
+                    let n = r?;
+                    if n == 0 {
+                        eof = true;
+                        continue;
+                    }
+                    lines.extend(&chunk[..n]);
+                    while let Some(frame) = lines.next_frame() {
+                        self.frame(frame, max, |line| {
+                            if passes_while_draining(line) {
+                                self.dispatch(line);
+                            } else {
+                                held.push(line.to_vec());
+                            }
+                        });
+                    }
+                }
+            }
+        };
+        self.tasks.reopen();
+        let resume = |held: Vec<Vec<u8>>| {
+            for line in held {
+                self.dispatch(&line);
+            }
+        };
+        if eof {
+            resume(held);
+            return Ok(true);
+        }
+        if !drained {
+            tracing::error!(
+                waited_ms = limit.as_millis() as u64,
+                "Upgrade abandoned: requests (or listen streams) were still open; serving on."
+            );
+            self.relay.metrics.upgrade("abandoned");
+            resume(held);
+            return Ok(false);
+        }
+        let carried = match self.relay.hand_over().await {
+            Ok(h) => h,
+            Err(e) => {
+                tracing::error!(error = %e, "Upgrade abandoned: a server could not be handed over; serving on.");
+                self.relay.metrics.upgrade("abandoned");
+                resume(held);
+                return Ok(false);
+            }
+        };
+        let (ack, acked) = oneshot::channel();
+        if flush.send(ack).is_ok() {
+            let _ = tokio::time::timeout(Duration::from_secs(5), acked).await;
+        }
+        state.front.session = self.session.state().clone();
+        state.front.held = held;
+        state.front.partial = lines.take_rest();
+        state.backends = carried.backends;
+        state.lists = carried.lists;
+        state.keeper = carried.keeper;
+        let memfd = match upgrade::seal(&state) {
+            Ok(fd) => fd,
+            Err(e) => {
+                tracing::error!(error = %e, "Upgrade abandoned; serving on.");
+                self.relay.metrics.upgrade("abandoned");
+                self.relay.take_back(state.backends, state.keeper);
+                lines.extend(&state.front.partial);
+                resume(state.front.held);
+                return Ok(false);
+            }
+        };
+        tracing::info!(to = %plan.version, servers = state.backends.len(), "Executing the new binary.");
+        let err = upgrade::exec(plan, memfd);
+        // Neither binary could be executed: nothing can serve the client any more.
+        tracing::error!(error = %err, "Upgrade failed; exiting.");
+        std::process::exit(70);
+    }
+}
+
+/// Messages served while an upgrade drains: answers to the servers' requests and
+/// cancellations (they help requests in flight finish). Everything else waits.
+fn passes_while_draining(line: &[u8]) -> bool {
+    match Message::parse(line) {
+        Ok(m) => m.kind() == protocol::Kind::Response || m.method() == protocol::method::CANCELLED,
+        Err(_) => false,
+    }
 }
 
 /// Cancels the stateless request or listen stream a `notifications/cancelled` names; false

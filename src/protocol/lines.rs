@@ -64,6 +64,16 @@ impl LineBuffer {
         &mut self.buf
     }
 
+    /// Takes the bytes received but not yet returned as a line (the start of the next
+    /// message), leaving the buffer empty: what an upgrade hands to the next image. (The
+    /// rest of an oversized line being skipped is not carried; the next image reports it as
+    /// a malformed message.)
+    pub fn take_rest(&mut self) -> Vec<u8> {
+        self.skipping = None;
+        self.scanned = 0;
+        self.buf.split().to_vec()
+    }
+
     /// Bytes received but not yet returned as a line.
     pub fn pending(&self) -> &[u8] {
         &self.buf

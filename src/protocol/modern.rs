@@ -177,7 +177,7 @@ fn cacheable(method: &str) -> bool {
 
 /// The relay's identity, as results of the era carry it in `_meta`.
 pub fn server_info() -> serde_json::Value {
-    serde_json::json!({"name": "mcp-relay", "title": "MCP relay", "version": env!("CARGO_PKG_VERSION")})
+    serde_json::json!({"name": "mcp-relay", "title": "MCP relay", "version": crate::version()})
 }
 
 /// Completes a result for a modern client: `resultType` (`complete` unless it says

@@ -61,6 +61,8 @@ pub struct Relay {
     declared: tokio::sync::watch::Sender<Option<String>>,
     /// When backends were released to run their handshakes.
     released: Mutex<Instant>,
+    /// Where upgrade requests go: the stdio front that can carry one out, once it serves.
+    upgrades: Mutex<Option<tokio::sync::mpsc::Sender<crate::upgrade::Request>>>,
     pub metrics: crate::metrics::Metrics,
     /// Numbers requests for the logs (`request` span field).
     next_request: std::sync::atomic::AtomicU64,
@@ -227,10 +229,41 @@ pub(crate) enum Answer {
 impl Relay {
     /// Starts every enabled backend (concurrently, in the background).
     pub fn start(config: Config, front: Front) -> Arc<Relay> {
+        Relay::start_with(config, front, None)
+    }
+
+    /// Starts the relay; with `carried` (an in-place upgrade), the stdio servers and the
+    /// keeper of the previous image are adopted instead of started, and the backends are
+    /// told the client's capabilities at once.
+    pub fn start_with(
+        config: Config,
+        front: Front,
+        carried: Option<(&crate::upgrade::State, Option<backend::keeper::Keeper>)>,
+    ) -> Arc<Relay> {
+        let known = carried.as_ref().map(|(st, _)| {
+            backend::routable_capabilities(st.front.session.client_capabilities.as_deref())
+        });
         let declared = tokio::sync::watch::Sender::new(match front {
             Front::Http => Some(backend::RELAY_CLIENT_CAPABILITIES.to_owned()),
-            Front::Stdio => None,
+            Front::Stdio => known,
         });
+        let mut seeded = carried
+            .as_ref()
+            .map(|(st, _)| st.lists.clone())
+            .unwrap_or_default();
+        let mut adopted: HashMap<String, backend::Adopted> = carried
+            .as_ref()
+            .map(|(st, _)| {
+                st.backends
+                    .iter()
+                    .map(|a| (a.name.clone(), a.clone()))
+                    .collect()
+            })
+            .unwrap_or_default();
+        let keeper = match carried {
+            Some((_, k)) => k.map(Arc::new),
+            None => backend::keeper::Keeper::start().map(Arc::new),
+        };
         let supervision = config.relay.supervision;
         let limits = Arc::new(backend::Limits::new(
             config.relay.request_timeout,
@@ -242,7 +275,7 @@ impl Relay {
             settings: backend::Settings {
                 limits,
                 supervision: Arc::new(RwLock::new(supervision)),
-                keeper: backend::keeper::Keeper::start().map(Arc::new),
+                keeper,
                 client_capabilities: declared.subscribe(),
             },
             hub: Arc::new(HubRef(me.clone())),
@@ -269,12 +302,45 @@ impl Relay {
             )))),
             declared,
             released: Mutex::new(Instant::now()),
+            upgrades: Mutex::new(None),
         });
         {
             let cfg = relay.config();
             let mut backends = write(&relay.backends);
             for s in cfg.servers.iter().filter(|s| !s.disabled) {
-                backends.insert(s.name.clone(), relay.start_backend(s));
+                let carried = adopted.remove(&s.name).filter(|_| {
+                    matches!(s.transport, crate::config::TransportConfig::Stdio { .. })
+                        && s.isolation == crate::config::Isolation::Shared
+                });
+                let b = match carried {
+                    Some(a) => {
+                        Backend::adopt(s.clone(), relay.settings.clone(), relay.hub.clone(), a)
+                    }
+                    None => match seeded.remove(&s.name) {
+                        Some(lists) => Backend::start_seeded(
+                            s.clone(),
+                            relay.settings.clone(),
+                            relay.hub.clone(),
+                            lists,
+                        ),
+                        None => relay.start_backend(s),
+                    },
+                };
+                backends.insert(s.name.clone(), b);
+            }
+        }
+        // Servers the config no longer has (or runs differently): their processes stop.
+        for (name, a) in adopted {
+            tracing::info!(server = %name, "Handed-over server is no longer configured as it was; stopping it.");
+            let _ = nix::sys::signal::killpg(
+                nix::unistd::Pid::from_raw(a.stdio.pid),
+                nix::sys::signal::Signal::SIGTERM,
+            );
+            for fd in [a.stdio.stdin, a.stdio.stdout, a.stdio.stderr] {
+                drop(crate::upgrade::inherited_fd(fd));
+            }
+            if let Some(k) = &relay.settings.keeper {
+                k.release(a.stdio.pid);
             }
         }
         // The filtering rules are in force before any server reports its lists.
@@ -292,6 +358,99 @@ impl Relay {
             }
         });
         relay
+    }
+
+    /// The stdio front takes upgrade requests from here on.
+    pub fn serve_upgrades(&self) -> tokio::sync::mpsc::Receiver<crate::upgrade::Request> {
+        let (tx, rx) = tokio::sync::mpsc::channel(4);
+        *lock(&self.upgrades) = Some(tx);
+        rx
+    }
+
+    /// Asks the front to upgrade to `binary` (default: the path the relay started from).
+    /// Answers once the new binary passed its check (the exec follows when the requests
+    /// in flight have answered), or why the upgrade is refused.
+    pub async fn request_upgrade(
+        &self,
+        binary: Option<std::path::PathBuf>,
+    ) -> Result<String, String> {
+        let tx = lock(&self.upgrades).clone().ok_or_else(|| {
+            "in-place upgrades are served by the stdio front only; an HTTP relay cannot upgrade itself yet".to_owned()
+        })?;
+        let (reply, answer) = tokio::sync::oneshot::channel();
+        tx.try_send(crate::upgrade::Request {
+            binary,
+            reply: Some(reply),
+        })
+        .map_err(|_| "an upgrade is already under way".to_owned())?;
+        answer
+            .await
+            .map_err(|_| "the upgrade was abandoned".to_owned())?
+    }
+
+    /// Hands the stdio servers and the keeper over to the next image (an upgrade about to
+    /// exec). Per-session and pooled processes are stopped (the next image starts them on
+    /// demand); remote servers reconnect from the next image.
+    pub async fn hand_over(&self) -> Result<crate::upgrade::Carried, String> {
+        self.instances.stop_all().await;
+        let mut out = Vec::new();
+        let mut lists = std::collections::BTreeMap::new();
+        let mut failed = None;
+        for b in self.backends() {
+            if b.config.isolation != crate::config::Isolation::Shared {
+                continue;
+            }
+            match b.hand_over().await {
+                Some(Ok(a)) => out.push(a),
+                Some(Err(e)) => {
+                    failed = Some(format!("server `{}`: {e}", b.name));
+                    break;
+                }
+                None => {
+                    lists.insert(b.name.clone(), b.carried_lists());
+                }
+            }
+        }
+        let keeper = match (&failed, &self.settings.keeper) {
+            (None, Some(k)) => match k.hand_over() {
+                Ok(h) => Some(h),
+                Err(e) => {
+                    failed = Some(e);
+                    None
+                }
+            },
+            _ => None,
+        };
+        if let Some(e) = failed {
+            self.take_back(out, keeper);
+            return Err(e);
+        }
+        Ok(crate::upgrade::Carried {
+            backends: out,
+            lists,
+            keeper,
+        })
+    }
+
+    /// Undoes [`Relay::hand_over`]: the upgrade was abandoned.
+    pub fn take_back(
+        &self,
+        adopted: Vec<backend::Adopted>,
+        keeper: Option<backend::keeper::Handover>,
+    ) {
+        for a in adopted {
+            match self.backend(&a.name) {
+                Some(b) => b.take_back(a),
+                None => {
+                    for fd in [a.stdio.stdin, a.stdio.stdout, a.stdio.stderr] {
+                        crate::upgrade::close(fd);
+                    }
+                }
+            }
+        }
+        if let Some(k) = keeper {
+            crate::upgrade::close(k.fd);
+        }
     }
 
     fn start_backend(&self, s: &crate::config::ServerConfig) -> Arc<Backend> {

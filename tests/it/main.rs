@@ -11,4 +11,5 @@ mod security;
 mod selection;
 mod stdio;
 mod support;
+mod upgrade;
 mod ws;

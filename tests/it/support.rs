@@ -122,15 +122,27 @@ impl StdioClient {
 
     /// Starts the relay with its config written into `dir`.
     pub fn start_in(dir: tempfile::TempDir, cfg: Value) -> Result<StdioClient> {
+        StdioClient::start_from(dir, cfg, &relay_bin(), &[], Stdio::null())
+    }
+
+    /// Starts the relay binary `bin` with extra environment and its stderr to `stderr`.
+    pub fn start_from(
+        dir: tempfile::TempDir,
+        cfg: Value,
+        bin: &Path,
+        env: &[(&str, &str)],
+        stderr: Stdio,
+    ) -> Result<StdioClient> {
         let path = write_config(dir.path(), &cfg)?;
-        let mut child = Command::new(relay_bin())
+        let mut child = Command::new(bin)
             .args(["stdio", "--config"])
             .arg(&path)
             .env("RUST_LOG", "warn")
             .env("MCP_RELAY_RUNTIME_DIR", runtime_dir(dir.path()))
+            .envs(env.iter().copied())
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
-            .stderr(Stdio::null())
+            .stderr(stderr)
             .spawn()?;
         let stdin = child.stdin.take().ok_or("no stdin")?;
         let stdout = child.stdout.take().ok_or("no stdout")?;

@@ -340,12 +340,15 @@ def shared_http_relay(shared_workdir: Path, everything_http: str) -> Iterator[Ht
 
 
 @contextlib.asynccontextmanager
-async def stdio_relay_client(config: Path, log: Path, **client_kwargs: Any) -> AsyncIterator[Client]:
-    """The SDK spawns `mcp-relay stdio` (through sh, to learn its pid) and talks to it."""
+async def stdio_relay_client(
+    config: Path, log: Path, relay_binary: Path = RELAY, **client_kwargs: Any
+) -> AsyncIterator[Client]:
+    """The SDK spawns `mcp-relay stdio` (through sh, to learn its pid, written next to `log`
+    with the suffix `.pid`) and talks to it."""
     pidfile = log.with_suffix(".pid")
     params = StdioServerParameters(
         command="/bin/sh",
-        args=["-c", 'echo $$ > "$0"; exec "$@"', str(pidfile), str(RELAY), "stdio", "--config", str(config)],
+        args=["-c", 'echo $$ > "$0"; exec "$@"', str(pidfile), str(relay_binary), "stdio", "--config", str(config)],
         env={"RUST_LOG": RELAY_LOG_LEVEL},
         cwd=str(config.parent),
     )
