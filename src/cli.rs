@@ -1,6 +1,7 @@
 //! Command-line interface: `serve` (Streamable HTTP), `stdio`, `status`, `reload`,
 //! `servers …`, `config check|backups|restore`.
 
+mod health;
 mod manage;
 mod tools;
 
@@ -71,6 +72,29 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Check a running HTTP relay the way a client would (initialize, tools/list, close);
+    /// exits 0 with a one-line summary, 1 with the reason. For deploy scripts and systemd.
+    Health {
+        /// The relay's MCP endpoint, e.g. http://127.0.0.1:7800/mcp.
+        #[arg(long, conflicts_with_all = ["host", "port"])]
+        url: Option<String>,
+        /// Host of the relay (default 127.0.0.1), with --port.
+        #[arg(long)]
+        host: Option<String>,
+        /// Port of the relay (default 7800).
+        #[arg(long)]
+        port: Option<u16>,
+        /// Environment variable holding the bearer token, if the relay needs one.
+        #[arg(long, default_value = "MCP_RELAY_TOKEN")]
+        token_env: String,
+        /// Give up after this many milliseconds.
+        #[arg(long, default_value_t = 10_000)]
+        timeout_ms: u64,
+    },
+    /// Internal: a new binary's check before a running relay upgrades to it (reads the
+    /// upgrade state on stdin, loads the config, answers with its version).
+    #[command(hide = true)]
+    UpgradeCheck,
     /// Internal: the watchdog the relay starts to stop its servers if it dies.
     #[command(hide = true)]
     Keeper,
@@ -183,7 +207,10 @@ pub fn main() -> ExitCode {
     // First, while this is the only thread: an upgrade's hand-over lives in the environment.
     let inherited = crate::upgrade::Inherited::from_env();
     let cli = Cli::parse();
-    if !matches!(cli.command, Command::Serve { .. } | Command::Stdio) {
+    if !matches!(
+        cli.command,
+        Command::Serve { .. } | Command::Stdio | Command::UpgradeCheck
+    ) {
         crate::telemetry::init(&config::LogSettings::default());
     }
     let config = cli.config;
@@ -209,9 +236,37 @@ pub fn main() -> ExitCode {
         Command::Serve {
             listen,
             allow_unauthenticated,
-        } => run(config, Some((listen, allow_unauthenticated)), &inherited),
-        Command::Stdio => run(config, None, &inherited),
+        } => run(
+            config,
+            Some((listen, allow_unauthenticated)),
+            &inherited,
+            false,
+        ),
+        Command::Stdio => run(config, None, &inherited, false),
+        Command::UpgradeCheck => run(config, None, &inherited, true),
         Command::Upgrade { pid, binary, json } => manage::upgrade(config, pid, binary, json),
+        Command::Health {
+            url,
+            host,
+            port,
+            token_env,
+            timeout_ms,
+        } => {
+            let url = url.unwrap_or_else(|| {
+                let host = host.unwrap_or_else(|| "127.0.0.1".into());
+                let host = if host.contains(':') && !host.starts_with('[') {
+                    format!("[{host}]")
+                } else {
+                    host
+                };
+                format!("http://{host}:{}/mcp", port.unwrap_or(7800))
+            });
+            health::run(
+                &url,
+                &token_env,
+                std::time::Duration::from_millis(timeout_ms),
+            )
+        }
         Command::Status { json } => manage::status(config, json),
         Command::Reload { json } => manage::reload(config, json),
         Command::Servers { command } => match command {
@@ -302,6 +357,7 @@ fn run(
     path: Option<PathBuf>,
     http: Option<(Option<SocketAddr>, bool)>,
     inherited: &crate::upgrade::Inherited,
+    check_mode: bool,
 ) -> ExitCode {
     let cfg = match load(path) {
         Ok(c) => c,
@@ -313,7 +369,7 @@ fn run(
             return code;
         }
     };
-    if inherited.check {
+    if check_mode {
         return crate::upgrade::run_check();
     }
     // An in-place upgrade of a stdio relay: what the previous image handed over.
@@ -350,6 +406,9 @@ fn run(
         }
     }
     raise_open_files_limit();
+    // Termination and upgrade signals reach the main thread only (see `upgrade`): every
+    // runtime thread inherits this block; the main thread lets them in once handled.
+    crate::upgrade::block_signals_at_start();
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -456,10 +515,12 @@ fn spawn_signal_handler(shutdown: CancellationToken, relay: std::sync::Arc<Relay
             tokio::select! {
                 _ = term.recv() => {
                     tracing::info!("SIGTERM: shutting down.");
+                    crate::upgrade::note_terminating();
                     break;
                 }
                 _ = int.recv() => {
                     tracing::info!("SIGINT: shutting down.");
+                    crate::upgrade::note_terminating();
                     break;
                 }
                 _ = usr2.recv() => {

@@ -87,13 +87,19 @@ impl Keeper {
         })
     }
 
-    /// Its pipe, duplicated to stay open across the exec of an upgrade.
+    /// Its pipe, duplicated (close-on-exec until the exec itself) for the next image.
     pub fn hand_over(&self) -> Result<Handover, String> {
-        use std::os::fd::AsRawFd;
+        use std::os::fd::IntoRawFd;
         let pipe = crate::sync::lock(&self.pipe);
-        let fd = pipe.as_ref().ok_or("the keeper is gone")?.as_raw_fd();
-        let fd = crate::upgrade::keep_across_exec(fd).map_err(|e| e.to_string())?;
-        Ok(Handover { pid: self.pid, fd })
+        let dup = pipe
+            .as_ref()
+            .ok_or("the keeper is gone")?
+            .try_clone()
+            .map_err(|e| format!("cannot keep the keeper's pipe: {e}"))?;
+        Ok(Handover {
+            pid: self.pid,
+            fd: dup.into_raw_fd(),
+        })
     }
 
     /// A stdio server's process group started.

@@ -20,8 +20,6 @@ use crate::protocol::{self, Kind, Message, RawMap, method};
 use crate::session::ReqCtx;
 use crate::sync::{lock, read, write};
 use crate::tasks;
-use nix::sys::signal::{Signal, killpg};
-use nix::unistd::Pid;
 use serde_json::value::RawValue;
 use std::collections::{HashMap, VecDeque};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -190,6 +188,29 @@ pub struct Adopted {
     /// Its lists, so the next image's catalog is whole from its first moment.
     #[serde(default)]
     pub lists: CarriedLists,
+    /// What it was started as ([`launch_fingerprint`]): the next image adopts it only if
+    /// its config still says the same.
+    #[serde(default)]
+    pub fingerprint: String,
+}
+
+/// A digest of how a stdio server is started (command, arguments, environment, directory);
+/// empty for other transports. Values never leave the process: only the digest does.
+pub fn launch_fingerprint(t: &TransportConfig) -> String {
+    use sha2::Digest as _;
+    match t {
+        TransportConfig::Stdio {
+            command,
+            args,
+            env,
+            cwd,
+        } => {
+            let text = serde_json::json!([command, args, env, cwd]).to_string();
+            let digest = sha2::Sha256::digest(text.as_bytes());
+            digest.iter().map(|b| format!("{b:02x}")).collect()
+        }
+        _ => String::new(),
+    }
 }
 
 /// A backend's lists in the upgrade state: `(key, item)` per list.
@@ -465,7 +486,10 @@ impl Backend {
         let b = Backend::new(config, settings, hub);
         *write(&b.info) = carried.info;
         *write(&b.lists) = carried.lists.into_lists();
-        b.next_id.store(carried.next_id.max(1), Ordering::Relaxed);
+        // Far past what the previous image used: a late answer to one of its requests
+        // (a health ping) can never match a request of this image.
+        b.next_id
+            .store(carried.next_id.saturating_add(1 << 20), Ordering::Relaxed);
         b.restarts.store(carried.restarts, Ordering::Relaxed);
         let pid = carried.stdio.pid;
         let first = match stdio::Stdio::adopt(&b, carried.stdio) {
@@ -478,7 +502,7 @@ impl Backend {
             }
             Err(e) => {
                 tracing::error!(server = %b.name, error = %e, "Cannot adopt the handed-over server; starting it afresh.");
-                let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+                stdio::stop_adopted(pid, b.settings.keeper.clone());
                 None
             }
         };
@@ -523,7 +547,37 @@ impl Backend {
             next_id: self.next_id.load(Ordering::Relaxed),
             restarts: self.restarts(),
             lists: CarriedLists::from_lists(&self.lists()),
+            fingerprint: launch_fingerprint(&self.config.transport),
         }))
+    }
+
+    /// What [`Backend::hand_over`] would carry, without its descriptors (-1): the copy of
+    /// the state a new binary checks.
+    pub fn preview(&self) -> Option<Adopted> {
+        let conn = read(&self.conn).clone();
+        let Some(Conn::Stdio(s)) = conn else {
+            return None;
+        };
+        Some(Adopted {
+            name: self.name.clone(),
+            stdio: stdio::Handover {
+                pid: s.pid(),
+                stdin: -1,
+                stdout: -1,
+                stderr: -1,
+                unread: Vec::new(),
+            },
+            info: self.info(),
+            next_id: self.next_id.load(Ordering::Relaxed),
+            restarts: self.restarts(),
+            lists: CarriedLists::from_lists(&self.lists()),
+            fingerprint: launch_fingerprint(&self.config.transport),
+        })
+    }
+
+    /// Whether this backend runs a stdio process (its main one) right now.
+    pub fn has_process(&self) -> bool {
+        matches!(read(&self.conn).as_ref(), Some(Conn::Stdio(_)))
     }
 
     /// The upgrade was abandoned after [`Backend::hand_over`]: the kept pipes close and the

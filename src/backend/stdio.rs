@@ -7,9 +7,10 @@ use crate::sync::lock;
 use nix::sys::signal::{Signal, killpg};
 use nix::unistd::Pid;
 use std::collections::{BTreeMap, VecDeque};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{OwnedFd, RawFd};
 use std::path::Path;
 use std::process::Stdio as StdStdio;
+use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
@@ -25,9 +26,17 @@ pub struct Stdio {
     tx: Mutex<Option<mpsc::UnboundedSender<String>>>,
     pid: i32,
     pgid: i32,
-    /// The relay's ends of the child's stdin, stdout and stderr (owned by the I/O tasks;
-    /// duplicated for an upgrade).
-    fds: [RawFd; 3],
+    /// Close-on-exec duplicates of the relay's ends of the child's stdin, stdout and
+    /// stderr, which an upgrade duplicates again for the next image (the originals belong
+    /// to the I/O tasks and may be gone). Dropped at shutdown, so closing stdin is seen.
+    held: Mutex<Option<[OwnedFd; 3]>>,
+    /// The writer's pipe, put back when its queue closes during a hand-over.
+    writer: Arc<Mutex<Option<pipe::Sender>>>,
+    /// Set while an upgrade hands the child over: the writer keeps the pipe (not closing
+    /// the child's stdin) when its queue closes.
+    handing: Arc<std::sync::atomic::AtomicBool>,
+    /// Woken when the writer put its pipe back or the reader stopped (a hand-over waits).
+    progress: Arc<tokio::sync::Notify>,
     stderr_tail: Arc<Mutex<VecDeque<String>>>,
     exit: watch::Receiver<Option<String>>,
     /// Fires when the child has exited and its output is drained.
@@ -143,7 +152,11 @@ impl Stdio {
         unread: Vec<u8>,
     ) -> Result<Arc<Stdio>, String> {
         let keeper = backend.settings().keeper.clone();
-        let fds = [stdin.as_raw_fd(), stdout.as_raw_fd(), stderr.as_raw_fd()];
+        let dup = |fd: &OwnedFd| {
+            fd.try_clone()
+                .map_err(|e| format!("cannot keep the child's pipes: {e}"))
+        };
+        let held = [dup(&stdin)?, dup(&stdout)?, dup(&stderr)?];
         let stdin = pipe::Sender::from_owned_fd(stdin)
             .map_err(|e| format!("cannot own the child's stdin: {e}"))?;
         let stdout = pipe::Receiver::from_owned_fd(stdout)
@@ -152,7 +165,10 @@ impl Stdio {
             .map_err(|e| format!("cannot own the child's stderr: {e}"))?;
 
         let (tx, rx) = mpsc::unbounded_channel::<String>();
-        tokio::spawn(write_loop(stdin, rx));
+        let writer = Arc::new(Mutex::new(None));
+        let handing = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let progress = Arc::new(tokio::sync::Notify::new());
+        spawn_writer(stdin, rx, writer.clone(), handing.clone(), progress.clone());
 
         let stderr_tail = Arc::new(Mutex::new(VecDeque::new()));
         let name = backend.name.clone();
@@ -177,9 +193,9 @@ impl Stdio {
         let b = backend.clone();
         let max = backend.settings().max_message_bytes();
         let done = reader_done.clone();
-        let (paused, kept) = (pause.subscribe(), left.clone());
+        let (paused, kept, woken) = (pause.subscribe(), left.clone(), progress.clone());
         tokio::spawn(async move {
-            read_loop(&b, stdout, max, unread, paused, &kept).await;
+            read_loop(&b, stdout, max, unread, paused, &kept, &woken).await;
             done.cancel();
         });
         let closed2 = closed.clone();
@@ -201,7 +217,10 @@ impl Stdio {
             tx: Mutex::new(Some(tx)),
             pid: pgid,
             pgid,
-            fds,
+            held: Mutex::new(Some(held)),
+            writer,
+            handing,
+            progress,
             stderr_tail,
             exit,
             closed,
@@ -210,35 +229,67 @@ impl Stdio {
         }))
     }
 
-    /// Prepares the child for the next image of the relay: stops reading its stdout at a
-    /// message boundary and returns its pipes, duplicated so that they stay open across
-    /// `exec` (the caller execs right after; the tasks here hold the originals until then).
+    /// Prepares the child for the next image of the relay: writes out what is queued for
+    /// its stdin (later sends fail until [`Stdio::resume`]), stops reading its stdout at a
+    /// message boundary, and returns close-on-exec duplicates of its pipes (the exec clears
+    /// the flag at the last moment).
     pub async fn hand_over(&self) -> Result<Handover, String> {
-        self.pause.send_replace(true);
         let deadline = tokio::time::Instant::now() + Duration::from_secs(2);
+        self.handing.store(true, Ordering::SeqCst);
+        lock(&self.tx).take();
+        // The writer puts the pipe back once everything queued is written.
+        loop {
+            let wake = self.progress.notified();
+            tokio::pin!(wake);
+            wake.as_mut().enable();
+            if lock(&self.writer).is_some() {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline || self.closed.is_cancelled() {
+                self.resume(Vec::new());
+                return Err("it does not read its input".to_owned());
+            }
+            let _ = tokio::time::timeout_at(deadline, wake).await;
+        }
+        self.pause.send_replace(true);
         let unread = loop {
+            let wake = self.progress.notified();
+            tokio::pin!(wake);
+            wake.as_mut().enable();
             if let Some(rest) = lock(&self.unread).take() {
                 break rest;
             }
             if tokio::time::Instant::now() >= deadline || self.closed.is_cancelled() {
-                self.pause.send_replace(false);
+                self.resume(Vec::new());
                 return Err("its output reader did not stop".to_owned());
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            let _ = tokio::time::timeout_at(deadline, wake).await;
         };
-        let mut kept = Vec::new();
-        for fd in self.fds {
-            match crate::upgrade::keep_across_exec(fd) {
-                Ok(k) => kept.push(k),
-                Err(e) => {
-                    for k in kept {
-                        crate::upgrade::close(k);
+        let kept: Result<Vec<RawFd>, String> = match lock(&self.held).as_ref() {
+            Some(fds) => {
+                let mut kept = Vec::new();
+                for fd in fds {
+                    match crate::upgrade::keep_for_exec(fd) {
+                        Ok(k) => kept.push(k),
+                        Err(e) => {
+                            for k in kept {
+                                crate::upgrade::close(k);
+                            }
+                            return Err(format!("cannot keep its pipes open: {e}"));
+                        }
                     }
-                    self.resume(unread);
-                    return Err(format!("cannot keep its pipes open: {e}"));
                 }
+                Ok(kept)
             }
-        }
+            None => Err("it is shutting down".to_owned()),
+        };
+        let kept = match kept {
+            Ok(k) => k,
+            Err(e) => {
+                self.resume(unread);
+                return Err(e);
+            }
+        };
         Ok(Handover {
             pid: self.pid,
             stdin: kept[0],
@@ -248,10 +299,38 @@ impl Stdio {
         })
     }
 
-    /// The upgrade was abandoned after [`Stdio::hand_over`]: reading goes on where it stopped.
+    /// The upgrade was abandoned after (or during) [`Stdio::hand_over`]: writing and
+    /// reading go on where they stopped.
     pub fn resume(&self, unread: Vec<u8>) {
-        *lock(&self.unread) = Some(unread);
-        self.pause.send_replace(false);
+        if *self.pause.borrow() {
+            *lock(&self.unread) = Some(unread);
+            self.pause.send_replace(false);
+        }
+        let mut tx = lock(&self.tx);
+        if tx.is_none() && !self.closed.is_cancelled() {
+            let (new_tx, rx) = mpsc::unbounded_channel::<String>();
+            *tx = Some(new_tx);
+            // The old writer may still be writing: the new one starts with its pipe.
+            let (slot, handing, closed, progress) = (
+                self.writer.clone(),
+                self.handing.clone(),
+                self.closed.clone(),
+                self.progress.clone(),
+            );
+            tokio::spawn(async move {
+                let pipe = loop {
+                    if let Some(p) = lock(&slot).take() {
+                        break p;
+                    }
+                    if closed.is_cancelled() {
+                        return;
+                    }
+                    tokio::time::sleep(Duration::from_millis(10)).await;
+                };
+                handing.store(false, Ordering::SeqCst);
+                spawn_writer(pipe, rx, slot, handing, progress);
+            });
+        }
     }
 
     /// The child's process id (also its process group).
@@ -293,6 +372,8 @@ impl Stdio {
 
     /// The spec's shutdown ladder: close stdin, wait, SIGTERM the group, wait, SIGKILL it.
     pub async fn shutdown(&self, grace: Duration) {
+        // Our duplicates of its pipes go first, or closing stdin would not be seen.
+        lock(&self.held).take();
         lock(&self.tx).take();
         let mut exit = self.exit.clone();
         if tokio::time::timeout(grace, exit.wait_for(Option::is_some))
@@ -326,7 +407,51 @@ impl Drop for Stdio {
     }
 }
 
-async fn write_loop(mut pipe: pipe::Sender, mut rx: mpsc::UnboundedReceiver<String>) {
+/// Runs [`write_loop`]; when its queue closes during a hand-over, the pipe is put in
+/// `slot` instead of being closed (closing it would end the child).
+fn spawn_writer(
+    pipe: pipe::Sender,
+    rx: mpsc::UnboundedReceiver<String>,
+    slot: Arc<Mutex<Option<pipe::Sender>>>,
+    handing: Arc<std::sync::atomic::AtomicBool>,
+    progress: Arc<tokio::sync::Notify>,
+) {
+    tokio::spawn(async move {
+        if let Some(pipe) = write_loop(pipe, rx).await
+            && handing.load(Ordering::SeqCst)
+        {
+            *lock(&slot) = Some(pipe);
+            progress.notify_waiters();
+        }
+    });
+}
+
+/// Writes queued messages to the child's stdin; returns the pipe once the queue has closed
+/// and everything in it is written (`None` after a write error).
+/// Stops a server an upgrade handed over that the new image does not keep: SIGTERM to its
+/// group, SIGKILL after 2 s, and the process reaped (it is this process's child).
+pub fn stop_adopted(pid: i32, keeper: Option<Arc<super::keeper::Keeper>>) {
+    let _ = killpg(Pid::from_raw(pid), Signal::SIGTERM);
+    tokio::spawn(async move {
+        let reaped =
+            tokio::task::spawn_blocking(move || nix::sys::wait::waitpid(Pid::from_raw(pid), None));
+        if tokio::time::timeout(Duration::from_secs(2), reaped)
+            .await
+            .is_err()
+        {
+            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        }
+        let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
+        if let Some(k) = keeper {
+            k.release(pid);
+        }
+    });
+}
+
+async fn write_loop(
+    mut pipe: pipe::Sender,
+    mut rx: mpsc::UnboundedReceiver<String>,
+) -> Option<pipe::Sender> {
     let mut buf = Vec::with_capacity(8192);
     while let Some(first) = rx.recv().await {
         buf.clear();
@@ -343,9 +468,10 @@ async fn write_loop(mut pipe: pipe::Sender, mut rx: mpsc::UnboundedReceiver<Stri
             }
         }
         if pipe.write_all(&buf).await.is_err() {
-            break;
+            return None;
         }
     }
+    Some(pipe)
 }
 
 /// Reads the child's messages until its stdout closes. While `pause` is true it stops at a
@@ -358,6 +484,7 @@ async fn read_loop(
     unread: Vec<u8>,
     mut pause: watch::Receiver<bool>,
     kept: &Mutex<Option<Vec<u8>>>,
+    progress: &tokio::sync::Notify,
 ) {
     let mut lines = LineBuffer::new(max);
     lines.extend(&unread);
@@ -373,6 +500,7 @@ async fn read_loop(
             match read {
                 None => {
                     *lock(kept) = Some(lines.take_rest());
+                    progress.notify_waiters();
                     if pause.wait_for(|p| !*p).await.is_err() {
                         return;
                     }

@@ -968,7 +968,15 @@ fn patched_relay(dest: &Path, tag: &str) -> Res<()> {
         + marker.len();
     bytes[at..at + tag.len()].copy_from_slice(tag.as_bytes());
     let tmp = dest.with_extension("new");
-    std::fs::write(&tmp, bytes)?;
+    {
+        use std::io::Write;
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(&bytes)?;
+        // On disk before the upgrade: the write-back of a freshly written 70 MB binary
+        // would otherwise land in the measured gap (an install usually precedes an upgrade
+        // by more than the few milliseconds here).
+        f.sync_all()?;
+    }
     std::fs::set_permissions(&tmp, std::fs::Permissions::from_mode(0o755))?;
     std::fs::rename(&tmp, dest)?;
     Ok(())

@@ -505,6 +505,10 @@ pub fn upgrade(
     let mut code = ExitCode::SUCCESS;
     for s in &sockets {
         let who = control::pid_of(s).unwrap_or_default();
+        let generation = |v: &Value| v["upgrades"].as_u64();
+        let before = control::request(s, "status", &json!({}), ANSWER_TIMEOUT)
+            .ok()
+            .and_then(|v| generation(&v));
         let to = match control::request(s, "upgrade", &args, Duration::from_secs(60)) {
             Ok(v) => v["to"].as_str().unwrap_or_default().to_owned(),
             Err(e) => {
@@ -513,20 +517,25 @@ pub fn upgrade(
                 continue;
             }
         };
-        // The exec follows once requests in flight have answered.
+        // The exec follows once requests in flight have answered; the relay counts its
+        // upgrades, so a rebuild with the same version is told apart too.
         let deadline = std::time::Instant::now() + Duration::from_secs(120);
-        let now = loop {
+        let (now, done) = loop {
             let v = control::request(s, "status", &json!({}), ANSWER_TIMEOUT).ok();
             let version = v
                 .as_ref()
                 .and_then(|v| v["version"].as_str())
                 .map(str::to_owned);
-            if version.as_deref() == Some(to.as_str()) || std::time::Instant::now() > deadline {
-                break version;
+            let upgraded = v
+                .as_ref()
+                .and_then(generation)
+                .is_some_and(|g| before.is_none_or(|b| g > b));
+            let done = upgraded && version.as_deref() == Some(to.as_str());
+            if done || std::time::Instant::now() > deadline {
+                break (version, done);
             }
             std::thread::sleep(Duration::from_millis(100));
         };
-        let done = now.as_deref() == Some(to.as_str());
         if as_json {
             print_json(&json!({"pid": who, "to": to, "version": now, "upgraded": done}));
         } else if done {

@@ -1,7 +1,10 @@
 //! The stdio front: newline-delimited JSON-RPC on the relay's own stdin/stdout, one session.
 //!
-//! stdin and stdout are owned as non-blocking pipes with our own line buffer (no helper
-//! thread holds bytes we have not seen). Logs never go to stdout.
+//! stdin and stdout are owned as non-blocking pipes or sockets (Node-based clients hand
+//! their servers socket pairs) with our own line buffer, so no helper thread holds bytes we
+//! have not seen and an in-place upgrade can hand every byte over. Anything else (a file,
+//! a terminal) falls back to tokio's reader, and upgrades are refused then. Logs never go
+//! to stdout.
 
 use crate::error::RpcError;
 use crate::protocol::lines::{Frame, LineBuffer};
@@ -18,6 +21,13 @@ use tokio::net::unix::pipe;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 
+/// The client's input, and whether its bytes are all ours (a pipe or a socket we read
+/// ourselves): only then can an upgrade hand them over.
+pub struct Input {
+    pub reader: Box<dyn AsyncRead + Unpin + Send>,
+    pub upgradable: bool,
+}
+
 /// Serves one client on stdin/stdout until stdin closes; `restored` is the session an
 /// upgraded image carries on.
 pub async fn serve(relay: Arc<Relay>, restored: Option<FrontState>) -> std::io::Result<()> {
@@ -33,17 +43,46 @@ fn dup_fd(fd: i32) -> std::io::Result<OwnedFd> {
     borrowed.try_clone_to_owned()
 }
 
-fn open_input() -> std::io::Result<Box<dyn AsyncRead + Unpin + Send>> {
+fn is_socket(fd: &OwnedFd) -> bool {
+    use nix::sys::stat::SFlag;
+    nix::sys::stat::fstat(fd).is_ok_and(|st| {
+        SFlag::from_bits_truncate(st.st_mode & SFlag::S_IFMT.bits()) == SFlag::S_IFSOCK
+    })
+}
+
+/// A socket descriptor as a non-blocking tokio stream.
+fn socket(fd: OwnedFd) -> std::io::Result<tokio::net::UnixStream> {
+    let s = std::os::unix::net::UnixStream::from(fd);
+    s.set_nonblocking(true)?;
+    tokio::net::UnixStream::from_std(s)
+}
+
+fn open_input() -> std::io::Result<Input> {
     let fd = dup_fd(std::io::stdin().as_raw_fd())?;
+    if is_socket(&fd) {
+        return Ok(Input {
+            reader: Box::new(socket(fd)?),
+            upgradable: true,
+        });
+    }
     match pipe::Receiver::from_owned_fd(fd) {
-        Ok(p) => Ok(Box::new(p)),
+        Ok(p) => Ok(Input {
+            reader: Box::new(p),
+            upgradable: true,
+        }),
         // Not a pipe (a file or a terminal): fall back to tokio's reader.
-        Err(_) => Ok(Box::new(tokio::io::stdin())),
+        Err(_) => Ok(Input {
+            reader: Box::new(tokio::io::stdin()),
+            upgradable: false,
+        }),
     }
 }
 
 fn open_output() -> std::io::Result<Box<dyn AsyncWrite + Unpin + Send>> {
     let fd = dup_fd(std::io::stdout().as_raw_fd())?;
+    if is_socket(&fd) {
+        return Ok(Box::new(socket(fd)?));
+    }
     match pipe::Sender::from_owned_fd(fd) {
         Ok(p) => Ok(Box::new(p)),
         Err(_) => {
@@ -55,55 +94,114 @@ fn open_output() -> std::io::Result<Box<dyn AsyncWrite + Unpin + Send>> {
     }
 }
 
+/// What the writer does after a barrier (an upgrade's flush): go on, or hand over what was
+/// queued after the barrier and wait.
+enum Then {
+    /// Write these first (carried back from an abandoned collect), then go on.
+    Resume(Vec<String>),
+    /// Send what is queued, then wait for the next `Then`.
+    Collect(oneshot::Sender<Vec<String>>),
+}
+
+/// An upgrade's flush: the writer writes everything queued, acknowledges, then obeys the
+/// `Then`s it receives (until a `Resume`).
+struct Barrier {
+    written: oneshot::Sender<()>,
+    then: mpsc::UnboundedReceiver<Then>,
+}
+
+/// The writer toward the client: coalesces queued messages into few writes; stops at
+/// barriers (see [`Barrier`]).
+async fn write_out(
+    mut output: Box<dyn AsyncWrite + Unpin + Send>,
+    mut rx: mpsc::UnboundedReceiver<String>,
+    mut barriers: mpsc::UnboundedReceiver<Barrier>,
+) {
+    let mut buf = Vec::with_capacity(16 * 1024);
+    let push = |buf: &mut Vec<u8>, m: &str| {
+        buf.extend_from_slice(m.as_bytes());
+        buf.push(b'\n');
+    };
+    loop {
+        buf.clear();
+        let barrier = tokio::select! {
+            biased;
+            Some(b) = barriers.recv() => Some(b),
+            m = rx.recv() => match m {
+                Some(first) => {
+                    push(&mut buf, &first);
+                    None
+                }
+                None => break,
+            },
+        };
+        while buf.len() < 256 * 1024 || barrier.is_some() {
+            match rx.try_recv() {
+                Ok(m) => push(&mut buf, &m),
+                Err(_) => break,
+            }
+        }
+        if output.write_all(&buf).await.is_err() || output.flush().await.is_err() {
+            break;
+        }
+        let Some(Barrier { written, mut then }) = barrier else {
+            continue;
+        };
+        let _ = written.send(());
+        // Parked: nothing is written until the upgrade resumes us (or execs).
+        loop {
+            match then.recv().await {
+                Some(Then::Collect(out)) => {
+                    let mut queued = Vec::new();
+                    while let Ok(m) = rx.try_recv() {
+                        queued.push(m);
+                    }
+                    let _ = out.send(queued);
+                }
+                Some(Then::Resume(first)) => {
+                    buf.clear();
+                    for m in &first {
+                        push(&mut buf, m);
+                    }
+                    if !buf.is_empty()
+                        && (output.write_all(&buf).await.is_err() || output.flush().await.is_err())
+                    {
+                        return;
+                    }
+                    break;
+                }
+                None => break,
+            }
+        }
+    }
+}
+
 /// Serves one session over any byte streams (stdin/stdout in production).
 pub async fn serve_io(
     relay: Arc<Relay>,
-    mut input: Box<dyn AsyncRead + Unpin + Send>,
-    mut output: Box<dyn AsyncWrite + Unpin + Send>,
+    input: Input,
+    output: Box<dyn AsyncWrite + Unpin + Send>,
     restored: Option<FrontState>,
 ) -> std::io::Result<()> {
-    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
-    // An upgrade asks the writer to write out everything queued and say when it has.
-    let (flush_tx, mut flush_rx) = mpsc::unbounded_channel::<oneshot::Sender<()>>();
-    let writer = tokio::spawn(async move {
-        let mut buf = Vec::with_capacity(16 * 1024);
-        loop {
-            buf.clear();
-            let ack = tokio::select! {
-                biased;
-                Some(ack) = flush_rx.recv() => Some(ack),
-                m = rx.recv() => match m {
-                    Some(first) => {
-                        buf.extend_from_slice(first.as_bytes());
-                        buf.push(b'\n');
-                        None
-                    }
-                    None => break,
-                },
-            };
-            while buf.len() < 256 * 1024 || ack.is_some() {
-                match rx.try_recv() {
-                    Ok(m) => {
-                        buf.extend_from_slice(m.as_bytes());
-                        buf.push(b'\n');
-                    }
-                    Err(_) => break,
-                }
-            }
-            if output.write_all(&buf).await.is_err() || output.flush().await.is_err() {
-                break;
-            }
-            if let Some(ack) = ack {
-                let _ = ack.send(());
-            }
-        }
-    });
+    let Input {
+        reader: mut input,
+        upgradable,
+    } = input;
+    let (tx, rx) = mpsc::unbounded_channel::<String>();
+    let (barrier_tx, barriers) = mpsc::unbounded_channel::<Barrier>();
+    let writer = tokio::spawn(write_out(output, rx, barriers));
     let max = relay.config().relay.max_message_bytes;
     let mut lines = LineBuffer::new(max);
     let (session, held) = match restored {
         Some(r) => {
+            // What the previous image had queued for the client goes out first.
+            for m in r.outgoing {
+                let _ = tx.send(m);
+            }
             let s = relay.open_session(r.session_id, tx.clone(), None);
             *s.state() = r.session;
+            s.set_next_request_id(r.client_next_id);
+            relay.renew_remote_subscriptions();
             lines.extend(&r.partial);
             (s, r.held)
         }
@@ -121,12 +219,18 @@ pub async fn serve_io(
         open: &open,
         tx: &tx,
         tasks: &tasks,
+        barriers: &barrier_tx,
     };
     // Messages an upgrade held go first, in their order.
     for line in held {
         front.dispatch(&line);
     }
     let mut upgrades = relay.serve_upgrades();
+    // A requested upgrade's check runs while the front serves on.
+    type Checking = std::pin::Pin<
+        Box<dyn std::future::Future<Output = (Result<upgrade::Plan, String>, Reply)> + Send>,
+    >;
+    let mut checking: Option<Checking> = None;
     loop {
         tokio::select! {
             r = input.read(&mut chunk) => {
@@ -139,10 +243,37 @@ pub async fn serve_io(
                     front.frame(frame, max, |line| front.dispatch(line));
                 }
             }
-            Some(req) = upgrades.recv() => {
-                let closed = front
-                    .upgrade(req, &mut input, &mut lines, &mut chunk, max, &flush_tx)
-                    .await?;
+            Some(req) = async { match upgrades.as_mut() { Some(u) => u.recv().await, None => None } }, if checking.is_none() => {
+                let upgrade::Request { binary, reply } = req;
+                if !upgradable {
+                    let e = "stdin is neither a pipe nor a socket, so bytes read ahead could be lost in an upgrade; refused".to_owned();
+                    tracing::error!(error = %e, "Upgrade refused; serving on.");
+                    answer(reply, Err(e));
+                    relay.upgrade_finished();
+                    continue;
+                }
+                let preview = front.state(Vec::new(), Vec::new(), relay.preview_hand_over());
+                let config = relay.config().path.clone();
+                checking = Some(Box::pin(async move {
+                    (upgrade::check(binary, config.as_deref(), &preview).await, reply)
+                }));
+            }
+            (checked, reply) = async { match checking.as_mut() { Some(c) => c.await, None => std::future::pending().await } } => {
+                checking = None;
+                let plan = match checked {
+                    Ok(p) => p,
+                    Err(e) => {
+                        tracing::error!(error = %e, "Upgrade refused; serving on.");
+                        relay.metrics.upgrade("refused");
+                        answer(reply, Err(e));
+                        relay.upgrade_finished();
+                        continue;
+                    }
+                };
+                tracing::info!(to = %plan.version, "New binary checked; upgrading once the requests in flight have answered.");
+                answer(reply, Ok(plan.version.clone()));
+                let closed = front.upgrade(plan, &mut input, &mut lines, &mut chunk, max).await?;
+                relay.upgrade_finished();
                 if closed {
                     break;
                 }
@@ -158,9 +289,18 @@ pub async fn serve_io(
     tasks.close();
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), tasks.wait()).await;
     drop(tx);
+    drop(barrier_tx);
     drop(session);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), writer).await;
     Ok(())
+}
+
+type Reply = Option<oneshot::Sender<Result<String, String>>>;
+
+fn answer(reply: Reply, r: Result<String, String>) {
+    if let Some(reply) = reply {
+        let _ = reply.send(r);
+    }
 }
 
 /// The stdio front's parts that serving a message needs.
@@ -170,6 +310,7 @@ struct Front<'a> {
     open: &'a Open,
     tx: &'a mpsc::UnboundedSender<String>,
     tasks: &'a tokio_util::task::TaskTracker,
+    barriers: &'a mpsc::UnboundedSender<Barrier>,
 }
 
 impl Front<'_> {
@@ -201,62 +342,61 @@ impl Front<'_> {
         }
     }
 
-    /// Carries out an upgrade (see [`crate::upgrade`]): check the new binary, let the
-    /// requests in flight answer while holding new ones, hand everything over and exec.
-    /// Returns only if the upgrade was refused or abandoned (serving goes on), or with
-    /// `true` when stdin closed meanwhile.
+    /// The upgrade state of this front, with `carried` servers.
+    fn state(
+        &self,
+        held: Vec<Vec<u8>>,
+        partial: Vec<u8>,
+        carried: upgrade::Carried,
+    ) -> upgrade::State {
+        upgrade::State {
+            format: upgrade::FORMAT,
+            written_by: crate::version(),
+            generation: upgrade::generation(),
+            started_from: upgrade::started_from(),
+            front: FrontState {
+                session_id: self.session.id.clone(),
+                session: self.session.state().clone(),
+                client_next_id: self.session.next_request_id(),
+                held,
+                partial,
+                outgoing: Vec::new(),
+            },
+            backends: carried.backends,
+            lists: carried.lists,
+            keeper: carried.keeper,
+        }
+    }
+
+    /// Carries out a checked upgrade (see [`crate::upgrade`]): let the requests in flight
+    /// answer while holding new messages, hand everything over and exec. Returns only if
+    /// the upgrade was abandoned (serving goes on), with `true` when stdin closed meanwhile.
     async fn upgrade(
         &self,
-        req: upgrade::Request,
+        plan: upgrade::Plan,
         input: &mut Box<dyn AsyncRead + Unpin + Send>,
         lines: &mut LineBuffer,
         chunk: &mut [u8],
         max: usize,
-        flush: &mpsc::UnboundedSender<oneshot::Sender<()>>,
     ) -> std::io::Result<bool> {
-        let upgrade::Request { binary, reply } = req;
-        let answer = |r: Result<String, String>| {
-            if let Some(reply) = reply {
-                let _ = reply.send(r);
-            }
-        };
-        let mut state = upgrade::State {
-            format: upgrade::FORMAT,
-            written_by: crate::version(),
-            front: FrontState {
-                session_id: self.session.id.clone(),
-                session: self.session.state().clone(),
-                ..FrontState::default()
-            },
-            backends: Vec::new(),
-            lists: Default::default(),
-            keeper: None,
-        };
-        let plan = match upgrade::check(binary, &state).await {
-            Ok(p) => p,
-            Err(e) => {
-                tracing::error!(error = %e, "Upgrade refused; serving on.");
-                self.relay.metrics.upgrade("refused");
-                answer(Err(e));
-                return Ok(false);
-            }
-        };
-        tracing::info!(to = %plan.version, "New binary checked; upgrading once the requests in flight have answered.");
-        answer(Ok(plan.version.clone()));
-        // Drain: responses (to the servers' requests) and cancellations still pass; other
+        // Drain: answers to the relay's requests, cancellations and pings still pass; other
         // messages wait for the next image.
         let limit = self.relay.config().relay.request_timeout + Duration::from_secs(5);
         let deadline = tokio::time::Instant::now() + limit;
         let mut held: Vec<Vec<u8>> = Vec::new();
         let mut eof = false;
+        // Closed, so `wait` resolves once the tasks in flight are done (reopened below).
         self.tasks.close();
         let drained = loop {
-            if self.tasks.is_empty() {
+            if self.tasks.is_empty() && !self.session.awaiting_client() {
                 break true;
             }
             tokio::select! {
-                () = self.tasks.wait() => break true,
                 () = tokio::time::sleep_until(deadline) => break false,
+                () = self.tasks.wait(), if !self.tasks.is_empty() => {}
+                // The relay's requests to the client are answered through these tasks too;
+                // one still open without a task is seen within 5 ms.
+                () = tokio::time::sleep(Duration::from_millis(5)) => {}
                 r = input.read(chunk), if !eof => {
                     let n = r?;
                     if n == 0 {
@@ -265,11 +405,11 @@ impl Front<'_> {
                     }
                     lines.extend(&chunk[..n]);
                     while let Some(frame) = lines.next_frame() {
-                        self.frame(frame, max, |line| {
-                            if passes_while_draining(line) {
-                                self.dispatch(line);
-                            } else {
-                                held.push(line.to_vec());
+                        self.frame(frame, max, |line| match while_draining(line, &held) {
+                            Drain::Pass => self.dispatch(line),
+                            Drain::Hold => held.push(line.to_vec()),
+                            Drain::Withdraw(i) => {
+                                held.remove(i);
                             }
                         });
                     }
@@ -288,58 +428,124 @@ impl Front<'_> {
         }
         if !drained {
             tracing::error!(
-                waited_ms = limit.as_millis() as u64,
+                waited_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
                 "Upgrade abandoned: requests (or listen streams) were still open; serving on."
             );
             self.relay.metrics.upgrade("abandoned");
             resume(held);
             return Ok(false);
         }
+        // No config change may start or stop a server from here to the exec.
+        let changing = self.relay.changing().await;
+        let abandon = |why: &str| {
+            tracing::error!(error = %why, "Upgrade abandoned; serving on.");
+            self.relay.metrics.upgrade("abandoned");
+        };
         let carried = match self.relay.hand_over().await {
-            Ok(h) => h,
+            Ok(c) => c,
             Err(e) => {
-                tracing::error!(error = %e, "Upgrade abandoned: a server could not be handed over; serving on.");
-                self.relay.metrics.upgrade("abandoned");
+                abandon(&format!("a server could not be handed over: {e}"));
+                drop(changing);
                 resume(held);
                 return Ok(false);
             }
         };
-        let (ack, acked) = oneshot::channel();
-        if flush.send(ack).is_ok() {
-            let _ = tokio::time::timeout(Duration::from_secs(5), acked).await;
-        }
-        state.front.session = self.session.state().clone();
-        state.front.held = held;
-        state.front.partial = lines.take_rest();
-        state.backends = carried.backends;
-        state.lists = carried.lists;
-        state.keeper = carried.keeper;
-        let memfd = match upgrade::seal(&state) {
-            Ok(fd) => fd,
-            Err(e) => {
-                tracing::error!(error = %e, "Upgrade abandoned; serving on.");
-                self.relay.metrics.upgrade("abandoned");
-                self.relay.take_back(state.backends, state.keeper);
-                lines.extend(&state.front.partial);
-                resume(state.front.held);
-                return Ok(false);
-            }
+        // Everything queued for the client is written; what comes after is carried.
+        let (written, acked) = oneshot::channel();
+        let (then_tx, then) = mpsc::unbounded_channel();
+        let flushed = self.barriers.send(Barrier { written, then }).is_ok()
+            && tokio::time::timeout(Duration::from_secs(5), acked)
+                .await
+                .is_ok_and(|r| r.is_ok());
+        let resume_all = |carried: upgrade::Carried, outgoing: Vec<String>, held: Vec<Vec<u8>>| {
+            let _ = then_tx.send(Then::Resume(outgoing));
+            self.relay.take_back(carried.backends, carried.keeper);
+            resume(held);
         };
-        tracing::info!(to = %plan.version, servers = state.backends.len(), "Executing the new binary.");
-        let err = upgrade::exec(plan, memfd);
-        // Neither binary could be executed: nothing can serve the client any more.
-        tracing::error!(error = %err, "Upgrade failed; exiting.");
-        std::process::exit(70);
+        if !flushed {
+            abandon("the client does not read its output");
+            drop(changing);
+            resume_all(carried, Vec::new(), held);
+            return Ok(false);
+        }
+        let (out_tx, out_rx) = oneshot::channel();
+        let _ = then_tx.send(Then::Collect(out_tx));
+        let outgoing = out_rx.await.unwrap_or_default();
+        let mut state = self.state(held, lines.take_rest(), carried);
+        state.front.outgoing = outgoing;
+        let fds = state.handed_fds();
+        let err = match upgrade::write_state(&state) {
+            Ok(memfd) => {
+                tracing::info!(to = %plan.version, servers = state.backends.len(), "Executing the new binary.");
+                upgrade::exec(plan, memfd, &fds)
+            }
+            Err(e) => e,
+        };
+        // The exec did not happen: everything goes back as it was.
+        abandon(&err);
+        drop(changing);
+        lines.extend(&state.front.partial);
+        let carried = upgrade::Carried {
+            backends: state.backends,
+            lists: state.lists,
+            keeper: state.keeper,
+        };
+        resume_all(carried, state.front.outgoing, state.front.held);
+        Ok(false)
     }
 }
 
-/// Messages served while an upgrade drains: answers to the servers' requests and
-/// cancellations (they help requests in flight finish). Everything else waits.
-fn passes_while_draining(line: &[u8]) -> bool {
-    match Message::parse(line) {
-        Ok(m) => m.kind() == protocol::Kind::Response || m.method() == protocol::method::CANCELLED,
-        Err(_) => false,
+/// What an upgrade's drain does with a client message.
+enum Drain {
+    /// Serve it now: an answer to the relay's request, a cancellation, a ping.
+    Pass,
+    /// Keep it for the next image.
+    Hold,
+    /// A cancellation of the held message at this index: both are dropped.
+    Withdraw(usize),
+}
+
+fn while_draining(line: &[u8], held: &[Vec<u8>]) -> Drain {
+    let first = line.iter().find(|b| !b.is_ascii_whitespace());
+    if first == Some(&b'[') {
+        // A batch passes only if it is all answers.
+        let all_answers = serde_json::from_slice::<Vec<Box<serde_json::value::RawValue>>>(line)
+            .is_ok_and(|items| {
+                !items.is_empty()
+                    && items.iter().all(|i| {
+                        Message::parse(i.get().as_bytes())
+                            .is_ok_and(|m| m.kind() == protocol::Kind::Response)
+                    })
+            });
+        return if all_answers {
+            Drain::Pass
+        } else {
+            Drain::Hold
+        };
     }
+    let Ok(m) = Message::parse(line) else {
+        return Drain::Hold;
+    };
+    if m.kind() == protocol::Kind::Response || m.method() == protocol::method::PING {
+        return Drain::Pass;
+    }
+    if m.method() == protocol::method::CANCELLED {
+        let named = m
+            .params_map()
+            .ok()
+            .and_then(|p| p.get("requestId").map(|r| r.get().to_owned()));
+        let pos = named.and_then(|id| {
+            held.iter().position(|h| {
+                Message::parse(h)
+                    .is_ok_and(|hm| hm.kind() == protocol::Kind::Request && hm.id_text() == id)
+            })
+        });
+        return match pos {
+            Some(i) => Drain::Withdraw(i),
+            None => Drain::Pass,
+        };
+    }
+    Drain::Hold
 }
 
 /// Cancels the stateless request or listen stream a `notifications/cancelled` names; false

@@ -61,8 +61,11 @@ pub struct Relay {
     declared: tokio::sync::watch::Sender<Option<String>>,
     /// When backends were released to run their handshakes.
     released: Mutex<Instant>,
-    /// Where upgrade requests go: the stdio front that can carry one out, once it serves.
-    upgrades: Mutex<Option<tokio::sync::mpsc::Sender<crate::upgrade::Request>>>,
+    /// Where upgrade requests go (stdio front only): the sender, and the receiver until the
+    /// front takes it (requests made before it serves wait for it).
+    upgrades: Mutex<UpgradeChannel>,
+    /// An upgrade is being carried out (requests beyond it are refused).
+    upgrading: AtomicBool,
     pub metrics: crate::metrics::Metrics,
     /// Numbers requests for the logs (`request` span field).
     next_request: std::sync::atomic::AtomicU64,
@@ -155,23 +158,8 @@ impl backend::Hub for HubRef {
     }
 
     fn connected(&self, server: &str) {
-        let Some(r) = self.0.upgrade() else { return };
-        let Some(b) = r.backend(server) else { return };
-        if !b.info().has("resources") {
-            return;
-        }
-        // A restarted server has forgotten every subscription: renew those sessions hold.
-        let uris: std::collections::BTreeSet<String> = r
-            .live_sessions()
-            .iter()
-            .flat_map(|s| s.state().subscriptions.iter().cloned().collect::<Vec<_>>())
-            .collect();
-        for uri in uris {
-            if r.resource_owner(&uri).as_deref() == Some(server) {
-                let mut p = RawMap::default();
-                p.set_str("uri", &uri);
-                b.request_detached(method::RESOURCES_SUBSCRIBE, p);
-            }
+        if let Some(r) = self.0.upgrade() {
+            r.renew_subscriptions(server);
         }
     }
 
@@ -221,6 +209,12 @@ impl Drop for EndOnDrop<'_> {
 }
 
 /// What one request produced: a raw result or a ready error response.
+/// The upgrade requests' channel: its sender, and its receiver until the front takes it.
+type UpgradeChannel = (
+    Option<tokio::sync::mpsc::Sender<crate::upgrade::Request>>,
+    Option<tokio::sync::mpsc::Receiver<crate::upgrade::Request>>,
+);
+
 pub(crate) enum Answer {
     Result(Box<serde_json::value::RawValue>),
     Forwarded(Message),
@@ -251,6 +245,7 @@ impl Relay {
             .as_ref()
             .map(|(st, _)| st.lists.clone())
             .unwrap_or_default();
+        let mut adopted_gone: Vec<backend::Adopted> = Vec::new();
         let mut adopted: HashMap<String, backend::Adopted> = carried
             .as_ref()
             .map(|(st, _)| {
@@ -302,15 +297,27 @@ impl Relay {
             )))),
             declared,
             released: Mutex::new(Instant::now()),
-            upgrades: Mutex::new(None),
+            upgrades: Mutex::new(match front {
+                Front::Stdio => {
+                    let (tx, rx) = tokio::sync::mpsc::channel(1);
+                    (Some(tx), Some(rx))
+                }
+                Front::Http => (None, None),
+            }),
+            upgrading: AtomicBool::new(false),
         });
         {
             let cfg = relay.config();
             let mut backends = write(&relay.backends);
             for s in cfg.servers.iter().filter(|s| !s.disabled) {
-                let carried = adopted.remove(&s.name).filter(|_| {
-                    matches!(s.transport, crate::config::TransportConfig::Stdio { .. })
-                        && s.isolation == crate::config::Isolation::Shared
+                // Adopted only if the config still starts it the same way.
+                let carried = adopted.remove_entry(&s.name).map(|(_, a)| a).and_then(|a| {
+                    if a.fingerprint == backend::launch_fingerprint(&s.transport) {
+                        Some(a)
+                    } else {
+                        adopted_gone.push(a);
+                        None
+                    }
                 });
                 let b = match carried {
                     Some(a) => {
@@ -329,19 +336,14 @@ impl Relay {
                 backends.insert(s.name.clone(), b);
             }
         }
-        // Servers the config no longer has (or runs differently): their processes stop.
-        for (name, a) in adopted {
-            tracing::info!(server = %name, "Handed-over server is no longer configured as it was; stopping it.");
-            let _ = nix::sys::signal::killpg(
-                nix::unistd::Pid::from_raw(a.stdio.pid),
-                nix::sys::signal::Signal::SIGTERM,
-            );
+        // Servers the config no longer has (or starts differently): their processes stop.
+        adopted_gone.extend(adopted.into_values());
+        for a in adopted_gone {
+            tracing::info!(server = %a.name, "Handed-over server is no longer configured as it was; stopping it.");
             for fd in [a.stdio.stdin, a.stdio.stdout, a.stdio.stderr] {
-                drop(crate::upgrade::inherited_fd(fd));
+                crate::upgrade::close(fd);
             }
-            if let Some(k) = &relay.settings.keeper {
-                k.release(a.stdio.pid);
-            }
+            backend::stdio::stop_adopted(a.stdio.pid, relay.settings.keeper.clone());
         }
         // The filtering rules are in force before any server reports its lists.
         relay.rebuild_catalog();
@@ -360,11 +362,47 @@ impl Relay {
         relay
     }
 
-    /// The stdio front takes upgrade requests from here on.
-    pub fn serve_upgrades(&self) -> tokio::sync::mpsc::Receiver<crate::upgrade::Request> {
-        let (tx, rx) = tokio::sync::mpsc::channel(4);
-        *lock(&self.upgrades) = Some(tx);
-        rx
+    /// Subscribes `server` again to the resources the sessions hold on it (a restarted or
+    /// reconnected server has forgotten them).
+    pub fn renew_subscriptions(&self, server: &str) {
+        let Some(b) = self.backend(server) else {
+            return;
+        };
+        if !b.info().has("resources") || !b.state().is_up() {
+            return;
+        }
+        let uris: std::collections::BTreeSet<String> = self
+            .live_sessions()
+            .iter()
+            .flat_map(|s| s.state().subscriptions.iter().cloned().collect::<Vec<_>>())
+            .collect();
+        for uri in uris {
+            if self.resource_owner(&uri).as_deref() == Some(server) {
+                let mut p = RawMap::default();
+                p.set_str("uri", &uri);
+                b.request_detached(method::RESOURCES_SUBSCRIBE, p);
+            }
+        }
+    }
+
+    /// After an upgrade restored its session: remote servers that reconnected before the
+    /// session was back learn its subscriptions (adopted stdio servers never forgot them).
+    pub fn renew_remote_subscriptions(&self) {
+        for b in self.backends() {
+            if !b.has_process() {
+                self.renew_subscriptions(&b.name);
+            }
+        }
+    }
+
+    /// The stdio front takes the upgrade requests (once; `None` for an HTTP relay).
+    pub fn serve_upgrades(&self) -> Option<tokio::sync::mpsc::Receiver<crate::upgrade::Request>> {
+        lock(&self.upgrades).1.take()
+    }
+
+    /// The front is done with an upgrade that did not exec (refused or abandoned).
+    pub fn upgrade_finished(&self) {
+        self.upgrading.store(false, Ordering::SeqCst);
     }
 
     /// Asks the front to upgrade to `binary` (default: the path the relay started from).
@@ -374,37 +412,69 @@ impl Relay {
         &self,
         binary: Option<std::path::PathBuf>,
     ) -> Result<String, String> {
-        let tx = lock(&self.upgrades).clone().ok_or_else(|| {
+        let tx = lock(&self.upgrades).0.clone().ok_or_else(|| {
             "in-place upgrades are served by the stdio front only; an HTTP relay cannot upgrade itself yet".to_owned()
         })?;
+        if self.upgrading.swap(true, Ordering::SeqCst) {
+            return Err("an upgrade is already under way".to_owned());
+        }
         let (reply, answer) = tokio::sync::oneshot::channel();
-        tx.try_send(crate::upgrade::Request {
-            binary,
-            reply: Some(reply),
-        })
-        .map_err(|_| "an upgrade is already under way".to_owned())?;
+        if tx
+            .try_send(crate::upgrade::Request {
+                binary,
+                reply: Some(reply),
+            })
+            .is_err()
+        {
+            self.upgrade_finished();
+            return Err("an upgrade is already under way".to_owned());
+        }
         answer
             .await
-            .map_err(|_| "the upgrade was abandoned".to_owned())?
+            .map_err(|_| "the upgrade was abandoned (the relay is stopping)".to_owned())?
     }
 
     /// Hands the stdio servers and the keeper over to the next image (an upgrade about to
     /// exec). Per-session and pooled processes are stopped (the next image starts them on
     /// demand); remote servers reconnect from the next image.
     pub async fn hand_over(&self) -> Result<crate::upgrade::Carried, String> {
+        // Nothing may be left half-done: servers being stopped finish, servers starting
+        // become ready (or the upgrade waits for another time).
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let starting: Vec<String> = self
+                .backends()
+                .iter()
+                .filter(|b| b.has_process() && !b.state().is_up())
+                .map(|b| b.name.clone())
+                .collect();
+            if self.stopping.is_empty() && starting.is_empty() {
+                break;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(if starting.is_empty() {
+                    "servers are still stopping; try again".to_owned()
+                } else {
+                    format!(
+                        "server `{}` is still starting; try again",
+                        starting.join("`, `")
+                    )
+                });
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+        }
         self.instances.stop_all().await;
         let mut out = Vec::new();
         let mut lists = std::collections::BTreeMap::new();
         let mut failed = None;
-        for b in self.backends() {
-            if b.config.isolation != crate::config::Isolation::Shared {
-                continue;
-            }
-            match b.hand_over().await {
+        let all = self.backends();
+        // Concurrently: each waits for its writer and reader to stop.
+        let handed = futures::future::join_all(all.iter().map(|b| b.hand_over())).await;
+        for (b, h) in all.iter().zip(handed) {
+            match h {
                 Some(Ok(a)) => out.push(a),
                 Some(Err(e)) => {
-                    failed = Some(format!("server `{}`: {e}", b.name));
-                    break;
+                    failed.get_or_insert(format!("server `{}`: {e}", b.name));
                 }
                 None => {
                     lists.insert(b.name.clone(), b.carried_lists());
@@ -430,6 +500,26 @@ impl Relay {
             lists,
             keeper,
         })
+    }
+
+    /// What [`Relay::hand_over`] would carry, without descriptors: the state a new binary
+    /// checks before the upgrade starts.
+    pub fn preview_hand_over(&self) -> crate::upgrade::Carried {
+        let mut backends = Vec::new();
+        let mut lists = std::collections::BTreeMap::new();
+        for b in self.backends() {
+            match b.preview() {
+                Some(a) => backends.push(a),
+                None => {
+                    lists.insert(b.name.clone(), b.carried_lists());
+                }
+            }
+        }
+        crate::upgrade::Carried {
+            backends,
+            lists,
+            keeper: None,
+        }
     }
 
     /// Undoes [`Relay::hand_over`]: the upgrade was abandoned.

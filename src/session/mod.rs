@@ -254,6 +254,22 @@ impl Session {
         lock(&self.inflight).remove(id_text);
     }
 
+    /// Whether a request of the relay to the client (sampling, elicitation, roots) still
+    /// waits for its answer.
+    pub fn awaiting_client(&self) -> bool {
+        !lock(&self.waiters).is_empty()
+    }
+
+    /// The number of the next request to the client (`relay-N`): carried across an
+    /// in-place upgrade so ids are never reused.
+    pub fn next_request_id(&self) -> u64 {
+        self.next_id.load(Ordering::Relaxed)
+    }
+
+    pub fn set_next_request_id(&self, n: u64) {
+        self.next_id.fetch_max(n, Ordering::Relaxed);
+    }
+
     /// Handles the client's `notifications/cancelled` for one of its requests.
     pub fn cancel(&self, id_text: &str) -> bool {
         match lock(&self.inflight).remove(id_text) {

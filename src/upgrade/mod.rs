@@ -1,21 +1,28 @@
 //! In-place upgrade of a stdio relay: the running process replaces its own binary with
-//! `exec`, keeping its PID, its client's pipes and its stdio servers.
+//! `execve`, keeping its PID, its client's pipes and its stdio servers.
 //!
-//! The sequence (driven by the stdio front, see `frontend::stdio`):
-//! 1. [`check`]: the new binary runs in check mode (`MCP_RELAY_UPGRADE_CHECK`) on a copy of
-//!    the state and the same command line; it must load the config, read the state and exit
-//!    0, printing its version. Otherwise the upgrade is refused and nothing else happens.
+//! The sequence (driven by the stdio front, `frontend::stdio`):
+//! 1. [`check`]: the new binary runs `mcp-relay upgrade-check --config F` on a copy of the
+//!    state (the front serves on meanwhile); it must load the config, read the state and
+//!    answer `upgrade-check ok format=N version=V`. A binary without the subcommand (one
+//!    that predates upgrades) fails it. Otherwise the upgrade is refused, nothing changes.
 //! 2. The front stops serving new client messages (it keeps reading, holds them, and still
-//!    passes on responses and cancellations) until every request in flight has answered.
-//! 3. Each stdio server's output is read up to a message boundary and its pipes are
-//!    duplicated without close-on-exec ([`crate::router::Relay::hand_over`]); so is the
-//!    keeper's pipe. Pending output toward the client is flushed.
-//! 4. [`exec`]: the [`State`] goes into a memfd; termination signals are blocked; the new
-//!    binary is executed with the same arguments and `MCP_RELAY_UPGRADE_STATE_FD` (and an
-//!    fd on the previous executable, for a rollback).
-//! 5. The new image ([`Inherited`]) reads the state, adopts the servers and the session,
-//!    serves the held messages, then reads on. If it cannot restore, it executes the
-//!    previous binary with the same state (self-rollback); that image logs why.
+//!    passes on responses, cancellations and pings) until every request in flight and
+//!    every request to the client has been answered.
+//! 3. Each stdio server's queued input is written and its output is read up to a message
+//!    boundary; its pipes and the keeper's pipe are duplicated (close-on-exec until the
+//!    last moment, so no child started meanwhile inherits them); output toward the client
+//!    is written up to a barrier and what is queued after it is carried.
+//! 4. [`exec`]: the [`State`] goes into a memfd; the handed-over descriptors lose
+//!    close-on-exec; termination signals are blocked on the calling (main) thread (every
+//!    other thread has them blocked from the start, see [`block_signals_at_start`]); the
+//!    new binary is executed with the same arguments, `MCP_RELAY_UPGRADE_STATE_FD` and an
+//!    fd on the running executable for a rollback. If `execve` fails, all of that is
+//!    undone and the relay serves on.
+//! 5. The new image ([`Inherited`]) reads the state, marks the handed-over descriptors
+//!    close-on-exec, adopts the servers and the session, writes the carried output, serves
+//!    the held messages, then reads on. If it cannot restore, it executes the previous
+//!    binary with the same state (self-rollback); that image logs why.
 //!
 //! The state is versioned ([`FORMAT`]); a binary reads every format up to its own.
 
@@ -26,8 +33,9 @@ use std::ffi::{CString, OsString};
 use std::io::{Read, Seek, Write};
 use std::os::fd::{AsRawFd, FromRawFd, IntoRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStringExt;
-use std::path::PathBuf;
-use std::sync::OnceLock;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::oneshot;
 
@@ -36,12 +44,13 @@ pub const FORMAT: u32 = 1;
 const ENV_STATE_FD: &str = "MCP_RELAY_UPGRADE_STATE_FD";
 const ENV_PREVIOUS_FD: &str = "MCP_RELAY_UPGRADE_PREVIOUS_FD";
 const ENV_ROLLED_BACK: &str = "MCP_RELAY_UPGRADE_ROLLED_BACK";
-const ENV_CHECK: &str = "MCP_RELAY_UPGRADE_CHECK";
 /// Test hook: an image whose build tag equals this variable fails its restore (so the tests
-/// can prove the self-rollback with a real second binary).
+/// can prove the self-rollback with a real second binary). Builds without a tag ignore it.
 const ENV_FAIL_TAG: &str = "MCP_RELAY_UPGRADE_FAIL_TAG";
 /// How long the new binary's check may take.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(20);
+/// The start of the answer of a binary that can take an upgrade over.
+const CHECK_OK: &str = "upgrade-check ok";
 
 /// Everything the next image needs to go on serving the client.
 #[derive(Debug, Serialize, Deserialize)]
@@ -50,6 +59,12 @@ pub struct State {
     pub format: u32,
     /// The version of the binary that wrote it.
     pub written_by: String,
+    /// Upgrades so far in this process (the first image is 0).
+    #[serde(default)]
+    pub generation: u64,
+    /// The path the relay was first started from (the default binary of the next upgrade).
+    #[serde(default)]
+    pub started_from: Option<PathBuf>,
     pub front: FrontState,
     pub backends: Vec<Adopted>,
     /// The lists of the servers not handed over (remote ones, which reconnect).
@@ -71,10 +86,16 @@ pub struct Carried {
 pub struct FrontState {
     pub session_id: String,
     pub session: SessionState,
+    /// The next id of a request the relay sends the client (`relay-N`).
+    #[serde(default)]
+    pub client_next_id: u64,
     /// Complete messages held while requests drained, in arrival order.
     pub held: Vec<Vec<u8>>,
     /// The start of the next message.
     pub partial: Vec<u8>,
+    /// Messages for the client queued after the last write (written first by the next image).
+    #[serde(default)]
+    pub outgoing: Vec<String>,
 }
 
 impl State {
@@ -97,6 +118,18 @@ impl State {
         }
         serde_json::from_slice(bytes).map_err(|e| format!("the upgrade state is not readable: {e}"))
     }
+
+    /// Every descriptor the state hands over (the servers' pipes, the keeper's pipe).
+    pub fn handed_fds(&self) -> Vec<RawFd> {
+        let mut fds: Vec<RawFd> = self
+            .backends
+            .iter()
+            .flat_map(|a| [a.stdio.stdin, a.stdio.stdout, a.stdio.stderr])
+            .collect();
+        fds.extend(self.keeper.as_ref().map(|k| k.fd));
+        fds.retain(|fd| *fd > 2);
+        fds
+    }
 }
 
 /// A request to upgrade (`SIGUSR2`, the `relay__upgrade` tool, `mcp-relay upgrade`).
@@ -110,13 +143,33 @@ pub struct Request {
 /// A checked upgrade, ready to execute.
 pub struct Plan {
     binary: PathBuf,
-    /// The running executable, for a rollback (the file at its path may be the new one).
+    /// The running executable, for the new image's rollback (the file at its path may be
+    /// the new one by now).
     previous: OwnedFd,
     pub version: String,
 }
 
-/// The path this process was started from, recorded before anything could replace it.
-static STARTED_FROM: OnceLock<Option<PathBuf>> = OnceLock::new();
+/// The path this relay was first started from, recorded before anything could replace it.
+static STARTED_FROM: Mutex<Option<PathBuf>> = Mutex::new(None);
+/// Upgrades so far in this process.
+static GENERATION: AtomicU64 = AtomicU64::new(0);
+/// Set by the signal handler when SIGTERM or SIGINT arrived (an exec must not swallow it).
+static TERMINATING: AtomicBool = AtomicBool::new(false);
+
+/// The path the next upgrade executes by default.
+pub fn started_from() -> Option<PathBuf> {
+    crate::sync::lock(&STARTED_FROM).clone()
+}
+
+/// How many upgrades this process has been through.
+pub fn generation() -> u64 {
+    GENERATION.load(Ordering::Relaxed)
+}
+
+/// Records that a termination signal arrived (see [`exec`]).
+pub fn note_terminating() {
+    TERMINATING.store(true, Ordering::SeqCst);
+}
 
 /// What a previous image handed over, read from the environment at start.
 #[derive(Debug, Default)]
@@ -125,23 +178,20 @@ pub struct Inherited {
     previous_fd: Option<RawFd>,
     /// Set when this image restores after a failed upgrade: why it failed.
     pub rolled_back: Option<String>,
-    /// Set when this process runs as a check of a new binary.
-    pub check: bool,
 }
 
 impl Inherited {
     /// Reads and removes the upgrade variables from the environment (so no child inherits
     /// them). Must run first thing in `main`, before any thread starts.
     pub fn from_env() -> Inherited {
-        let _ = STARTED_FROM.set(std::env::current_exe().ok());
+        *crate::sync::lock(&STARTED_FROM) = std::env::current_exe().ok();
         let fd = |k: &str| std::env::var(k).ok().and_then(|v| v.parse::<RawFd>().ok());
         let inherited = Inherited {
             state_fd: fd(ENV_STATE_FD),
             previous_fd: fd(ENV_PREVIOUS_FD),
             rolled_back: std::env::var(ENV_ROLLED_BACK).ok(),
-            check: std::env::var_os(ENV_CHECK).is_some(),
         };
-        for k in [ENV_STATE_FD, ENV_PREVIOUS_FD, ENV_ROLLED_BACK, ENV_CHECK] {
+        for k in [ENV_STATE_FD, ENV_PREVIOUS_FD, ENV_ROLLED_BACK] {
             // SAFETY: called first thing in `main`, while the process has one thread, so no
             // other thread reads the environment concurrently.
             unsafe { std::env::remove_var(k) };
@@ -154,27 +204,46 @@ impl Inherited {
         self.state_fd.is_some()
     }
 
-    /// Reads the handed-over state. On failure the caller rolls back ([`Inherited::roll_back`]).
+    /// Reads the handed-over state and marks every descriptor it names close-on-exec (no
+    /// child may inherit them). Runs before the async runtime starts. On failure the caller
+    /// rolls back ([`Inherited::roll_back`]).
     pub fn read_state(&self) -> Result<State, String> {
         let fd = self.state_fd.ok_or("no upgrade state was handed over")?;
+        // Kept for a rollback only.
+        if let Some(p) = self.previous_fd {
+            let _ = set_cloexec(p, true);
+        }
+        set_cloexec(fd, true).map_err(|e| format!("the upgrade state is unusable: {e}"))?;
+        // SAFETY: the previous image passed this memfd; it is open (fcntl succeeded). The
+        // File is never dropped (ManuallyDrop): the descriptor stays open for a rollback.
+        let file = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
+        let mut bytes = Vec::new();
+        let read = (&*file).read_to_end(&mut bytes);
+        let _ = (&*file).rewind();
+        read.map_err(|e| format!("cannot read the upgrade state: {e}"))?;
+        let state = State::decode(&bytes)?;
+        for fd in state.handed_fds() {
+            set_cloexec(fd, true)
+                .map_err(|e| format!("a handed-over descriptor ({fd}) is unusable: {e}"))?;
+        }
         let tag = crate::build_tag();
         if !tag.is_empty() && std::env::var(ENV_FAIL_TAG).is_ok_and(|t| t == tag) {
             return Err(format!(
                 "this build ({tag}) is marked to fail its restore ({ENV_FAIL_TAG})"
             ));
         }
-        // Kept for a rollback only: no child may inherit it.
-        if let Some(p) = self.previous_fd {
-            let _ = set_cloexec(p, true);
+        if let Some(p) = &state.started_from {
+            *crate::sync::lock(&STARTED_FROM) = Some(p.clone());
         }
-        let mut file = std::fs::File::from(inherited_fd(fd).map_err(|e| e.to_string())?);
-        let mut bytes = Vec::new();
-        file.read_to_end(&mut bytes)
-            .map_err(|e| format!("cannot read the upgrade state: {e}"))?;
-        // Kept open (close-on-exec) in case this image must hand the same state back.
-        let _ = file.rewind();
-        let _ = file.into_raw_fd();
-        State::decode(&bytes)
+        GENERATION.store(
+            if self.rolled_back.is_some() {
+                state.generation
+            } else {
+                state.generation + 1
+            },
+            Ordering::Relaxed,
+        );
+        Ok(state)
     }
 
     /// Executes the previous binary with the same state: the upgrade failed after exec.
@@ -187,16 +256,25 @@ impl Inherited {
             return format!("{reason}; no previous binary to return to");
         };
         tracing::error!(error = %reason, "The upgraded relay cannot restore; returning to the previous binary.");
-        let mut env = vec![
-            (ENV_STATE_FD, state.to_string()),
-            (ENV_ROLLED_BACK, reason.to_owned()),
-        ];
-        env.push((ENV_PREVIOUS_FD, previous.to_string()));
+        // The descriptors named in the state go back to the previous image as they came.
+        if let Ok(bytes) = read_fd(state)
+            && let Ok(st) = State::decode(&bytes)
+        {
+            for fd in st.handed_fds() {
+                let _ = set_cloexec(fd, false);
+            }
+        }
         for fd in [state, previous] {
             let _ = set_cloexec(fd, false);
         }
+        let env = [
+            (ENV_STATE_FD, state.to_string()),
+            (ENV_ROLLED_BACK, reason.to_owned()),
+            (ENV_PREVIOUS_FD, previous.to_string()),
+        ];
         // SAFETY: `previous` was opened on the previous executable and handed over by it;
-        // nothing in this image owns or closes it.
+        // nothing in this image owns or closes it (the OwnedFd is turned back into a raw
+        // descriptor below if the exec fails).
         let exe = unsafe { OwnedFd::from_raw_fd(previous) };
         let err = exec_fd(&exe, &env);
         let _ = exe.into_raw_fd();
@@ -204,8 +282,20 @@ impl Inherited {
     }
 }
 
-/// Takes ownership of a descriptor a previous image handed over, marking it close-on-exec
-/// (so children started from now on do not inherit it).
+/// The whole content of a memfd, from its start, leaving it open.
+fn read_fd(fd: RawFd) -> std::io::Result<Vec<u8>> {
+    // SAFETY: the File is never dropped (ManuallyDrop), so the descriptor, owned by the
+    // caller, stays open.
+    let file = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
+    (&*file).rewind()?;
+    let mut bytes = Vec::new();
+    (&*file).read_to_end(&mut bytes)?;
+    (&*file).rewind()?;
+    Ok(bytes)
+}
+
+/// Takes ownership of a descriptor a previous image handed over (listed in its state, so
+/// already marked close-on-exec by [`Inherited::read_state`]).
 pub fn inherited_fd(fd: RawFd) -> std::io::Result<OwnedFd> {
     if fd < 3 {
         return Err(std::io::Error::other("not a handed-over descriptor"));
@@ -216,12 +306,10 @@ pub fn inherited_fd(fd: RawFd) -> std::io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd) })
 }
 
-/// A duplicate of `fd` that stays open across `exec` (the original keeps close-on-exec).
-pub fn keep_across_exec(fd: RawFd) -> std::io::Result<RawFd> {
-    // SAFETY: `fd` belongs to a live object of the caller for the duration of this call.
-    let borrowed = unsafe { std::os::fd::BorrowedFd::borrow_raw(fd) };
-    let dup = nix::unistd::dup(borrowed).map_err(std::io::Error::from)?;
-    Ok(dup.into_raw_fd())
+/// A close-on-exec duplicate of `fd` for the next image, as a raw descriptor the upgrade
+/// state names ([`exec`] clears close-on-exec at the last moment; [`close`] if abandoned).
+pub fn keep_for_exec(fd: &OwnedFd) -> std::io::Result<RawFd> {
+    Ok(fd.try_clone()?.into_raw_fd())
 }
 
 /// Closes a descriptor kept for an upgrade that was abandoned.
@@ -241,24 +329,27 @@ fn set_cloexec(fd: RawFd, on: bool) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Runs the new binary in check mode on `preview` (a copy of the state); the plan holds its
-/// version. Nothing changes for the client when this fails.
-pub async fn check(binary: Option<PathBuf>, preview: &State) -> Result<Plan, String> {
+/// Runs `binary upgrade-check` on `preview` (a copy of the state with no descriptors); the
+/// plan holds its version. Nothing changes for the client when this fails.
+pub async fn check(
+    binary: Option<PathBuf>,
+    config: Option<&Path>,
+    preview: &State,
+) -> Result<Plan, String> {
     let binary = match binary {
         Some(b) => b,
-        None => STARTED_FROM
-            .get()
-            .cloned()
-            .flatten()
+        None => started_from()
             .ok_or("cannot tell which binary this relay was started from; name the new one")?,
     };
     let previous: OwnedFd = std::fs::File::open("/proc/self/exe")
         .map_err(|e| format!("cannot keep the running binary for a rollback: {e}"))?
         .into();
-    let args: Vec<OsString> = std::env::args_os().skip(1).collect();
-    let mut child = tokio::process::Command::new(&binary)
-        .args(&args)
-        .env(ENV_CHECK, "1")
+    let mut cmd = tokio::process::Command::new(&binary);
+    cmd.arg("upgrade-check");
+    if let Some(c) = config {
+        cmd.arg("--config").arg(c);
+    }
+    let mut child = cmd
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .stderr(std::process::Stdio::piped())
@@ -266,11 +357,18 @@ pub async fn check(binary: Option<PathBuf>, preview: &State) -> Result<Plan, Str
         .spawn()
         .map_err(|e| format!("cannot run the new binary {}: {e}", binary.display()))?;
     let state = preview.encode()?;
-    if let Some(mut stdin) = child.stdin.take() {
-        use tokio::io::AsyncWriteExt;
-        let _ = stdin.write_all(&state).await;
-    }
-    let out = tokio::time::timeout(CHECK_TIMEOUT, child.wait_with_output())
+    let stdin = child.stdin.take();
+    let feed = async move {
+        if let Some(mut stdin) = stdin {
+            use tokio::io::AsyncWriteExt;
+            let _ = stdin.write_all(&state).await;
+        }
+    };
+    let run = async {
+        let (_, out) = tokio::join!(feed, child.wait_with_output());
+        out
+    };
+    let out = tokio::time::timeout(CHECK_TIMEOUT, run)
         .await
         .map_err(|_| {
             format!(
@@ -280,36 +378,39 @@ pub async fn check(binary: Option<PathBuf>, preview: &State) -> Result<Plan, Str
             )
         })?
         .map_err(|e| format!("the new binary's check failed: {e}"))?;
-    if !out.status.success() {
-        let err = String::from_utf8_lossy(&out.stderr);
-        let last: Vec<&str> = err.lines().rev().take(3).collect();
-        let last: Vec<&str> = last.into_iter().rev().collect();
-        return Err(format!(
-            "the new binary {} failed its check ({}){}",
-            binary.display(),
-            out.status,
-            if last.is_empty() {
-                String::new()
-            } else {
-                format!(": {}", last.join(" | "))
-            }
-        ));
+    let said = String::from_utf8_lossy(&out.stdout);
+    let answer = said.lines().rev().find(|l| l.starts_with(CHECK_OK));
+    let version = answer.and_then(|a| {
+        a.split_whitespace()
+            .find_map(|w| w.strip_prefix("version="))
+            .map(str::to_owned)
+    });
+    match (out.status.success(), version) {
+        (true, Some(version)) => Ok(Plan {
+            binary,
+            previous,
+            version,
+        }),
+        _ => {
+            let err = String::from_utf8_lossy(&out.stderr);
+            let last: Vec<&str> = err.lines().rev().take(3).collect();
+            let last: Vec<&str> = last.into_iter().rev().collect();
+            Err(format!(
+                "the new binary {} failed its check ({}){}",
+                binary.display(),
+                out.status,
+                if last.is_empty() {
+                    " without saying why (a binary that predates in-place upgrades has no `upgrade-check`)".to_owned()
+                } else {
+                    format!(": {}", last.join(" | "))
+                }
+            ))
+        }
     }
-    let version = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .last()
-        .unwrap_or_default()
-        .trim()
-        .to_owned();
-    Ok(Plan {
-        binary,
-        previous,
-        version,
-    })
 }
 
-/// Check mode (the new binary's side of [`check`]): reads the state on stdin; the config was
-/// loaded by the caller. Prints this binary's version.
+/// `mcp-relay upgrade-check` (the new binary's side of [`check`]): reads the state on
+/// stdin; the config was loaded by the caller.
 pub fn run_check() -> std::process::ExitCode {
     let mut bytes = Vec::new();
     if let Err(e) = std::io::stdin().read_to_end(&mut bytes) {
@@ -318,7 +419,7 @@ pub fn run_check() -> std::process::ExitCode {
     }
     match State::decode(&bytes) {
         Ok(_) => {
-            println!("{}", crate::version());
+            println!("{CHECK_OK} format={FORMAT} version={}", crate::version());
             std::process::ExitCode::SUCCESS
         }
         Err(e) => {
@@ -330,39 +431,7 @@ pub fn run_check() -> std::process::ExitCode {
 
 /// Writes the state into a memfd for [`exec`] (before anything irreversible: a failure
 /// here abandons the upgrade).
-pub fn seal(state: &State) -> Result<RawFd, String> {
-    write_memfd(state)
-}
-
-/// Executes the new binary with the state in `memfd` (from [`seal`]). Returns only if
-/// neither the new nor the previous binary could be executed (the process then exits; the
-/// keeper stops the servers).
-pub fn exec(plan: Plan, memfd: RawFd) -> String {
-    let previous = plan.previous.as_raw_fd();
-    for fd in [memfd, previous] {
-        if let Err(e) = set_cloexec(fd, false) {
-            return format!("cannot pass a descriptor to the new binary: {e}");
-        }
-    }
-    block_signals();
-    let env = [
-        (ENV_STATE_FD, memfd.to_string()),
-        (ENV_PREVIOUS_FD, previous.to_string()),
-    ];
-    let new_err = exec_path(&plan.binary, &env);
-    // The new binary could not even start: the previous one takes the state back.
-    let reason = format!(
-        "the new binary {} could not be executed: {new_err}",
-        plan.binary.display()
-    );
-    tracing::error!(error = %reason, "Upgrade failed at exec; returning to the previous binary.");
-    let mut env = env.to_vec();
-    env.push((ENV_ROLLED_BACK, reason.clone()));
-    let err = exec_fd(&plan.previous, &env);
-    format!("{reason}; the previous binary could not be executed either: {err}")
-}
-
-fn write_memfd(state: &State) -> Result<RawFd, String> {
+pub fn write_state(state: &State) -> Result<RawFd, String> {
     use nix::sys::memfd::{MFdFlags, memfd_create};
     let bytes = state.encode()?;
     let fd = memfd_create(c"mcp-relay-upgrade", MFdFlags::MFD_CLOEXEC)
@@ -374,9 +443,49 @@ fn write_memfd(state: &State) -> Result<RawFd, String> {
     Ok(f.into_raw_fd())
 }
 
+/// Executes the new binary with the state in `memfd` (from [`write_state`]), handing over
+/// `fds`. Must run on the main thread (see [`block_signals_at_start`]). Returns only if the
+/// exec did not happen, with everything undone (descriptors close-on-exec again, signals
+/// unblocked): the caller abandons the upgrade and serves on.
+pub fn exec(plan: Plan, memfd: RawFd, fds: &[RawFd]) -> String {
+    let previous = plan.previous.as_raw_fd();
+    let mut passed: Vec<RawFd> = vec![memfd, previous];
+    passed.extend_from_slice(fds);
+    let undo = |upto: &[RawFd]| {
+        for fd in upto {
+            let _ = set_cloexec(*fd, true);
+        }
+    };
+    for (i, fd) in passed.iter().enumerate() {
+        if let Err(e) = set_cloexec(*fd, false) {
+            undo(&passed[..i]);
+            return format!("cannot pass descriptor {fd} to the new binary: {e}");
+        }
+    }
+    block_signals();
+    // A termination signal that arrived before the block must not be lost in the exec.
+    if TERMINATING.load(Ordering::SeqCst) {
+        undo(&passed);
+        unblock_signals();
+        return "a termination signal arrived; stopping instead".to_owned();
+    }
+    let env = [
+        (ENV_STATE_FD, memfd.to_string()),
+        (ENV_PREVIOUS_FD, previous.to_string()),
+    ];
+    let err = exec_path(&plan.binary, &env);
+    undo(&passed);
+    unblock_signals();
+    close(memfd);
+    format!(
+        "the new binary {} could not be executed: {err}",
+        plan.binary.display()
+    )
+}
+
 /// `execve` of `path` (a script works too) with this process's arguments and environment
 /// plus `extra`.
-fn exec_path(path: &std::path::Path, extra: &[(&str, String)]) -> String {
+fn exec_path(path: &Path, extra: &[(&str, String)]) -> String {
     let Ok(path) = CString::new(path.as_os_str().as_encoded_bytes()) else {
         return "the path contains a NUL byte".to_owned();
     };
@@ -403,7 +512,7 @@ fn command_line(extra: &[(&str, String)]) -> (Vec<CString>, Vec<CString>) {
         .collect();
     let mut env: Vec<CString> = std::env::vars_os()
         .filter(|(k, _)| !extra.iter().any(|(e, _)| k == e))
-        .filter_map(|(k, v)| {
+        .filter_map(|(k, v): (OsString, OsString)| {
             let mut kv = k.into_vec();
             kv.push(b'=');
             kv.extend(v.into_vec());
@@ -433,8 +542,6 @@ fn held_set() -> nix::sys::signal::SigSet {
     set
 }
 
-/// Termination signals wait (pending) across the exec: the mask is inherited, and the new
-/// image unblocks them once its handlers are in place ([`unblock_signals`]).
 fn block_signals() {
     let _ = nix::sys::signal::pthread_sigmask(
         nix::sys::signal::SigmaskHow::SIG_BLOCK,
@@ -443,7 +550,17 @@ fn block_signals() {
     );
 }
 
-/// Lets the signals blocked across an upgrade in (on the calling thread).
+/// Blocks the termination and upgrade signals on the calling thread, before the runtime's
+/// threads exist, so that they all inherit the block: only the main thread (which runs the
+/// front, and so the exec) takes these signals, once [`unblock_signals`] lets them in. A
+/// signal arriving during an exec then stays pending into the new image (children reset
+/// their signal mask when they start).
+pub fn block_signals_at_start() {
+    block_signals();
+}
+
+/// Lets the held signals in on the calling thread (the main thread, once the handlers
+/// exist).
 pub fn unblock_signals() {
     let _ = nix::sys::signal::pthread_sigmask(
         nix::sys::signal::SigmaskHow::SIG_UNBLOCK,
@@ -461,20 +578,26 @@ mod tests {
         let s = State {
             format: FORMAT,
             written_by: "1".into(),
+            generation: 2,
+            started_from: Some(PathBuf::from("/usr/bin/mcp-relay")),
             front: FrontState {
                 session_id: "abc".into(),
                 held: vec![b"{\"jsonrpc\":\"2.0\"}".to_vec()],
                 partial: vec![b'{', 0xe2],
+                outgoing: vec!["{}".into()],
                 ..FrontState::default()
             },
             backends: Vec::new(),
             lists: Default::default(),
-            keeper: None,
+            keeper: Some(keeper::Handover { pid: 9, fd: 11 }),
         };
         let back = State::decode(&s.encode()?)?;
         assert_eq!(back.front.session_id, "abc");
         assert_eq!(back.front.partial, vec![b'{', 0xe2]);
         assert_eq!(back.front.held, s.front.held);
+        assert_eq!(back.front.outgoing, s.front.outgoing);
+        assert_eq!(back.generation, 2);
+        assert_eq!(back.handed_fds(), vec![11]);
         let newer = br#"{"format": 99}"#;
         let e = State::decode(newer).err().unwrap_or_default();
         assert!(e.contains("newer"), "{e}");

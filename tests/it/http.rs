@@ -252,3 +252,50 @@ fn readiness_follows_required_servers() -> Result {
     })?;
     Ok(())
 }
+
+/// `mcp-relay health`: initialize + tools/list against a running relay; 0 with a summary,
+/// 1 with the reason (no relay there, or a token refused).
+#[test]
+fn health_command_checks_a_running_relay() -> Result {
+    let dir = tempfile::tempdir()?;
+    let cfg = json!({
+        "mcpServers": {"ex": example("ex")},
+        "auth": {"clients": [{"name": "probe", "token": "${PROBE_TOKEN}", "scopes": ["tools"]}]},
+    });
+    let relay = crate::support::serve_with(&cfg, dir.path(), &[("PROBE_TOKEN", "probe-secret-1")])?;
+    let health = |url: &str, token: Option<&str>| -> Result<(bool, String)> {
+        let mut cmd = std::process::Command::new(crate::support::relay_bin());
+        cmd.args(["health", "--url", url, "--timeout-ms", "20000"]);
+        cmd.env_remove("MCP_RELAY_TOKEN");
+        if let Some(t) = token {
+            cmd.env("MCP_RELAY_TOKEN", t);
+        }
+        let out = cmd.output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+        ))
+    };
+    let (ok, said) = health(&relay.url, Some("probe-secret-1"))?;
+    assert!(ok, "{said}");
+    assert!(
+        said.starts_with("ok: mcp-relay") && said.contains("13 tools"),
+        "{said}"
+    );
+    let (ok, said) = health(&relay.url, Some("wrong"))?;
+    assert!(
+        !ok && said.contains("unhealthy") && said.contains("401"),
+        "{said}"
+    );
+    assert!(
+        !said.contains("wrong"),
+        "the token is never printed: {said}"
+    );
+    // Nothing listens there.
+    let free = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let (ok, said) = health(&format!("http://127.0.0.1:{free}/mcp"), None)?;
+    assert!(!ok && said.starts_with("unhealthy"), "{said}");
+    Ok(())
+}

@@ -172,6 +172,14 @@ impl StdioClient {
         Ok(())
     }
 
+    /// Writes bytes without a newline (the start of a message).
+    pub fn send_raw_partial(&mut self, bytes: &str) -> Result {
+        let stdin = self.stdin.as_mut().ok_or("stdin is closed")?;
+        stdin.write_all(bytes.as_bytes())?;
+        stdin.flush()?;
+        Ok(())
+    }
+
     /// Closes the relay's stdin, as a client that goes away does.
     pub fn close_stdin(&mut self) {
         self.stdin = None;

@@ -84,6 +84,28 @@ fn wait_version(c: &mut StdioClient, id: &mut u64, want: &str) -> Result<Value> 
     })
 }
 
+/// Children of `pid` that exited and were not reaped.
+fn zombies(pid: i64) -> Result<Vec<i64>> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir("/proc")?.flatten() {
+        let Ok(child) = e.file_name().to_string_lossy().parse::<i64>() else {
+            continue;
+        };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{child}/stat")) else {
+            continue;
+        };
+        // pid (comm) state ppid ...: the fields after the last ')'.
+        let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
+        let mut f = rest.split_whitespace();
+        let state = f.next().unwrap_or_default();
+        let ppid: i64 = f.next().and_then(|p| p.parse().ok()).unwrap_or_default();
+        if ppid == pid && state == "Z" {
+            out.push(child);
+        }
+    }
+    Ok(out)
+}
+
 fn sigusr2(c: &StdioClient) -> Result {
     let pid = i32::try_from(c.proc.child.id())?;
     nix::sys::signal::kill(
@@ -119,6 +141,7 @@ fn stdio_relay_upgrades_in_place_under_load() -> Result {
     assert!(tools.iter().any(|t| t == "web__echo"), "{tools:?}");
 
     let mut next = 1000u64;
+    let mut fds: Option<usize> = None;
     let targets = ["a__echo", "b__echo", "web__echo"];
     for (round, tag) in ["v2", "v3", "v4"].into_iter().enumerate() {
         install(&build(builds.path(), tag)?, &bin)?;
@@ -148,7 +171,28 @@ fn stdio_relay_upgrades_in_place_under_load() -> Result {
             )?;
             sent.insert(next, "done after 10 steps".into());
         }
+        if round == 0 {
+            // Half a message when the exec comes: the new image reads the rest.
+            next += 1;
+            let line = json!({"jsonrpc": "2.0", "id": next, "method": "tools/call",
+                "params": {"name": "b__echo", "arguments": {"message": "split"}}})
+            .to_string();
+            let (first, rest) = line.split_at(line.len() / 2);
+            c.send_raw_partial(first)?;
+            sigusr2(&c)?;
+            poll("the exec", || {
+                let exe = std::fs::read_link(format!("/proc/{relay_pid}/exe"))?;
+                Ok(if exe.to_string_lossy().ends_with("(deleted)") {
+                    Err(exe.display().to_string())
+                } else {
+                    Ok(())
+                })
+            })?;
+            c.send_raw(rest)?;
+            sent.insert(next, "Echo: split".into());
+        }
         match round {
+            0 => {}
             // The command line, through the control socket.
             2 => {
                 let out = std::process::Command::new(relay_bin())
@@ -199,12 +243,55 @@ fn stdio_relay_upgrades_in_place_under_load() -> Result {
             "the stdio servers were adopted, not restarted"
         );
         assert_eq!(c.tool_names(id + 500)?, tools, "the same tools");
+        assert_eq!(now["upgrades"], round + 1, "{now}");
+        assert_eq!(
+            zombies(relay_pid)?,
+            Vec::<i64>::new(),
+            "no unreaped children"
+        );
+        // No descriptor leaks from one image to the next: pipes and memfds (sockets vary
+        // with the HTTP connection pool).
+        let open = std::fs::read_dir(format!("/proc/{relay_pid}/fd"))?
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .filter(|t| {
+                let t = t.to_string_lossy();
+                t.starts_with("pipe:") || t.starts_with("/memfd:")
+            })
+            .count();
+        match fds {
+            None => fds = Some(open),
+            Some(n) => assert_eq!(open, n, "open descriptors after upgrade {}", round + 1),
+        }
         for s in now["servers"].as_array().into_iter().flatten() {
             if s["transport"] == "stdio" {
                 assert_eq!(s["restarts"], 0, "{s}");
             }
         }
     }
+    // A server started by the upgraded image inherits none of the handed-over pipes: it
+    // holds as many pipes as one the first image started.
+    let r = c.call_tool(
+        9000,
+        "relay__add_server",
+        json!({"name": "c", "config": example("c")}),
+    )?;
+    assert!(r["result"]["isError"].is_null(), "{r}");
+    let st = status(&mut c, 9001)?;
+    let p = pids(&st);
+    let pipes = |pid: i64| -> Result<usize> {
+        Ok(std::fs::read_dir(format!("/proc/{pid}/fd"))?
+            .flatten()
+            .filter_map(|e| std::fs::read_link(e.path()).ok())
+            .filter(|t| t.to_string_lossy().starts_with("pipe:"))
+            .count())
+    };
+    let (a, fresh) = (p.get("a").ok_or("no a")?, p.get("c").ok_or("no c")?);
+    assert_eq!(
+        pipes(*fresh)?,
+        pipes(*a)?,
+        "pipes of a server started after the upgrades"
+    );
     Ok(())
 }
 
@@ -246,6 +333,14 @@ fn a_broken_new_binary_leaves_the_relay_serving() -> Result {
         "Echo: x"
     );
 
+    // A binary without `upgrade-check` (one that predates upgrades) says nothing useful.
+    let old = builds.path().join("old");
+    std::fs::write(&old, "#!/bin/sh\ncat >/dev/null\nexit 0\n")?;
+    make_executable(&old)?;
+    let r = c.call_tool(30, "relay__upgrade", json!({"binary": old}))?;
+    assert_eq!(r["result"]["isError"], true, "{r}");
+    assert!(text(&r).contains("predates"), "{r}");
+
     let r = c.call_tool(4, "relay__upgrade", json!({"binary": failing}))?;
     assert_eq!(
         r["result"]["structuredContent"]["to"],
@@ -269,5 +364,85 @@ fn a_broken_new_binary_leaves_the_relay_serving() -> Result {
         text(&c.call_tool(6, "a__echo", json!({"message": "y"}))?),
         "Echo: y"
     );
+    Ok(())
+}
+
+/// Node-based clients (Claude Code, Cursor) give their servers socket pairs, not pipes: the
+/// relay reads those itself too, so an upgrade loses nothing there either.
+#[test]
+fn an_upgrade_over_a_socket_pair() -> Result {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::fd::OwnedFd;
+    let dir = tempfile::tempdir()?;
+    let builds = tempfile::tempdir()?;
+    let cfg =
+        crate::support::write_config(dir.path(), &json!({"mcpServers": {"a": example("a")}}))?;
+    let (mine, theirs) = std::os::unix::net::UnixStream::pair()?;
+    let theirs_out: OwnedFd = theirs.try_clone()?.into();
+    let theirs_in: OwnedFd = theirs.into();
+    let child = std::process::Command::new(relay_bin())
+        .args(["stdio", "--config"])
+        .arg(&cfg)
+        .env("RUST_LOG", "warn")
+        .env("MCP_RELAY_RUNTIME_DIR", runtime_dir(dir.path()))
+        .stdin(Stdio::from(theirs_in))
+        .stdout(Stdio::from(theirs_out))
+        .stderr(Stdio::null())
+        .spawn()?;
+    let _relay = crate::support::Proc { child };
+    mine.set_read_timeout(Some(crate::support::TIMEOUT))?;
+    let mut w = mine.try_clone()?;
+    let mut lines = BufReader::new(mine).lines();
+    let mut request = |id: u64, method: &str, params: Value| -> Result<Value> {
+        writeln!(
+            w,
+            "{}",
+            json!({"jsonrpc": "2.0", "id": id, "method": method, "params": params})
+        )?;
+        loop {
+            let v: Value = serde_json::from_str(&lines.next().ok_or("closed")??)?;
+            if v["id"] == id && v.get("method").is_none() {
+                return Ok(v);
+            }
+        }
+    };
+    request(
+        0,
+        "initialize",
+        json!({"protocolVersion": "2025-11-25", "capabilities": {}, "clientInfo": {"name": "it", "version": "1"}}),
+    )?;
+    let new = build(builds.path(), "sock")?;
+    let r = request(
+        1,
+        "tools/call",
+        json!({"name": "relay__upgrade", "arguments": {"binary": new}}),
+    )?;
+    assert_eq!(
+        r["result"]["structuredContent"]["to"],
+        version("sock"),
+        "{r}"
+    );
+    let mut n = 10;
+    poll("the new version over the socket", || {
+        n += 1;
+        let echo = request(
+            n,
+            "tools/call",
+            json!({"name": "a__echo", "arguments": {"message": "s"}}),
+        )?;
+        assert_eq!(text(&echo), "Echo: s", "{echo}");
+        n += 1;
+        let st = request(
+            n,
+            "tools/call",
+            json!({"name": "relay__status", "arguments": {}}),
+        )?;
+        let v = st["result"]["structuredContent"]["version"].clone();
+        Ok(if v == version("sock") {
+            Ok(())
+        } else {
+            Err(v.to_string())
+        })
+    })?;
     Ok(())
 }

@@ -25,8 +25,9 @@ SLOT = 28
 def patched_build(dest: Path, tag: str) -> Path:
     """A copy of the relay binary that reports VERSION+tag."""
     data = bytearray(RELAY.read_bytes())
-    at = data.find(MARKER + b"\0" * SLOT)
-    assert at >= 0, "no build-tag slot in the relay binary"
+    slot = MARKER + b"\0" * SLOT
+    at = data.find(slot)
+    assert at >= 0 and data.find(slot, at + 1) < 0, "exactly one build-tag slot in the relay binary"
     start = at + len(MARKER)
     data[start : start + len(tag)] = tag.encode()
     dest.write_bytes(bytes(data))
@@ -67,15 +68,22 @@ async def test_sdk_client_calls_on_across_an_in_place_upgrade(tmp_path: Path, lo
         tools = sorted(t.name for t in (await client.list_tools()).tools)
         assert "everything__echo" in tools and "ex__echo" in tools
         done: list[int] = []
+        upgraded = anyio.Event()
 
         async def caller() -> None:
-            for i in range(120):
+            # Calls go on until the new version answers, and a while after.
+            i = 0
+            after = 0
+            while after < 30:
+                if upgraded.is_set():
+                    after += 1
                 name = "everything__echo" if i % 2 else "ex__echo"
                 r = await client.call_tool(name, {"message": f"m{i}"})
                 assert not r.is_error, r
                 text = "".join(c.text for c in r.content if c.type == "text")
                 assert text.endswith(f"m{i}"), text
                 done.append(i)
+                i += 1
 
         with anyio.fail_after(CALL_TIMEOUT_S * 2):
             async with anyio.create_task_group() as tg:
@@ -84,11 +92,12 @@ async def test_sdk_client_calls_on_across_an_in_place_upgrade(tmp_path: Path, lo
                     await anyio.sleep(0.01)
                 install(new, binary)
                 os.kill(int(log.with_suffix(".pid").read_text().strip()), signal.SIGUSR2)
-        assert len(done) == 120
-        want = f"{before['version']}+py2"
-        with anyio.fail_after(CALL_TIMEOUT_S):
-            while (after := await status(client))["version"] != want:
-                await anyio.sleep(0.05)
+                want = f"{before['version']}+py2"
+                while (after := await status(client))["version"] != want:
+                    await anyio.sleep(0.05)
+                upgraded.set()
+        assert len(done) >= 50 and done == list(range(len(done)))
+        assert after["upgrades"] == 1
         assert after["pid"] == before["pid"]
         assert pids(after) == pids(before) and len(pids(before)) == 2
         assert sorted(t.name for t in (await client.list_tools()).tools) == tools
