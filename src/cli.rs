@@ -452,7 +452,16 @@ fn run(
         let served = match http {
             Some(listen) => {
                 let addr = listen.unwrap_or(relay.config().relay.listen);
-                match tokio::net::TcpListener::bind(addr).await {
+                // A successor of an HTTP upgrade takes its predecessor's socket over.
+                let (bound, handoff) = match inherited.socket.take() {
+                    Some(Ok(_)) if let Some(e) = crate::upgrade::fail_hook() => {
+                        (Err(std::io::Error::other(e)), None)
+                    }
+                    Some(Ok((l, h))) => (tokio::net::TcpListener::from_std(l), Some(h)),
+                    Some(Err(e)) => (Err(std::io::Error::other(e)), None),
+                    None => (tokio::net::TcpListener::bind(addr).await, None),
+                };
+                match bound {
                     Ok(l) => {
                         // The management tools are offered over HTTP only on loopback (or by scope).
                         let loopback = l.local_addr().is_ok_and(|a| a.ip().is_loopback());
@@ -472,7 +481,7 @@ fn run(
                         tracing::info!(addr = %local, "Serving Streamable HTTP at {scheme}://{local}/mcp");
                         // A machine-readable line for scripts and tests that bind port 0.
                         eprintln!("mcp-relay listening on {scheme}://{local}/mcp");
-                        frontend::http::serve(relay.clone(), l, shutdown.clone())
+                        frontend::http::serve(relay.clone(), l, shutdown.clone(), handoff)
                             .await
                             .map_err(|e| format!("HTTP server failed: {e}"))
                     }

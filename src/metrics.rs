@@ -252,6 +252,11 @@ impl Metrics {
         ConnectionGuard(self.connections.clone())
     }
 
+    /// HTTP connections open now.
+    pub fn open_connections(&self) -> i64 {
+        self.connections.get()
+    }
+
     pub fn rate_limited(&self, client: &str) {
         self.rate_limited
             .get_or_create(&ClientLabels {

@@ -1105,6 +1105,128 @@ fn bench_upgrade(dir: &Path) -> Res<()> {
     Ok(())
 }
 
+/// Part 8 over HTTP: the longest gap in answered requests while an HTTP relay hands its
+/// listener and sessions to a new process, 10 times; one session, closed loop.
+async fn bench_upgrade_http(dir: &Path) -> Res<()> {
+    let example = sibling("mcp-example-server")?;
+    let cfg = json!({"mcpServers": {
+        "a": {"command": example, "args": ["--name", "a"]},
+        "b": {"command": example, "args": ["--name", "b"]},
+    }});
+    // Its process group holds every successor too: dropping it stops them all.
+    let (_relay, url, _) = start_relay_with(&cfg, dir)?;
+    let client = http_client()?;
+    let sid = session(&client, &url).await?;
+    let mut id = 1u64;
+    let status = |id: u64| {
+        let (client, url, sid) = (client.clone(), url.clone(), sid.clone());
+        async move {
+            let body = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+                "params": {"name": "relay__status", "arguments": {}}});
+            let (r, _) = post(&client, &url, Some(&sid), &body).await?;
+            Ok::<Value, Box<dyn std::error::Error + Send + Sync>>(
+                r["result"]["structuredContent"].clone(),
+            )
+        }
+    };
+    let longest = |times: &[Instant]| -> f64 {
+        times
+            .windows(2)
+            .map(|w| w[1].duration_since(w[0]).as_secs_f64() * 1000.0)
+            .fold(0.0, f64::max)
+    };
+    let (mut gaps, mut quiet, mut calls) = (Vec::new(), Vec::new(), 0usize);
+    for n in 1..=10u32 {
+        let tag = format!("h{n}");
+        let bin = dir.join(format!("relay-{tag}"));
+        patched_relay(&bin, &tag)?;
+        let mut before = vec![Instant::now()];
+        for _ in 0..300 {
+            id += 1;
+            call(
+                &client,
+                &url,
+                &sid,
+                if id.is_multiple_of(2) {
+                    "a__echo"
+                } else {
+                    "b__echo"
+                },
+                id,
+            )
+            .await?;
+            before.push(Instant::now());
+        }
+        // The request runs beside the calls (its answer comes once the new binary passed
+        // its check).
+        id += 1;
+        let body = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+            "params": {"name": "relay__upgrade", "arguments": {"binary": bin}}});
+        let (c2, u2, s2) = (client.clone(), url.clone(), sid.clone());
+        let asked = tokio::spawn(async move { post(&c2, &u2, Some(&s2), &body).await });
+        let mut during = vec![Instant::now()];
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let mut i = 0u64;
+        loop {
+            id += 1;
+            call(
+                &client,
+                &url,
+                &sid,
+                if id.is_multiple_of(2) {
+                    "a__echo"
+                } else {
+                    "b__echo"
+                },
+                id,
+            )
+            .await?;
+            during.push(Instant::now());
+            i += 1;
+            if i.is_multiple_of(20) {
+                id += 1;
+                if status(id).await?["version"]
+                    .as_str()
+                    .is_some_and(|v| v.ends_with(&format!("+{tag}")))
+                {
+                    break;
+                }
+            }
+            if Instant::now() > deadline {
+                return Err(format!("HTTP upgrade {n} did not happen within 60 s").into());
+            }
+        }
+        asked.await??;
+        calls += before.len() + during.len() - 2;
+        quiet.push(longest(&before));
+        gaps.push(longest(&during));
+    }
+    let (mut g, mut q) = (gaps.clone(), quiet.clone());
+    println!(
+        "\nUpgrade of an HTTP relay (listener and session handed to a new process; 2 stdio servers, one session, closed-loop echo calls, 10 upgrades, {calls} calls, 0 failed)"
+    );
+    println!("| | p50 ms | max ms |");
+    println!("|---|---|---|");
+    println!(
+        "| longest gap between answers, from the upgrade request until the new version answers | {:.1} | {:.1} |",
+        percentile(&mut g, 0.5),
+        percentile(&mut g, 1.0)
+    );
+    println!(
+        "| longest gap over 300 calls just before (no upgrade) | {:.1} | {:.1} |",
+        percentile(&mut q, 0.5),
+        percentile(&mut q, 1.0)
+    );
+    println!(
+        "per upgrade (ms): {}",
+        gaps.iter()
+            .map(|x| format!("{x:.1}"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    Ok(())
+}
+
 fn parse_opts() -> Res<Opts> {
     let mut o = Opts {
         backend: "example".into(),
@@ -1189,8 +1311,9 @@ fn main() -> Res<()> {
             bench_soak(o.soak_secs, &dir).await?;
         }
         if o.only.as_deref() == Some("upgrade") {
-            let dir = dir.clone();
-            tokio::task::spawn_blocking(move || bench_upgrade(&dir)).await??;
+            let d = dir.clone();
+            tokio::task::spawn_blocking(move || bench_upgrade(&d)).await??;
+            bench_upgrade_http(&dir).await?;
         }
         Ok::<(), Box<dyn std::error::Error + Send + Sync>>(())
     });

@@ -506,9 +506,15 @@ pub fn upgrade(
     for s in &sockets {
         let who = control::pid_of(s).unwrap_or_default();
         let generation = |v: &Value| v["upgrades"].as_u64();
-        let before = control::request(s, "status", &json!({}), ANSWER_TIMEOUT)
-            .ok()
-            .and_then(|v| generation(&v));
+        let first = control::request(s, "status", &json!({}), ANSWER_TIMEOUT).ok();
+        let before = first.as_ref().and_then(generation);
+        // An HTTP relay hands over to a new process: look for it among the relays of its
+        // config file.
+        let successor_in = first
+            .as_ref()
+            .filter(|v| v["front"] == "http")
+            .and_then(|v| v["configPath"].as_str())
+            .map(PathBuf::from);
         let to = match control::request(s, "upgrade", &args, Duration::from_secs(60)) {
             Ok(v) => v["to"].as_str().unwrap_or_default().to_owned(),
             Err(e) => {
@@ -521,25 +527,38 @@ pub fn upgrade(
         // upgrades, so a rebuild with the same version is told apart too.
         let deadline = std::time::Instant::now() + Duration::from_secs(120);
         let (now, done) = loop {
-            let v = control::request(s, "status", &json!({}), ANSWER_TIMEOUT).ok();
-            let version = v
-                .as_ref()
-                .and_then(|v| v["version"].as_str())
-                .map(str::to_owned);
-            let upgraded = v
-                .as_ref()
-                .and_then(generation)
-                .is_some_and(|g| before.is_none_or(|b| g > b));
-            let done = upgraded && version.as_deref() == Some(to.as_str());
+            let candidates = match &successor_in {
+                Some(cfg) => control::find(cfg),
+                None => vec![s.clone()],
+            };
+            let mut seen = None;
+            let mut done = false;
+            for c in &candidates {
+                let v = control::request(c, "status", &json!({}), ANSWER_TIMEOUT).ok();
+                let version = v
+                    .as_ref()
+                    .and_then(|v| v["version"].as_str())
+                    .map(str::to_owned);
+                let upgraded = v
+                    .as_ref()
+                    .and_then(generation)
+                    .is_some_and(|g| before.is_none_or(|b| g > b));
+                if upgraded && version.as_deref() == Some(to.as_str()) {
+                    done = true;
+                    seen = version;
+                    break;
+                }
+                seen = seen.or(version);
+            }
             if done || std::time::Instant::now() > deadline {
-                break (version, done);
+                break (seen, done);
             }
             std::thread::sleep(Duration::from_millis(100));
         };
         if as_json {
             print_json(&json!({"pid": who, "to": to, "version": now, "upgraded": done}));
         } else if done {
-            println!("relay pid {who} now runs {to}");
+            println!("relay pid {who} upgraded: {to} serves now");
         } else {
             println!(
                 "relay pid {who}: still {} after 120 s (requests still in flight, or the upgrade was rolled back; see its log)",

@@ -46,6 +46,9 @@ pub struct Front {
     /// against `maxSessions`; always locked after `sessions`.
     listens: Mutex<HashMap<u64, ListenSlot>>,
     next_listen: AtomicU64,
+    /// Set once an upgrade handed the listener over: every answer closes its connection,
+    /// so clients open their next one to the new process.
+    retiring: std::sync::atomic::AtomicBool,
     listen: SocketAddr,
     limiters: Limiters,
     /// Start of the front's clock (session activity is kept as milliseconds since it).
@@ -61,6 +64,29 @@ struct HttpSession {
     /// a stream attached or finished).
     active: AtomicU64,
     epoch: Instant,
+}
+
+/// What an HTTP relay hands its successor.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+struct HandedOver {
+    /// Upgrades before this one.
+    generation: u64,
+    sessions: Vec<SessionSnapshot>,
+}
+
+/// A session as an upgrade hands it to the next process.
+#[derive(Debug, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionSnapshot {
+    pub id: String,
+    pub client: Option<String>,
+    pub state: crate::session::SessionState,
+    pub next_request_id: u64,
+    pub next_stream: u64,
+    /// The standalone stream's buffered events (sequence, message).
+    pub standalone: Vec<(u64, String)>,
+    pub next_seq: u64,
+    pub delivered: u64,
 }
 
 /// One open listen stream: its client, and its session once set up.
@@ -241,6 +267,7 @@ impl Front {
             sessions: Mutex::new(HashMap::new()),
             listens: Mutex::new(HashMap::new()),
             next_listen: AtomicU64::new(0),
+            retiring: std::sync::atomic::AtomicBool::new(false),
             listen,
             limiters: Limiters::default(),
             epoch: Instant::now(),
@@ -359,21 +386,46 @@ impl Front {
         // initializes cannot overshoot them.
         let mut sessions = lock(&self.sessions);
         self.admit(&cfg, &sessions, who)?;
+        let hs = self.install(Session::random_id(), who.0.clone(), None);
+        sessions.insert(hs.session.id.clone(), hs.clone());
+        Ok(hs)
+    }
+
+    /// A session object with its standalone stream (stream 0, which buffers until a GET
+    /// attaches); `carried` restores one an upgrade handed over.
+    fn install(
+        self: &Arc<Self>,
+        id: String,
+        client: Option<String>,
+        carried: Option<SessionSnapshot>,
+    ) -> Arc<HttpSession> {
+        let cap = self.settings().relay.replay_events;
         let (tx, mut rx) = mpsc::unbounded_channel::<String>();
-        let session = self
-            .relay
-            .open_session(Session::random_id(), tx, who.0.clone());
+        let session = self.relay.open_session(id, tx, client.clone());
         let hs = Arc::new(HttpSession {
             session,
             streams: Mutex::new(Streams::default()),
-            client: who.0.clone(),
+            client,
             active: AtomicU64::new(self.now_ms()),
             epoch: self.epoch,
         });
-        // Stream 0 is the standalone (GET) stream; it buffers until a GET attaches.
         let k = hs.new_stream();
+        if let Some(snap) = carried {
+            *hs.session.state() = snap.state;
+            hs.session.set_next_request_id(snap.next_request_id);
+            let mut st = lock(&hs.streams);
+            st.next = st.next.max(snap.next_stream);
+            if let Some(buf) = st.map.get_mut(&k) {
+                buf.events = snap
+                    .standalone
+                    .into_iter()
+                    .map(|(seq, data)| (seq, Arc::from(data)))
+                    .collect();
+                buf.next_seq = snap.next_seq;
+                buf.delivered = snap.delivered;
+            }
+        }
         let weak = Arc::downgrade(&hs);
-        let cap = cfg.relay.replay_events;
         let closed = hs.session.closed().clone();
         tokio::spawn(async move {
             loop {
@@ -387,8 +439,56 @@ impl Front {
                 hs.push(k, &msg, cap);
             }
         });
-        sessions.insert(hs.session.id.clone(), hs.clone());
-        Ok(hs)
+        hs
+    }
+
+    /// The sessions as an upgrade hands them to the next process: state, client, and the
+    /// standalone stream's events (so `Last-Event-ID` resumes there).
+    pub fn snapshot(&self) -> Vec<SessionSnapshot> {
+        let all: Vec<Arc<HttpSession>> = lock(&self.sessions).values().cloned().collect();
+        all.iter()
+            .map(|hs| {
+                let st = lock(&hs.streams);
+                let zero = st.map.get(&0);
+                SessionSnapshot {
+                    id: hs.session.id.clone(),
+                    client: hs.client.clone(),
+                    state: hs.session.state().clone(),
+                    next_request_id: hs.session.next_request_id(),
+                    next_stream: st.next,
+                    standalone: zero
+                        .map(|b| b.events.iter().map(|(s, d)| (*s, d.to_string())).collect())
+                        .unwrap_or_default(),
+                    next_seq: zero.map_or(0, |b| b.next_seq),
+                    delivered: zero.map_or(0, |b| b.delivered),
+                }
+            })
+            .collect()
+    }
+
+    /// Takes over the sessions of the process this one succeeds (an upgrade).
+    pub fn restore(self: &Arc<Self>, snaps: Vec<SessionSnapshot>) {
+        let n = snaps.len();
+        for snap in snaps {
+            let id = snap.id.clone();
+            let hs = self.install(id.clone(), snap.client.clone(), Some(snap));
+            lock(&self.sessions).insert(id, hs);
+        }
+        tracing::info!(
+            sessions = n,
+            "Sessions taken over from the previous process."
+        );
+    }
+
+    /// Ends every standalone (GET) stream: its client reconnects (after the `retry` it was
+    /// given) with `Last-Event-ID`, to the process that took over.
+    pub fn end_streams(&self) {
+        let all: Vec<Arc<HttpSession>> = lock(&self.sessions).values().cloned().collect();
+        for hs in all {
+            for buf in lock(&hs.streams).map.values_mut() {
+                buf.live = None;
+            }
+        }
     }
 
     /// Ends one session: its state is dropped and its streams end.
@@ -1013,6 +1113,12 @@ async fn handle_get(
             "GET needs Accept: text/event-stream",
         );
     }
+    if front.retiring.load(Ordering::Relaxed) {
+        // Handed over: the client reconnects (with Last-Event-ID) to the new process.
+        let (tx, rx) = mpsc::channel(1);
+        let _ = tx.try_send(Bytes::from_static(b"retry: 200\n\n"));
+        return sse_response(rx);
+    }
     let hs = match front.session(&headers, &who) {
         Ok(s) => s,
         Err(r) => return r.into_response(),
@@ -1350,15 +1456,30 @@ pub fn router(front: Arc<Front>) -> Router {
         .route("/ready", get(handle_ready))
         .route("/readyz", get(handle_ready))
         .route("/metrics", get(handle_metrics))
+        .layer(axum::middleware::from_fn_with_state(front.clone(), retire))
         .with_state(front)
 }
 
-/// Serves HTTP (or HTTPS with `relay.tls`) on `listener` until `shutdown` fires.
+/// After a hand-over, every answer asks its client to close the connection.
+async fn retire(State(front): State<Arc<Front>>, req: Request, next: Next) -> Response {
+    let mut r = next.run(req).await;
+    if front.retiring.load(Ordering::Relaxed) {
+        r.headers_mut()
+            .insert(header::CONNECTION, HeaderValue::from_static("close"));
+    }
+    r
+}
+
+/// Serves HTTP (or HTTPS with `relay.tls`) on `listener` until `shutdown` fires, or until
+/// an upgrade handed the listener to a new process (see [`crate::upgrade::http`]).
+/// `handoff`: this process is that new process, and takes its predecessor's sessions first.
 pub async fn serve(
     relay: Arc<Relay>,
     listener: tokio::net::TcpListener,
     shutdown: CancellationToken,
+    handoff: Option<crate::upgrade::http::Handoff>,
 ) -> std::io::Result<()> {
+    use crate::upgrade::{self, http::Successor};
     let listen = listener.local_addr()?;
     let front = Front::new(relay.clone(), listen);
     let app = router(front.clone());
@@ -1370,55 +1491,166 @@ pub async fn serve(
         None => None,
     };
     spawn_housekeeping(front.clone(), shutdown.clone());
-    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
-    loop {
-        let (tcp, peer) = tokio::select! {
-            r = listener.accept() => match r {
-                Ok(c) => c,
-                Err(e) => {
-                    // Out of descriptors and the like: pause instead of spinning.
-                    tracing::warn!(error = %e, "Accept failed.");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
+    match handoff {
+        // A successor: its servers first, then the sessions, then it accepts.
+        Some(mut h) => {
+            relay.settle().await;
+            match h.ready().await.and_then(|bytes| {
+                serde_json::from_slice::<HandedOver>(&bytes)
+                    .map_err(|e| format!("the sessions are unreadable: {e}"))
+            }) {
+                Ok(handed) => {
+                    upgrade::set_generation(handed.generation + 1);
+                    front.restore(handed.sessions);
                 }
-            },
-            () = shutdown.cancelled() => break,
-        };
-        let _ = tcp.set_nodelay(true);
-        let (max_head, head_timeout) = {
-            let s = relay.config();
-            (s.relay.max_header_bytes, s.relay.header_timeout)
-        };
-        let counted = relay.metrics.connection();
-        let app = app.clone();
-        let tls = tls.clone();
-        let watcher = graceful.watcher();
-        tokio::spawn(async move {
-            let _counted = counted;
-            let svc = hyper::service::service_fn(
-                move |mut req: hyper::Request<hyper::body::Incoming>| {
-                    req.extensions_mut().insert(Peer(peer));
-                    let app = app.clone();
-                    async move {
-                        use tower::ServiceExt as _;
-                        app.oneshot(req.map(Body::new)).await
+                Err(e) => {
+                    tracing::error!(error = %e, "Took the listener over without the previous process's sessions.")
+                }
+            }
+            h.serving().await;
+            upgrade::http::sd_notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
+            relay.metrics.upgrade("completed");
+            tracing::info!(version = %crate::version(), "Upgraded: this process serves now.");
+        }
+        None => upgrade::http::sd_notify("READY=1"),
+    }
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut upgrades = relay.serve_upgrades();
+    type Checking = std::pin::Pin<
+        Box<
+            dyn std::future::Future<
+                    Output = (
+                        Result<upgrade::Plan, String>,
+                        Option<tokio::sync::oneshot::Sender<Result<String, String>>>,
+                    ),
+                > + Send,
+        >,
+    >;
+    type Starting =
+        std::pin::Pin<Box<dyn std::future::Future<Output = Result<Successor, String>> + Send>>;
+    let mut checking: Option<Checking> = None;
+    let mut starting: Option<Starting> = None;
+    'serve: loop {
+        let handed = loop {
+            let (tcp, peer) = tokio::select! {
+                r = listener.accept() => match r {
+                    Ok(c) => c,
+                    Err(e) => {
+                        // Out of descriptors and the like: pause instead of spinning.
+                        tracing::warn!(error = %e, "Accept failed.");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
                     }
                 },
-            );
-            let mut http = hyper::server::conn::http1::Builder::new();
-            http.timer(hyper_util::rt::TokioTimer::new())
-                .header_read_timeout(head_timeout)
-                .max_buf_size(max_head.max(8192));
-            match tls {
-                None => {
-                    let conn = http.serve_connection(hyper_util::rt::TokioIo::new(tcp), svc);
-                    let _ = watcher.watch(conn).await;
+                Some(req) = async { match upgrades.as_mut() { Some(u) => u.recv().await, None => None } }, if checking.is_none() && starting.is_none() => {
+                    let upgrade::Request { binary, reply } = req;
+                    let preview = upgrade::State {
+                        format: upgrade::FORMAT,
+                        written_by: crate::version(),
+                        generation: upgrade::generation(),
+                        started_from: upgrade::started_from(),
+                        front: upgrade::FrontState::default(),
+                        backends: Vec::new(),
+                        lists: Default::default(),
+                        keeper: None,
+                    };
+                    let config = relay.config().path.clone();
+                    checking = Some(Box::pin(async move {
+                        (upgrade::check(binary, config.as_deref(), &preview).await, reply)
+                    }));
+                    continue;
                 }
-                Some(acceptor) => {
-                    // The handshake shares the header deadline: a client that stalls in
-                    // it holds a connection no longer than one that stalls in its headers.
-                    let stream =
-                        match tokio::time::timeout(head_timeout, acceptor.accept(tcp)).await {
+                (checked, reply) = async { match checking.as_mut() { Some(c) => c.await, None => std::future::pending().await } } => {
+                    checking = None;
+                    let answer = |r: Result<String, String>| {
+                        if let Some(reply) = reply {
+                            let _ = reply.send(r);
+                        }
+                    };
+                    let plan = match checked {
+                        Ok(p) => p,
+                        Err(e) => {
+                            tracing::error!(error = %e, "Upgrade refused; serving on.");
+                            relay.metrics.upgrade("refused");
+                            answer(Err(e));
+                            relay.upgrade_finished();
+                            continue;
+                        }
+                    };
+                    match Successor::spawn(&plan, &listener) {
+                        Ok(mut s) => {
+                            tracing::info!(to = %plan.version, pid = s.pid(), "New binary checked and started; handing over once it is ready.");
+                            answer(Ok(plan.version.clone()));
+                            let within = relay.config().relay.startup_wait + Duration::from_secs(10);
+                            starting = Some(Box::pin(async move {
+                                match s.ready(within).await {
+                                    Ok(()) => Ok(s),
+                                    Err(e) => {
+                                        s.abort();
+                                        Err(e)
+                                    }
+                                }
+                            }));
+                        }
+                        Err(e) => {
+                            tracing::error!(error = %e, "Upgrade failed; serving on.");
+                            relay.metrics.upgrade("abandoned");
+                            answer(Err(e));
+                            relay.upgrade_finished();
+                        }
+                    }
+                    continue;
+                }
+                r = async { match starting.as_mut() { Some(f) => f.await, None => std::future::pending().await } } => {
+                    starting = None;
+                    match r {
+                        Ok(s) => break Some(s),
+                        Err(e) => {
+                            tracing::error!(error = %e, "Upgrade rolled back: the new process did not become ready; serving on.");
+                            relay.metrics.upgrade("rolled_back");
+                            relay.upgrade_finished();
+                            continue;
+                        }
+                    }
+                }
+                () = shutdown.cancelled() => break None,
+            };
+            let _ = tcp.set_nodelay(true);
+            let (max_head, head_timeout) = {
+                let s = relay.config();
+                (s.relay.max_header_bytes, s.relay.header_timeout)
+            };
+            let counted = relay.metrics.connection();
+            let app = app.clone();
+            let tls = tls.clone();
+            let watcher = graceful.watcher();
+            tokio::spawn(async move {
+                let _counted = counted;
+                let svc = hyper::service::service_fn(
+                    move |mut req: hyper::Request<hyper::body::Incoming>| {
+                        req.extensions_mut().insert(Peer(peer));
+                        let app = app.clone();
+                        async move {
+                            use tower::ServiceExt as _;
+                            app.oneshot(req.map(Body::new)).await
+                        }
+                    },
+                );
+                let mut http = hyper::server::conn::http1::Builder::new();
+                http.timer(hyper_util::rt::TokioTimer::new())
+                    .header_read_timeout(head_timeout)
+                    .max_buf_size(max_head.max(8192));
+                match tls {
+                    None => {
+                        let conn = http.serve_connection(hyper_util::rt::TokioIo::new(tcp), svc);
+                        let _ = watcher.watch(conn).await;
+                    }
+                    Some(acceptor) => {
+                        // The handshake shares the header deadline: a client that stalls in
+                        // it holds a connection no longer than one that stalls in its headers.
+                        let stream = match tokio::time::timeout(head_timeout, acceptor.accept(tcp))
+                            .await
+                        {
                             Ok(Ok(s)) => s,
                             Ok(Err(e)) => {
                                 tracing::debug!(peer = %peer, error = %e, "TLS handshake failed.");
@@ -1429,11 +1661,56 @@ pub async fn serve(
                                 return;
                             }
                         };
-                    let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
-                    let _ = watcher.watch(conn).await;
+                        let conn = http.serve_connection(hyper_util::rt::TokioIo::new(stream), svc);
+                        let _ = watcher.watch(conn).await;
+                    }
                 }
+            });
+        };
+        let Some(mut successor) = handed else {
+            break 'serve;
+        };
+        // Not accepting any more (connections wait in the backlog for the successor).
+        let sessions = match serde_json::to_vec(&HandedOver {
+            generation: upgrade::generation(),
+            sessions: front.snapshot(),
+        }) {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::error!(error = %e, "Upgrade rolled back: the sessions could not be written; serving on.");
+                successor.abort();
+                relay.metrics.upgrade("rolled_back");
+                relay.upgrade_finished();
+                continue 'serve;
             }
-        });
+        };
+        if let Err(e) = successor.hand(&sessions, Duration::from_secs(30)).await {
+            tracing::error!(error = %e, "Upgrade rolled back: the new process did not take the sessions over; serving on.");
+            successor.abort();
+            relay.metrics.upgrade("rolled_back");
+            relay.upgrade_finished();
+            continue 'serve;
+        }
+        tracing::info!(
+            pid = successor.pid(),
+            "Handed over to the new process; finishing the requests in flight, then exiting."
+        );
+        drop(listener);
+        // Standalone streams end (their clients resume on the successor). Requests in
+        // flight, and those clients send on connections they already have, are answered
+        // here with `Connection: close`, so each client's next connection reaches the
+        // successor; connections still idle after a grace period are closed.
+        front.retiring.store(true, Ordering::Relaxed);
+        front.end_streams();
+        let limit = relay.config().relay.request_timeout + Duration::from_secs(5);
+        let until = tokio::time::Instant::now() + limit;
+        let grace = tokio::time::Instant::now() + Duration::from_secs(2);
+        while relay.metrics.open_connections() > 0 && tokio::time::Instant::now() < grace {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let _ = tokio::time::timeout_at(until, graceful.shutdown()).await;
+        front.close_all().await;
+        return Ok(());
     }
     // Stop accepting, end every session (their streams close and their requests are
     // cancelled), then give connections a bounded time to finish writing.

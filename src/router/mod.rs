@@ -297,12 +297,9 @@ impl Relay {
             )))),
             declared,
             released: Mutex::new(Instant::now()),
-            upgrades: Mutex::new(match front {
-                Front::Stdio => {
-                    let (tx, rx) = tokio::sync::mpsc::channel(1);
-                    (Some(tx), Some(rx))
-                }
-                Front::Http => (None, None),
+            upgrades: Mutex::new({
+                let (tx, rx) = tokio::sync::mpsc::channel(1);
+                (Some(tx), Some(rx))
             }),
             upgrading: AtomicBool::new(false),
         });
@@ -395,7 +392,7 @@ impl Relay {
         }
     }
 
-    /// The stdio front takes the upgrade requests (once; `None` for an HTTP relay).
+    /// The front takes the upgrade requests (once).
     pub fn serve_upgrades(&self) -> Option<tokio::sync::mpsc::Receiver<crate::upgrade::Request>> {
         lock(&self.upgrades).1.take()
     }
@@ -412,9 +409,10 @@ impl Relay {
         &self,
         binary: Option<std::path::PathBuf>,
     ) -> Result<String, String> {
-        let tx = lock(&self.upgrades).0.clone().ok_or_else(|| {
-            "in-place upgrades are served by the stdio front only; an HTTP relay cannot upgrade itself yet".to_owned()
-        })?;
+        let tx = lock(&self.upgrades)
+            .0
+            .clone()
+            .ok_or_else(|| "this relay takes no upgrade requests".to_owned())?;
         if self.upgrading.swap(true, Ordering::SeqCst) {
             return Err("an upgrade is already under way".to_owned());
         }
@@ -1064,6 +1062,12 @@ impl Relay {
         if released {
             *lock(&self.released) = Instant::now();
         }
+    }
+
+    /// [`Relay::settle`], but never longer than `limit` (a client's probe, such as
+    /// `server/discover`, must not time out waiting for slow servers).
+    pub(crate) async fn settle_within(&self, limit: std::time::Duration) {
+        let _ = tokio::time::timeout(limit, self.settle()).await;
     }
 
     pub(crate) async fn settle(&self) {

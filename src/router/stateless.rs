@@ -160,7 +160,9 @@ impl Relay {
         meta: &modern::Meta,
         client: Option<String>,
     ) -> Reply {
-        self.settle().await;
+        // Clients probe with discover under a short timeout (the Python SDK: 10 s): answer
+        // with the servers ready by then rather than let the probe fail.
+        self.settle_within(std::time::Duration::from_secs(3)).await;
         let (tx, _rx) = mpsc::unbounded_channel::<String>();
         let session = self.stateless_session(meta, client, tx);
         let (caps, instructions) = self.describe(&self.grant(&session));

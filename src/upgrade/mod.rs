@@ -26,6 +26,8 @@
 //!
 //! The state is versioned ([`FORMAT`]); a binary reads every format up to its own.
 
+pub mod http;
+
 use crate::backend::{Adopted, keeper};
 use crate::session::SessionState;
 use serde::{Deserialize, Serialize};
@@ -149,6 +151,13 @@ pub struct Plan {
     pub version: String,
 }
 
+impl Plan {
+    /// The new binary.
+    pub fn binary(&self) -> &Path {
+        &self.binary
+    }
+}
+
 /// The path this relay was first started from, recorded before anything could replace it.
 static STARTED_FROM: Mutex<Option<PathBuf>> = Mutex::new(None);
 /// Upgrades so far in this process.
@@ -166,6 +175,11 @@ pub fn generation() -> u64 {
     GENERATION.load(Ordering::Relaxed)
 }
 
+/// This process continues `n` upgrades (an HTTP successor learns it from its predecessor).
+pub fn set_generation(n: u64) {
+    GENERATION.store(n, Ordering::Relaxed);
+}
+
 /// Records that a termination signal arrived (see [`exec`]).
 pub fn note_terminating() {
     TERMINATING.store(true, Ordering::SeqCst);
@@ -178,6 +192,8 @@ pub struct Inherited {
     previous_fd: Option<RawFd>,
     /// Set when this image restores after a failed upgrade: why it failed.
     pub rolled_back: Option<String>,
+    /// An HTTP relay's listening socket handed over by its predecessor.
+    pub socket: http::InheritedSocket,
 }
 
 impl Inherited {
@@ -190,6 +206,7 @@ impl Inherited {
             state_fd: fd(ENV_STATE_FD),
             previous_fd: fd(ENV_PREVIOUS_FD),
             rolled_back: std::env::var(ENV_ROLLED_BACK).ok(),
+            socket: http::InheritedSocket::from_env(),
         };
         for k in [ENV_STATE_FD, ENV_PREVIOUS_FD, ENV_ROLLED_BACK] {
             // SAFETY: called first thing in `main`, while the process has one thread, so no
@@ -226,11 +243,8 @@ impl Inherited {
             set_cloexec(fd, true)
                 .map_err(|e| format!("a handed-over descriptor ({fd}) is unusable: {e}"))?;
         }
-        let tag = crate::build_tag();
-        if !tag.is_empty() && std::env::var(ENV_FAIL_TAG).is_ok_and(|t| t == tag) {
-            return Err(format!(
-                "this build ({tag}) is marked to fail its restore ({ENV_FAIL_TAG})"
-            ));
+        if let Some(e) = fail_hook() {
+            return Err(e);
         }
         if let Some(p) = &state.started_from {
             *crate::sync::lock(&STARTED_FROM) = Some(p.clone());
@@ -280,6 +294,13 @@ impl Inherited {
         let _ = exe.into_raw_fd();
         format!("{reason}; the previous binary could not be executed either: {err}")
     }
+}
+
+/// The test hook ([`ENV_FAIL_TAG`]): why this image must fail to take over, if it must.
+pub fn fail_hook() -> Option<String> {
+    let tag = crate::build_tag();
+    (!tag.is_empty() && std::env::var(ENV_FAIL_TAG).is_ok_and(|t| t == tag))
+        .then(|| format!("this build ({tag}) is marked to fail taking over ({ENV_FAIL_TAG})"))
 }
 
 /// The whole content of a memfd, from its start, leaving it open.

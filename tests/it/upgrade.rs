@@ -446,3 +446,166 @@ fn an_upgrade_over_a_socket_pair() -> Result {
     })?;
     Ok(())
 }
+
+/// An HTTP relay hands its listening socket and its sessions to a new process (three times
+/// in a row) while 50 sessions call tools: no failed call, no refused connection, no session
+/// lost (each goes on with its own `Mcp-Session-Id`), and the new version answers. Before
+/// that, a new binary that fails to take over is killed and the relay serves on.
+#[test]
+fn http_relay_hands_over_its_listener_and_sessions() -> Result {
+    use crate::support::HttpClient;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+    let dir = tempfile::tempdir()?;
+    let builds = tempfile::tempdir()?;
+    let cfg = json!({"mcpServers": {"a": example("a")}});
+    let served = crate::support::serve_with(
+        &cfg,
+        dir.path(),
+        &[("MCP_RELAY_UPGRADE_FAIL_TAG", "broken")],
+    )?;
+    let url = served.url.clone();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (calls, failures) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+    let mut workers = Vec::new();
+    for w in 0..50u64 {
+        let mut c = HttpClient::new(&url)?;
+        c.initialize()?;
+        let (stop, calls, failures) = (stop.clone(), calls.clone(), failures.clone());
+        workers.push(std::thread::spawn(move || -> Option<String> {
+            let mut last_error = None;
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let msg = format!("w{w}-{i}");
+                match c.call_tool(i, "a__echo", json!({"message": msg})) {
+                    Ok(r) if text(&r) == format!("Echo: {msg}") => {
+                        calls.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(r) => {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                        last_error = Some(r.to_string());
+                    }
+                    Err(e) => {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                        last_error = Some(e.to_string());
+                    }
+                }
+                std::thread::sleep(std::time::Duration::from_millis(40));
+            }
+            last_error
+        }));
+    }
+    let mut admin = HttpClient::new(&url)?;
+    admin.initialize()?;
+    let first_pid = status_of(&admin, 1)?["pid"].clone();
+    let mut pid = first_pid.clone();
+    // A new binary that passes its check but fails to take over: killed, the relay serves on.
+    let broken = build(builds.path(), "broken")?;
+    let r = admin.call_tool(2, "relay__upgrade", json!({"binary": broken}))?;
+    assert_eq!(
+        r["result"]["structuredContent"]["to"],
+        version("broken"),
+        "{r}"
+    );
+    poll("the rollback", || {
+        let m = reqwest::blocking::get(format!("{}/metrics", served.base()))?.text()?;
+        Ok(
+            if m.contains(r#"mcp_relay_upgrades_total{outcome="rolled_back"} 1"#) {
+                Ok(())
+            } else {
+                Err(m
+                    .lines()
+                    .filter(|l| l.contains("upgrades"))
+                    .collect::<Vec<_>>()
+                    .join(" "))
+            },
+        )
+    })?;
+    let s = status_of(&admin, 3)?;
+    assert_eq!(
+        (&s["pid"], &s["version"]),
+        (&first_pid, &json!(version("")))
+    );
+    for (n, tag) in ["h2", "h3", "h4"].into_iter().enumerate() {
+        let new = build(builds.path(), tag)?;
+        let before = calls.load(Ordering::Relaxed);
+        if n == 1 {
+            // The command line: it finds the new process through the control sockets.
+            let out = std::process::Command::new(relay_bin())
+                .args(["upgrade", "--config"])
+                .arg(dir.path().join("relay.json"))
+                .arg("--binary")
+                .arg(&new)
+                .env("MCP_RELAY_RUNTIME_DIR", runtime_dir(dir.path()))
+                .output()?;
+            let said = String::from_utf8_lossy(&out.stdout);
+            assert!(
+                out.status.success() && said.contains(&version(tag)),
+                "{said} {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+        } else {
+            let r = admin.call_tool(10 + n as u64, "relay__upgrade", json!({"binary": new}))?;
+            assert_eq!(r["result"]["structuredContent"]["to"], version(tag), "{r}");
+        }
+        let mut id = 100 * (n as u64 + 1);
+        let now = poll(&format!("{tag} serving"), || {
+            id += 1;
+            let s = status_of(&admin, id)?;
+            Ok(if s["version"] == version(tag) {
+                Ok(s)
+            } else {
+                Err(s["version"].to_string())
+            })
+        })?;
+        assert_ne!(now["pid"], pid, "a new process serves");
+        assert_eq!(now["upgrades"], n + 1, "{now}");
+        pid = now["pid"].clone();
+        // Calls went on across it.
+        poll("calls after the upgrade", || {
+            let c = calls.load(Ordering::Relaxed);
+            Ok(if c > before + 100 {
+                Ok(())
+            } else {
+                Err(c.to_string())
+            })
+        })?;
+    }
+    stop.store(true, Ordering::Relaxed);
+    let mut errors = Vec::new();
+    for w in workers {
+        if let Some(e) = w.join().map_err(|_| "a worker panicked")? {
+            errors.push(e);
+        }
+    }
+    let (ok, failed) = (
+        calls.load(Ordering::Relaxed),
+        failures.load(Ordering::Relaxed),
+    );
+    // The last process is nobody's child here: stop it ourselves.
+    if let Some(p) = pid.as_i64().and_then(|p| i32::try_from(p).ok()) {
+        let _ = nix::sys::signal::kill(
+            nix::unistd::Pid::from_raw(p),
+            nix::sys::signal::Signal::SIGTERM,
+        );
+        poll("the last relay to exit", || {
+            // Gone, or a zombie waiting for whoever adopted it.
+            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+            let state = stat.rsplit_once(')').map_or("", |(_, r)| r.trim_start());
+            Ok(if stat.is_empty() || state.starts_with('Z') {
+                Ok(())
+            } else {
+                Err("running".to_owned())
+            })
+        })?;
+    }
+    assert_eq!(failed, 0, "{ok} calls, {failed} failed: {errors:?}");
+    assert!(ok > 300, "{ok} calls");
+    Ok(())
+}
+
+fn status_of(c: &crate::support::HttpClient, id: u64) -> Result<Value> {
+    let r = c.call_tool(id, "relay__status", json!({}))?;
+    Ok(r["result"]["structuredContent"].clone())
+}
