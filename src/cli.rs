@@ -60,8 +60,9 @@ enum Command {
         #[command(subcommand)]
         command: ServersCommand,
     },
-    /// Upgrade running stdio relays in place to a new binary (default: the path each was
-    /// started from), without their clients noticing; same as sending them SIGUSR2.
+    /// Upgrade running relays to a new binary (default: the path each was started from)
+    /// without their clients noticing: a stdio relay in place, an HTTP relay by handing its
+    /// socket and sessions to a new process; same as sending them SIGUSR2.
     Upgrade {
         /// Only the relay with this PID (default: every relay of the config file).
         #[arg(long)]
@@ -507,7 +508,7 @@ fn run(
     }
 }
 
-/// SIGTERM/SIGINT drain and stop; SIGUSR2 upgrades a stdio relay in place. The handlers
+/// SIGTERM/SIGINT drain and stop; SIGUSR2 upgrades the relay (see `upgrade`). The handlers
 /// are installed before this returns (an upgraded image unblocks the signals after it).
 fn spawn_signal_handler(shutdown: CancellationToken, relay: std::sync::Arc<Relay>) {
     use tokio::signal::unix::{SignalKind, signal};

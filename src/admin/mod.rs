@@ -360,6 +360,7 @@ pub fn status(relay: &Relay) -> Value {
         "version": crate::version(),
         "pid": std::process::id(),
         "upgrades": crate::upgrade::generation(),
+        "retiring": relay.is_retiring(),
         "uptimeSeconds": relay.uptime().as_secs(),
         "front": match relay.front() { crate::router::Front::Stdio => "stdio", crate::router::Front::Http => "http" },
         "configPath": cfg.path.as_ref().map(|p| p.display().to_string()),

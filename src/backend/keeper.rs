@@ -44,6 +44,7 @@ impl Keeper {
             .stdin(std::process::Stdio::piped())
             .stdout(std::process::Stdio::null())
             .stderr(std::process::Stdio::inherit())
+            .env_remove("NOTIFY_SOCKET")
             // Its own group: a signal to the relay's group (a terminal's Ctrl-C) spares it.
             .process_group(0)
             .spawn();

@@ -587,7 +587,7 @@ impl Backend {
             crate::upgrade::close(fd);
         }
         if let Some(Conn::Stdio(s)) = read(&self.conn).clone() {
-            s.resume(a.stdio.unread);
+            s.resume(Some(a.stdio.unread));
         }
     }
 

@@ -76,6 +76,8 @@ impl Stdio {
             .stdout(StdStdio::piped())
             .stderr(StdStdio::piped())
             .process_group(0)
+            // systemd's notification socket is the relay's alone.
+            .env_remove("NOTIFY_SOCKET")
             .kill_on_drop(true);
         if let Some(dir) = cwd {
             cmd.current_dir(dir);
@@ -246,7 +248,7 @@ impl Stdio {
                 break;
             }
             if tokio::time::Instant::now() >= deadline || self.closed.is_cancelled() {
-                self.resume(Vec::new());
+                self.resume(None);
                 return Err("it does not read its input".to_owned());
             }
             let _ = tokio::time::timeout_at(deadline, wake).await;
@@ -260,7 +262,7 @@ impl Stdio {
                 break rest;
             }
             if tokio::time::Instant::now() >= deadline || self.closed.is_cancelled() {
-                self.resume(Vec::new());
+                self.resume(None);
                 return Err("its output reader did not stop".to_owned());
             }
             let _ = tokio::time::timeout_at(deadline, wake).await;
@@ -286,7 +288,7 @@ impl Stdio {
         let kept = match kept {
             Ok(k) => k,
             Err(e) => {
-                self.resume(unread);
+                self.resume(Some(unread));
                 return Err(e);
             }
         };
@@ -301,11 +303,13 @@ impl Stdio {
 
     /// The upgrade was abandoned after (or during) [`Stdio::hand_over`]: writing and
     /// reading go on where they stopped.
-    pub fn resume(&self, unread: Vec<u8>) {
-        if *self.pause.borrow() {
-            *lock(&self.unread) = Some(unread);
-            self.pause.send_replace(false);
+    /// `taken`: the bytes [`Stdio::hand_over`] took from the stopped reader, given back
+    /// (`None` if it took none: the reader keeps, and takes back, its own).
+    pub fn resume(&self, taken: Option<Vec<u8>>) {
+        if let Some(bytes) = taken {
+            *lock(&self.unread) = Some(bytes);
         }
+        self.pause.send_replace(false);
         let mut tx = lock(&self.tx);
         if tx.is_none() && !self.closed.is_cancelled() {
             let (new_tx, rx) = mpsc::unbounded_channel::<String>();

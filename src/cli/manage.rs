@@ -507,6 +507,10 @@ pub fn upgrade(
         let who = control::pid_of(s).unwrap_or_default();
         let generation = |v: &Value| v["upgrades"].as_u64();
         let first = control::request(s, "status", &json!({}), ANSWER_TIMEOUT).ok();
+        // An HTTP relay that handed over already only finishes its connections.
+        if first.as_ref().is_some_and(|v| v["retiring"] == true) {
+            continue;
+        }
         let before = first.as_ref().and_then(generation);
         // An HTTP relay hands over to a new process: look for it among the relays of its
         // config file.

@@ -46,9 +46,6 @@ pub struct Front {
     /// against `maxSessions`; always locked after `sessions`.
     listens: Mutex<HashMap<u64, ListenSlot>>,
     next_listen: AtomicU64,
-    /// Set once an upgrade handed the listener over: every answer closes its connection,
-    /// so clients open their next one to the new process.
-    retiring: std::sync::atomic::AtomicBool,
     listen: SocketAddr,
     limiters: Limiters,
     /// Start of the front's clock (session activity is kept as milliseconds since it).
@@ -69,10 +66,18 @@ struct HttpSession {
 /// What an HTTP relay hands its successor.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
 struct HandedOver {
+    #[serde(default)]
+    format: u32,
     /// Upgrades before this one.
     generation: u64,
+    /// The path the relay was first started from (the default of the next upgrade).
+    #[serde(default)]
+    started_from: Option<std::path::PathBuf>,
     sessions: Vec<SessionSnapshot>,
 }
+
+/// The format of [`HandedOver`] this binary writes (and the newest it reads).
+const HANDED_OVER_FORMAT: u32 = 1;
 
 /// A session as an upgrade hands it to the next process.
 #[derive(Debug, serde::Serialize, serde::Deserialize)]
@@ -267,7 +272,6 @@ impl Front {
             sessions: Mutex::new(HashMap::new()),
             listens: Mutex::new(HashMap::new()),
             next_listen: AtomicU64::new(0),
-            retiring: std::sync::atomic::AtomicBool::new(false),
             listen,
             limiters: Limiters::default(),
             epoch: Instant::now(),
@@ -421,7 +425,8 @@ impl Front {
                     .into_iter()
                     .map(|(seq, data)| (seq, Arc::from(data)))
                     .collect();
-                buf.next_seq = snap.next_seq;
+                // Past anything the previous process may still have numbered.
+                buf.next_seq = snap.next_seq + (1 << 20);
                 buf.delivered = snap.delivered;
             }
         }
@@ -481,13 +486,26 @@ impl Front {
     }
 
     /// Ends every standalone (GET) stream: its client reconnects (after the `retry` it was
-    /// given) with `Last-Event-ID`, to the process that took over.
+    /// given) with `Last-Event-ID`, to the process that took over. Streams answering
+    /// requests in flight go on here.
     pub fn end_streams(&self) {
         let all: Vec<Arc<HttpSession>> = lock(&self.sessions).values().cloned().collect();
         for hs in all {
-            for buf in lock(&hs.streams).map.values_mut() {
+            if let Some(buf) = lock(&hs.streams).map.get_mut(&0) {
                 buf.live = None;
             }
+        }
+    }
+
+    /// Ends the stateless listen streams (their clients open them again, on the process
+    /// that took over).
+    async fn end_listens(&self) {
+        let listens: Vec<Arc<Session>> = lock(&self.listens)
+            .values()
+            .filter_map(|l| l.session.clone())
+            .collect();
+        for l in listens {
+            self.relay.close_session(&l).await;
         }
     }
 
@@ -717,6 +735,17 @@ async fn handle_post(
         return r.into_response();
     }
     if msg.method() == protocol::method::INITIALIZE && msg.kind() == Kind::Request {
+        if front.relay.is_retiring() {
+            // Its sessions went to the new process already; a new one belongs there too.
+            let mut r = error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                protocol::code::INVALID_REQUEST,
+                "this relay process is handing over to its upgraded successor; retry (a new connection reaches it)",
+            );
+            r.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from_static("0"));
+            return r;
+        }
         let hs = match front.create_session(&who) {
             Ok(hs) => hs,
             Err(r) => return *r,
@@ -1113,7 +1142,7 @@ async fn handle_get(
             "GET needs Accept: text/event-stream",
         );
     }
-    if front.retiring.load(Ordering::Relaxed) {
+    if front.relay.is_retiring() {
         // Handed over: the client reconnects (with Last-Event-ID) to the new process.
         let (tx, rx) = mpsc::channel(1);
         let _ = tx.try_send(Bytes::from_static(b"retry: 200\n\n"));
@@ -1463,7 +1492,7 @@ pub fn router(front: Arc<Front>) -> Router {
 /// After a hand-over, every answer asks its client to close the connection.
 async fn retire(State(front): State<Arc<Front>>, req: Request, next: Next) -> Response {
     let mut r = next.run(req).await;
-    if front.retiring.load(Ordering::Relaxed) {
+    if front.relay.is_retiring() {
         r.headers_mut()
             .insert(header::CONNECTION, HeaderValue::from_static("close"));
     }
@@ -1495,20 +1524,36 @@ pub async fn serve(
         // A successor: its servers first, then the sessions, then it accepts.
         Some(mut h) => {
             relay.settle().await;
-            match h.ready().await.and_then(|bytes| {
-                serde_json::from_slice::<HandedOver>(&bytes)
-                    .map_err(|e| format!("the sessions are unreadable: {e}"))
-            }) {
-                Ok(handed) => {
-                    upgrade::set_generation(handed.generation + 1);
-                    front.restore(handed.sessions);
+            let handed = h.ready().await.and_then(|bytes| {
+                let handed = serde_json::from_slice::<HandedOver>(&bytes)
+                    .map_err(|e| format!("the sessions are unreadable: {e}"))?;
+                if handed.format > HANDED_OVER_FORMAT {
+                    return Err(format!(
+                        "the sessions have format {}, newer than this binary reads",
+                        handed.format
+                    ));
                 }
+                Ok(handed)
+            });
+            let handed = match handed {
+                Ok(h) => h,
                 Err(e) => {
-                    tracing::error!(error = %e, "Took the listener over without the previous process's sessions.")
+                    // Without the sessions this process must not serve: the previous one
+                    // serves on.
+                    tracing::error!(error = %e, "Not taking over.");
+                    h.refuse(&e).await;
+                    return Err(std::io::Error::other(e));
                 }
+            };
+            upgrade::set_generation(handed.generation + 1);
+            if let Some(p) = handed.started_from {
+                upgrade::set_started_from(p);
             }
-            h.serving().await;
+            front.restore(handed.sessions);
+            relay.renew_all_subscriptions();
+            // systemd learns the new main process before the old one can exit.
             upgrade::http::sd_notify(&format!("MAINPID={}\nREADY=1", std::process::id()));
+            h.serving().await;
             relay.metrics.upgrade("completed");
             tracing::info!(version = %crate::version(), "Upgraded: this process serves now.");
         }
@@ -1583,13 +1628,8 @@ pub async fn serve(
                             answer(Ok(plan.version.clone()));
                             let within = relay.config().relay.startup_wait + Duration::from_secs(10);
                             starting = Some(Box::pin(async move {
-                                match s.ready(within).await {
-                                    Ok(()) => Ok(s),
-                                    Err(e) => {
-                                        s.abort();
-                                        Err(e)
-                                    }
-                                }
+                                // Dropped on failure: killed and reaped.
+                                s.ready(within).await.map(|()| s)
                             }));
                         }
                         Err(e) => {
@@ -1670,38 +1710,47 @@ pub async fn serve(
         let Some(mut successor) = handed else {
             break 'serve;
         };
-        // Not accepting any more (connections wait in the backlog for the successor).
+        // Not accepting any more (connections wait in the backlog for the successor). From
+        // here on, answers close their connections and no session is created here; the
+        // standalone streams end before the snapshot, so their event numbers stay ours.
+        relay.set_retiring(true);
+        front.end_streams();
         let sessions = match serde_json::to_vec(&HandedOver {
+            format: HANDED_OVER_FORMAT,
             generation: upgrade::generation(),
+            started_from: upgrade::started_from(),
             sessions: front.snapshot(),
         }) {
             Ok(b) => b,
             Err(e) => {
                 tracing::error!(error = %e, "Upgrade rolled back: the sessions could not be written; serving on.");
-                successor.abort();
+                drop(successor);
+                relay.set_retiring(false);
                 relay.metrics.upgrade("rolled_back");
                 relay.upgrade_finished();
                 continue 'serve;
             }
         };
-        if let Err(e) = successor.hand(&sessions, Duration::from_secs(30)).await {
+        let pid = successor.pid();
+        if let Err(e) = successor.hand(&sessions, Duration::from_secs(10)).await {
             tracing::error!(error = %e, "Upgrade rolled back: the new process did not take the sessions over; serving on.");
-            successor.abort();
+            drop(successor);
+            relay.set_retiring(false);
             relay.metrics.upgrade("rolled_back");
             relay.upgrade_finished();
             continue 'serve;
         }
+        // Also from here (so NotifyAccess=main works too).
+        upgrade::http::sd_notify(&format!("MAINPID={pid}"));
         tracing::info!(
-            pid = successor.pid(),
+            pid,
             "Handed over to the new process; finishing the requests in flight, then exiting."
         );
         drop(listener);
-        // Standalone streams end (their clients resume on the successor). Requests in
-        // flight, and those clients send on connections they already have, are answered
-        // here with `Connection: close`, so each client's next connection reaches the
-        // successor; connections still idle after a grace period are closed.
-        front.retiring.store(true, Ordering::Relaxed);
-        front.end_streams();
+        // Requests in flight, and those clients send on connections they already have,
+        // are answered here with `Connection: close`, so each client's next connection
+        // reaches the successor; connections still open after a grace period are closed.
+        front.end_listens().await;
         let limit = relay.config().relay.request_timeout + Duration::from_secs(5);
         let until = tokio::time::Instant::now() + limit;
         let grace = tokio::time::Instant::now() + Duration::from_secs(2);

@@ -66,6 +66,9 @@ pub struct Relay {
     upgrades: Mutex<UpgradeChannel>,
     /// An upgrade is being carried out (requests beyond it are refused).
     upgrading: AtomicBool,
+    /// An HTTP relay that handed (or is handing) its listener to a new process: it only
+    /// finishes what its connections still send.
+    retiring: AtomicBool,
     pub metrics: crate::metrics::Metrics,
     /// Numbers requests for the logs (`request` span field).
     next_request: std::sync::atomic::AtomicU64,
@@ -302,6 +305,7 @@ impl Relay {
                 (Some(tx), Some(rx))
             }),
             upgrading: AtomicBool::new(false),
+            retiring: AtomicBool::new(false),
         });
         {
             let cfg = relay.config();
@@ -392,9 +396,26 @@ impl Relay {
         }
     }
 
+    /// After an HTTP hand-over restored the sessions: every server (all new to them)
+    /// learns their subscriptions.
+    pub fn renew_all_subscriptions(&self) {
+        for b in self.backends() {
+            self.renew_subscriptions(&b.name);
+        }
+    }
+
     /// The front takes the upgrade requests (once).
     pub fn serve_upgrades(&self) -> Option<tokio::sync::mpsc::Receiver<crate::upgrade::Request>> {
         lock(&self.upgrades).1.take()
+    }
+
+    /// Marks (or unmarks, when the hand-over failed) this HTTP relay as retiring.
+    pub fn set_retiring(&self, on: bool) {
+        self.retiring.store(on, Ordering::SeqCst);
+    }
+
+    pub fn is_retiring(&self) -> bool {
+        self.retiring.load(Ordering::SeqCst)
     }
 
     /// The front is done with an upgrade that did not exec (refused or abandoned).
@@ -413,6 +434,9 @@ impl Relay {
             .0
             .clone()
             .ok_or_else(|| "this relay takes no upgrade requests".to_owned())?;
+        if self.is_retiring() {
+            return Err("this process has handed over to a new one; ask that one".to_owned());
+        }
         if self.upgrading.swap(true, Ordering::SeqCst) {
             return Err("an upgrade is already under way".to_owned());
         }

@@ -170,6 +170,11 @@ pub fn started_from() -> Option<PathBuf> {
     crate::sync::lock(&STARTED_FROM).clone()
 }
 
+/// Sets the path the next upgrade executes by default (carried from the first process).
+pub fn set_started_from(p: PathBuf) {
+    *crate::sync::lock(&STARTED_FROM) = Some(p);
+}
+
 /// How many upgrades this process has been through.
 pub fn generation() -> u64 {
     GENERATION.load(Ordering::Relaxed)
@@ -206,7 +211,9 @@ impl Inherited {
             state_fd: fd(ENV_STATE_FD),
             previous_fd: fd(ENV_PREVIOUS_FD),
             rolled_back: std::env::var(ENV_ROLLED_BACK).ok(),
-            socket: http::InheritedSocket::from_env(),
+            // SAFETY: `from_env` runs first thing in `main`, while the process has one
+            // thread and nothing uses the handed-over descriptors.
+            socket: unsafe { http::InheritedSocket::from_env() },
         };
         for k in [ENV_STATE_FD, ENV_PREVIOUS_FD, ENV_ROLLED_BACK] {
             // SAFETY: called first thing in `main`, while the process has one thread, so no

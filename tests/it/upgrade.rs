@@ -496,10 +496,41 @@ fn http_relay_hands_over_its_listener_and_sessions() -> Result {
             last_error
         }));
     }
+    // Long calls answered on an SSE stream (progress first) span the hand-overs: they
+    // finish on the process that started them.
+    {
+        let mut c = HttpClient::new(&url)?;
+        c.initialize()?;
+        let (stop, calls, failures) = (stop.clone(), calls.clone(), failures.clone());
+        workers.push(std::thread::spawn(move || -> Option<String> {
+            let mut last_error = None;
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                let params = json!({"name": "a__slow", "arguments": {"steps": 10, "ms": 60},
+                    "_meta": {"progressToken": i}});
+                match c.rpc(i, "tools/call", params) {
+                    Ok(r) if text(&r) == "done after 10 steps" => {
+                        calls.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(r) => {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                        last_error = Some(format!("slow: {r}"));
+                    }
+                    Err(e) => {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                        last_error = Some(format!("slow: {e}"));
+                    }
+                }
+            }
+            last_error
+        }));
+    }
     let mut admin = HttpClient::new(&url)?;
     admin.initialize()?;
     let first_pid = status_of(&admin, 1)?["pid"].clone();
     let mut pid = first_pid.clone();
+    let last = Successors(std::cell::Cell::new(0));
     // A new binary that passes its check but fails to take over: killed, the relay serves on.
     let broken = build(builds.path(), "broken")?;
     let r = admin.call_tool(2, "relay__upgrade", json!({"binary": broken}))?;
@@ -529,7 +560,6 @@ fn http_relay_hands_over_its_listener_and_sessions() -> Result {
     );
     for (n, tag) in ["h2", "h3", "h4"].into_iter().enumerate() {
         let new = build(builds.path(), tag)?;
-        let before = calls.load(Ordering::Relaxed);
         if n == 1 {
             // The command line: it finds the new process through the control sockets.
             let out = std::process::Command::new(relay_bin())
@@ -559,10 +589,12 @@ fn http_relay_hands_over_its_listener_and_sessions() -> Result {
                 Err(s["version"].to_string())
             })
         })?;
+        last.0.set(now["pid"].as_i64().unwrap_or_default());
         assert_ne!(now["pid"], pid, "a new process serves");
         assert_eq!(now["upgrades"], n + 1, "{now}");
         pid = now["pid"].clone();
-        // Calls went on across it.
+        // Calls go on once it serves.
+        let before = calls.load(Ordering::Relaxed);
         poll("calls after the upgrade", || {
             let c = calls.load(Ordering::Relaxed);
             Ok(if c > before + 100 {
@@ -584,21 +616,9 @@ fn http_relay_hands_over_its_listener_and_sessions() -> Result {
         failures.load(Ordering::Relaxed),
     );
     // The last process is nobody's child here: stop it ourselves.
-    if let Some(p) = pid.as_i64().and_then(|p| i32::try_from(p).ok()) {
-        let _ = nix::sys::signal::kill(
-            nix::unistd::Pid::from_raw(p),
-            nix::sys::signal::Signal::SIGTERM,
-        );
-        poll("the last relay to exit", || {
-            // Gone, or a zombie waiting for whoever adopted it.
-            let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
-            let state = stat.rsplit_once(')').map_or("", |(_, r)| r.trim_start());
-            Ok(if stat.is_empty() || state.starts_with('Z') {
-                Ok(())
-            } else {
-                Err("running".to_owned())
-            })
-        })?;
+    last.0.set(0);
+    if let Some(p) = pid.as_i64() {
+        stop_pid(p)?;
     }
     assert_eq!(failed, 0, "{ok} calls, {failed} failed: {errors:?}");
     assert!(ok > 300, "{ok} calls");
@@ -608,4 +628,84 @@ fn http_relay_hands_over_its_listener_and_sessions() -> Result {
 fn status_of(c: &crate::support::HttpClient, id: u64) -> Result<Value> {
     let r = c.call_tool(id, "relay__status", json!({}))?;
     Ok(r["result"]["structuredContent"].clone())
+}
+
+/// Under systemd (`Type=notify`): `READY=1` once serving, and after an upgrade the new
+/// process announces itself as the main one.
+#[test]
+fn systemd_hears_ready_and_the_new_main_pid() -> Result {
+    use crate::support::HttpClient;
+    let dir = tempfile::tempdir()?;
+    let builds = tempfile::tempdir()?;
+    let path = dir.path().join("notify.sock");
+    let sock = std::os::unix::net::UnixDatagram::bind(&path)?;
+    sock.set_read_timeout(Some(crate::support::TIMEOUT))?;
+    let cfg = json!({"mcpServers": {"a": example("a")}});
+    let notify = path.to_str().ok_or("path")?;
+    let served = crate::support::serve_with(&cfg, dir.path(), &[("NOTIFY_SOCKET", notify)])?;
+    let mut buf = [0u8; 512];
+    let n = sock.recv(&mut buf)?;
+    assert_eq!(&buf[..n], b"READY=1");
+    let mut c = HttpClient::new(&served.url)?;
+    c.initialize()?;
+    let r = c.call_tool(
+        1,
+        "relay__upgrade",
+        json!({"binary": build(builds.path(), "sd")?}),
+    )?;
+    assert_eq!(r["result"]["structuredContent"]["to"], version("sd"), "{r}");
+    let n = sock.recv(&mut buf)?;
+    let said = String::from_utf8_lossy(&buf[..n]).into_owned();
+    let announced = said
+        .strip_prefix("MAINPID=")
+        .and_then(|r| r.split('\n').next())
+        .and_then(|p| p.parse::<i64>().ok());
+    let last = Successors(std::cell::Cell::new(announced.unwrap_or_default()));
+    // The old process may still answer on the connection it had: ask until the new one does.
+    let mut id = 1;
+    let s = poll("the new version", || {
+        id += 1;
+        let s = status_of(&c, id)?;
+        Ok(if s["version"] == version("sd") {
+            Ok(s)
+        } else {
+            Err(s["version"].to_string())
+        })
+    })?;
+    let pid = s["pid"].as_i64().ok_or("no pid")?;
+    last.0.set(0);
+    stop_pid(pid)?;
+    assert_eq!(said, format!("MAINPID={pid}\nREADY=1"));
+    Ok(())
+}
+
+/// Stops, when dropped (also when a test fails), the relay process that serves last.
+struct Successors(std::cell::Cell<i64>);
+
+impl Drop for Successors {
+    fn drop(&mut self) {
+        let pid = self.0.get();
+        if pid > 0 {
+            let _ = stop_pid(pid);
+        }
+    }
+}
+
+/// Stops a relay that is nobody's child here (a successor of an HTTP upgrade) and waits
+/// until it is gone (or a zombie of whoever adopted it).
+fn stop_pid(pid: i64) -> Result {
+    let p = i32::try_from(pid)?;
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(p),
+        nix::sys::signal::Signal::SIGTERM,
+    );
+    poll("the relay to exit", || {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        let state = stat.rsplit_once(')').map_or("", |(_, r)| r.trim_start());
+        Ok(if stat.is_empty() || state.starts_with('Z') {
+            Ok(())
+        } else {
+            Err("running".to_owned())
+        })
+    })
 }
