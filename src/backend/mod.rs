@@ -540,15 +540,7 @@ impl Backend {
         if !self.state().is_up() {
             return None;
         }
-        Some(s.hand_over().await.map(|stdio| Adopted {
-            name: self.name.clone(),
-            stdio,
-            info: self.info(),
-            next_id: self.next_id.load(Ordering::Relaxed),
-            restarts: self.restarts(),
-            lists: CarriedLists::from_lists(&self.lists()),
-            fingerprint: launch_fingerprint(&self.config.transport),
-        }))
+        Some(s.hand_over().await.map(|stdio| self.adopted(stdio)))
     }
 
     /// What [`Backend::hand_over`] would carry, without its descriptors (-1): the copy of
@@ -558,21 +550,26 @@ impl Backend {
         let Some(Conn::Stdio(s)) = conn else {
             return None;
         };
-        Some(Adopted {
+        Some(self.adopted(stdio::Handover {
+            pid: s.pid(),
+            stdin: -1,
+            stdout: -1,
+            stderr: -1,
+            unread: Vec::new(),
+        }))
+    }
+
+    /// This server as the next image adopts it, with `stdio`'s process and pipes.
+    fn adopted(&self, stdio: stdio::Handover) -> Adopted {
+        Adopted {
             name: self.name.clone(),
-            stdio: stdio::Handover {
-                pid: s.pid(),
-                stdin: -1,
-                stdout: -1,
-                stderr: -1,
-                unread: Vec::new(),
-            },
+            stdio,
             info: self.info(),
             next_id: self.next_id.load(Ordering::Relaxed),
             restarts: self.restarts(),
             lists: CarriedLists::from_lists(&self.lists()),
             fingerprint: launch_fingerprint(&self.config.transport),
-        })
+        }
     }
 
     /// Whether this backend runs a stdio process (its main one) right now.

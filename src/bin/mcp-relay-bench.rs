@@ -25,6 +25,8 @@
 //!    binary with a patched build tag installed over its path, then SIGUSR2): per upgrade,
 //!    the longest gap between two answers from the signal until the new version answers,
 //!    against the longest gap over the same number of calls just before.
+//! 9. Stateless (`--only stateless`): a 2026-07-28 stateless `tools/call` directly to the
+//!    Python SDK fixture (a server of that era) and through the relay, alternating rounds.
 //! 7. Soak (only with `--only soak`): 8 sessions call two stdio servers for 5 minutes while
 //!    one of them is SIGKILLed every 10 s: calls and errors per server, relay RSS and open
 //!    fds at start and end, child processes at the end.
@@ -36,8 +38,8 @@
 //!   --rounds N        rounds per concurrency (default 5)
 //!   --round-ms MS     length of one direct or relayed run (default 1000)
 //!   --clients N       fan-in clients (default 1000)
-//!   --only call|fanin|list|reload|rank|guard|soak|upgrade   run one part (soak and
-//!                     upgrade run only when named)
+//!   --only call|fanin|list|reload|rank|guard|soak|upgrade|stateless   run one part
+//!                     (soak, upgrade and stateless run only when named)
 //!   --soak-secs N     length of the soak (default 300)
 //!   --reloads N       config saves of part 4 (default 100)
 //!   --concurrency 1,16,256    the concurrencies of part 1
@@ -956,6 +958,35 @@ async fn bench_guard(o: &Opts, dir: &Path) -> Res<()> {
     Ok(())
 }
 
+/// The longest time between two consecutive instants, in ms.
+fn longest_gap(times: &[Instant]) -> f64 {
+    times
+        .windows(2)
+        .map(|w| w[1].duration_since(w[0]).as_secs_f64() * 1000.0)
+        .fold(0.0, f64::max)
+}
+
+/// Prints the gaps of an upgrade part (p50/max of the longest gap per upgrade, against the
+/// quiet stretch before each).
+fn report_gaps(title: &str, trigger: &str, gaps: &[f64], quiet: &[f64]) {
+    let (mut g, mut q) = (gaps.to_vec(), quiet.to_vec());
+    println!("\n{title}");
+    println!("| | p50 ms | max ms |");
+    println!("|---|---|---|");
+    println!(
+        "| longest gap between answers, {trigger} until the new version answers | {:.1} | {:.1} |",
+        percentile(&mut g, 0.5),
+        percentile(&mut g, 1.0)
+    );
+    println!(
+        "| longest gap over 300 calls just before (no upgrade) | {:.1} | {:.1} |",
+        percentile(&mut q, 0.5),
+        percentile(&mut q, 1.0)
+    );
+    let per: Vec<String> = gaps.iter().map(|x| format!("{x:.1}")).collect();
+    println!("per upgrade (ms): {}", per.join(", "));
+}
+
 /// A copy of the relay binary that reports `VERSION+tag` (its build-tag slot patched).
 fn patched_relay(dest: &Path, tag: &str) -> Res<()> {
     use std::os::unix::fs::PermissionsExt;
@@ -1046,12 +1077,6 @@ fn bench_upgrade(dir: &Path) -> Res<()> {
         }
         Ok(Instant::now())
     };
-    let longest = |times: &[Instant]| -> f64 {
-        times
-            .windows(2)
-            .map(|w| w[1].duration_since(w[0]).as_secs_f64() * 1000.0)
-            .fold(0.0, f64::max)
-    };
     let (mut gaps, mut quiet, mut calls) = (Vec::new(), Vec::new(), 0usize);
     for n in 1..=10u32 {
         let tag = format!("u{n}");
@@ -1075,31 +1100,16 @@ fn bench_upgrade(dir: &Path) -> Res<()> {
             }
         }
         calls += before.len() + during.len() - 2;
-        quiet.push(longest(&before));
-        gaps.push(longest(&during));
+        quiet.push(longest_gap(&before));
+        gaps.push(longest_gap(&during));
     }
-    let (mut g, mut q) = (gaps.clone(), quiet.clone());
-    println!(
-        "\nIn-place upgrade of a stdio relay (2 stdio servers, closed-loop echo calls, 10 upgrades, {calls} calls, 0 failed)"
-    );
-    println!("| | p50 ms | max ms |");
-    println!("|---|---|---|");
-    println!(
-        "| longest gap between answers, from SIGUSR2 until the new version answers | {:.1} | {:.1} |",
-        percentile(&mut g, 0.5),
-        percentile(&mut g, 1.0)
-    );
-    println!(
-        "| longest gap over 300 calls just before (no upgrade) | {:.1} | {:.1} |",
-        percentile(&mut q, 0.5),
-        percentile(&mut q, 1.0)
-    );
-    println!(
-        "per upgrade (ms): {}",
-        gaps.iter()
-            .map(|x| format!("{x:.1}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+    report_gaps(
+        &format!(
+            "In-place upgrade of a stdio relay (2 stdio servers, closed-loop echo calls, 10 upgrades, {calls} calls, 0 failed)"
+        ),
+        "from SIGUSR2",
+        &gaps,
+        &quiet,
     );
     drop(relay);
     Ok(())
@@ -1128,12 +1138,6 @@ async fn bench_upgrade_http(dir: &Path) -> Res<()> {
                 r["result"]["structuredContent"].clone(),
             )
         }
-    };
-    let longest = |times: &[Instant]| -> f64 {
-        times
-            .windows(2)
-            .map(|w| w[1].duration_since(w[0]).as_secs_f64() * 1000.0)
-            .fold(0.0, f64::max)
     };
     let (mut gaps, mut quiet, mut calls) = (Vec::new(), Vec::new(), 0usize);
     for n in 1..=10u32 {
@@ -1198,32 +1202,154 @@ async fn bench_upgrade_http(dir: &Path) -> Res<()> {
         }
         asked.await??;
         calls += before.len() + during.len() - 2;
-        quiet.push(longest(&before));
-        gaps.push(longest(&during));
+        quiet.push(longest_gap(&before));
+        gaps.push(longest_gap(&during));
     }
-    let (mut g, mut q) = (gaps.clone(), quiet.clone());
-    println!(
-        "\nUpgrade of an HTTP relay (listener and session handed to a new process; 2 stdio servers, one session, closed-loop echo calls, 10 upgrades, {calls} calls, 0 failed)"
+    report_gaps(
+        &format!(
+            "Upgrade of an HTTP relay (listener and session handed to a new process; 2 stdio servers, one session, closed-loop echo calls, 10 upgrades, {calls} calls, 0 failed)"
+        ),
+        "from the upgrade request",
+        &gaps,
+        &quiet,
     );
-    println!("| | p50 ms | max ms |");
-    println!("|---|---|---|");
+    Ok(())
+}
+
+/// One stateless (2026-07-28) `tools/call` of `tool`: `_meta` and the standard headers, no
+/// session. Returns the answer.
+async fn stateless_call(client: &reqwest::Client, url: &str, tool: &str, id: u64) -> Res<Value> {
+    let body = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": {
+    "name": tool, "arguments": {},
+    "_meta": {
+        "io.modelcontextprotocol/protocolVersion": "2026-07-28",
+        "io.modelcontextprotocol/clientCapabilities": {},
+    }}});
+    let resp = client
+        .post(url)
+        .header("accept", "application/json, text/event-stream")
+        .header("mcp-protocol-version", "2026-07-28")
+        .header("mcp-method", "tools/call")
+        .header("mcp-name", tool)
+        .json(&body)
+        .send()
+        .await?;
+    let status = resp.status();
+    let bytes = resp.bytes().await?;
+    if !status.is_success() {
+        return Err(format!("HTTP {status}: {}", String::from_utf8_lossy(&bytes)).into());
+    }
+    let v = response_of(&bytes)?;
+    if v.get("result").is_none() {
+        return Err(format!("stateless call failed: {v}").into());
+    }
+    Ok(v)
+}
+
+/// Part 9 (`--only stateless`): a stateless (2026-07-28) `tools/call` sent directly to a
+/// server that speaks that era (the Python SDK fixture, `tests/fixture`, over Streamable
+/// HTTP) and through the relay in front of it, alternating rounds, one call at a time.
+async fn bench_stateless(o: &Opts, root: &Path, dir: &Path) -> Res<()> {
+    let python = root.join(".venv/bin/python");
+    let fixture = root.join("tests/fixture/conformance_server.py");
+    let mut server = Proc::spawn(
+        Command::new(python)
+            .arg(fixture)
+            .args(["http", "--port", "0"])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null()),
+    )?;
+    let out = server.0.stdout.take().ok_or("no stdout")?;
+    let port = wait_line(out, |l| {
+        l.strip_prefix("LISTENING ").map(|p| p.trim().to_owned())
+    })?;
+    let direct = format!("http://127.0.0.1:{port}/mcp");
+    let (_relay, relayed, _) = start_relay_with(
+        &json!({"mcpServers": {"fx": {"type": "http", "url": direct}}}),
+        dir,
+    )?;
+    let client = http_client()?;
+    let mut id = 0u64;
+    // Both warm (the relay's backend connected, its catalog listed).
+    for _ in 0..20 {
+        id += 1;
+        stateless_call(&client, &direct, "test_simple_text", id).await?;
+        stateless_call(&client, &relayed, "fx__test_simple_text", id).await?;
+    }
+    // The same calls in a handshake-era session, for comparison (the relay speaks that era
+    // to the fixture, whatever the client's era).
+    let d_sid = session(&client, &direct).await?;
+    let r_sid = session(&client, &relayed).await?;
+    let legacy = |url: String, sid: String, tool: &'static str, id: u64| {
+        let client = client.clone();
+        async move {
+            let body = json!({"jsonrpc": "2.0", "id": id, "method": "tools/call",
+                "params": {"name": tool, "arguments": {}}});
+            let (v, _) = post(&client, &url, Some(&sid), &body).await?;
+            if v.get("result").is_none() {
+                return Err::<(), Box<dyn std::error::Error + Send + Sync>>(
+                    format!("call failed: {v}").into(),
+                );
+            }
+            Ok(())
+        }
+    };
+    // Legs: (label, relayed?, stateless?)
+    let legs = [
+        ("stateless, direct", false, true),
+        ("stateless, through the relay", true, true),
+        ("session, direct", false, false),
+        ("session, through the relay", true, false),
+    ];
+    let mut rates: Vec<Vec<f64>> = vec![Vec::new(); legs.len()];
+    let mut p50s: Vec<Vec<f64>> = vec![Vec::new(); legs.len()];
+    for round in 0..o.rounds {
+        for k in 0..legs.len() {
+            // A different leg goes first each round.
+            let leg = (k + round) % legs.len();
+            let (_, relay_leg, stateless) = legs[leg];
+            let mut lat = Vec::new();
+            let began = Instant::now();
+            while began.elapsed() < o.round {
+                id += 1;
+                let t = Instant::now();
+                match (relay_leg, stateless) {
+                    (false, true) => {
+                        stateless_call(&client, &direct, "test_simple_text", id).await?;
+                    }
+                    (true, true) => {
+                        stateless_call(&client, &relayed, "fx__test_simple_text", id).await?;
+                    }
+                    (false, false) => {
+                        legacy(direct.clone(), d_sid.clone(), "test_simple_text", id).await?;
+                    }
+                    (true, false) => {
+                        legacy(relayed.clone(), r_sid.clone(), "fx__test_simple_text", id).await?;
+                    }
+                }
+                lat.push(t.elapsed().as_secs_f64() * 1e6);
+            }
+            rates[leg].push(lat.len() as f64 / began.elapsed().as_secs_f64());
+            p50s[leg].push(percentile(&mut lat, 0.5));
+        }
+    }
+    let rate: Vec<f64> = rates.into_iter().map(median).collect();
+    let p50: Vec<f64> = p50s.into_iter().map(median).collect();
     println!(
-        "| longest gap between answers, from the upgrade request until the new version answers | {:.1} | {:.1} |",
-        percentile(&mut g, 0.5),
-        percentile(&mut g, 1.0)
+        "\ntools/call of the Python SDK fixture over Streamable HTTP, one at a time, median of {} rounds of {} ms per leg",
+        o.rounds,
+        o.round.as_millis()
     );
-    println!(
-        "| longest gap over 300 calls just before (no upgrade) | {:.1} | {:.1} |",
-        percentile(&mut q, 0.5),
-        percentile(&mut q, 1.0)
-    );
-    println!(
-        "per upgrade (ms): {}",
-        gaps.iter()
-            .map(|x| format!("{x:.1}"))
-            .collect::<Vec<_>>()
-            .join(", ")
-    );
+    println!("| leg | calls/s | p50 µs | ratio to direct (calls/s) |");
+    println!("|---|---|---|---|");
+    for (k, (label, relay_leg, _)) in legs.iter().enumerate() {
+        let ratio = if *relay_leg {
+            rate[k] / rate[k - 1]
+        } else {
+            1.0
+        };
+        println!("| {label} | {:.0} | {:.0} | {ratio:.2} |", rate[k], p50[k]);
+    }
     Ok(())
 }
 
@@ -1252,7 +1378,15 @@ fn parse_opts() -> Res<Opts> {
             }
             "--only"
                 if [
-                    "call", "fanin", "list", "reload", "rank", "guard", "soak", "upgrade",
+                    "call",
+                    "fanin",
+                    "list",
+                    "reload",
+                    "rank",
+                    "guard",
+                    "soak",
+                    "upgrade",
+                    "stateless",
                 ]
                 .contains(&v.as_str()) =>
             {
@@ -1309,6 +1443,9 @@ fn main() -> Res<()> {
         // Five minutes: only when asked for.
         if o.only.as_deref() == Some("soak") {
             bench_soak(o.soak_secs, &dir).await?;
+        }
+        if o.only.as_deref() == Some("stateless") {
+            bench_stateless(&o, &root, &dir).await?;
         }
         if o.only.as_deref() == Some("upgrade") {
             let d = dir.clone();

@@ -73,6 +73,24 @@ impl Stateless {
             .send()?)
     }
 
+    /// Opens a listen stream for tools list changes (request id `id`); its lines.
+    fn listen_tools(
+        &self,
+        id: u64,
+    ) -> Result<std::io::Lines<BufReader<reqwest::blocking::Response>>> {
+        let listen = request(
+            id,
+            "subscriptions/listen",
+            json!({"notifications": {"toolsListChanged": true}}),
+            json!({}),
+        );
+        let resp = self.send(&listen, |_| {})?;
+        if resp.status() != 200 {
+            return Err(format!("listen answered {}", resp.status()).into());
+        }
+        Ok(BufReader::new(resp).lines())
+    }
+
     /// The HTTP status and every JSON-RPC message of the answer (JSON or an SSE stream).
     fn call(&self, body: &Value) -> Result<(u16, Vec<Value>)> {
         self.call_with(body, |_| {})
@@ -106,6 +124,16 @@ impl Stateless {
     fn answer(&self, body: &Value) -> Result<(u16, Value)> {
         let (status, mut frames) = self.call(body)?;
         Ok((status, frames.pop().ok_or("no answer")?))
+    }
+}
+
+/// The next `data:` message of an SSE stream.
+fn next_event(lines: &mut impl Iterator<Item = std::io::Result<String>>) -> Result<Value> {
+    loop {
+        let line = lines.next().ok_or("the stream ended")??;
+        if let Some(d) = line.strip_prefix("data: ") {
+            return Ok(serde_json::from_str(d)?);
+        }
     }
 }
 
@@ -325,23 +353,8 @@ fn listen_streams_acknowledge_then_carry_tagged_changes() -> Result {
     let dir = tempfile::tempdir()?;
     let (_relay, url) = serve(&json!({"mcpServers": {"ex": example("ex")}}), dir.path())?;
     let c = Stateless::new(&url)?;
-    let listen = request(
-        5,
-        "subscriptions/listen",
-        json!({"notifications": {"toolsListChanged": true}}),
-        json!({}),
-    );
-    let resp = c.send(&listen, |_| {})?;
-    assert_eq!(resp.status(), 200);
-    let mut lines = BufReader::new(resp).lines();
-    let mut next = || -> Result<Value> {
-        loop {
-            let line = lines.next().ok_or("the stream ended")??;
-            if let Some(d) = line.strip_prefix("data: ") {
-                return Ok(serde_json::from_str(d)?);
-            }
-        }
-    };
+    let mut lines = c.listen_tools(5)?;
+    let mut next = || next_event(&mut lines);
     let ack = next()?;
     assert_eq!(
         ack["method"], "notifications/subscriptions/acknowledged",
@@ -399,15 +412,8 @@ fn listen_streams_are_counted_and_bounded() -> Result {
         json!({"notifications": {"toolsListChanged": true}}),
         json!({}),
     );
-    let resp = c.send(&listen, |_| {})?;
-    assert_eq!(resp.status(), 200);
-    let mut lines = BufReader::new(resp).lines();
-    let ack = loop {
-        let line = lines.next().ok_or("the stream ended")??;
-        if let Some(d) = line.strip_prefix("data: ") {
-            break serde_json::from_str::<Value>(d)?;
-        }
-    };
+    let mut lines = c.listen_tools(2)?;
+    let ack = next_event(&mut lines)?;
     assert_eq!(ack["method"], "notifications/subscriptions/acknowledged");
     // The one place is taken: a session is refused, and so is a second stream.
     let mut h = HttpClient::new(&url)?;

@@ -129,3 +129,60 @@ async fn rmcp_client_in_prompt_mode() -> Result {
     client.cancel().await?;
     Ok(())
 }
+
+/// rmcp in `Discover` mode (protocol 2026-07-28, no `initialize`) and in `Initialize` mode,
+/// against the same relay, over Streamable HTTP and over stdio.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rmcp_client_in_discover_and_initialize_modes() -> Result {
+    use rmcp::model::ProtocolVersion;
+    use rmcp::{ClientLifecycleMode, ClientServiceExt};
+    let discover = || ClientLifecycleMode::Discover {
+        preferred_versions: vec![ProtocolVersion::V_2026_07_28],
+    };
+    let dir = tempfile::tempdir()?;
+    let cfg = json!({"mcpServers": {"ex": example("ex")}});
+    let (_relay, url) = serve(&cfg, dir.path())?;
+    let modern = ()
+        .serve_with_lifecycle(
+            StreamableHttpClientTransport::from_uri(url.clone()),
+            discover(),
+        )
+        .await?;
+    let legacy = ()
+        .serve_with_lifecycle(
+            StreamableHttpClientTransport::from_uri(url),
+            ClientLifecycleMode::Initialize,
+        )
+        .await?;
+    let version = |c: &rmcp::service::RunningService<rmcp::RoleClient, ()>| {
+        c.peer_info().map(|i| i.protocol_version.clone())
+    };
+    assert_eq!(version(&modern), Some(ProtocolVersion::V_2026_07_28));
+    assert_eq!(version(&legacy), Some(ProtocolVersion::V_2025_11_25));
+    for (c, said) in [(&modern, "modern"), (&legacy, "legacy")] {
+        let names: Vec<String> = c
+            .list_all_tools()
+            .await?
+            .iter()
+            .map(|t| t.name.to_string())
+            .collect();
+        assert!(names.contains(&"ex__echo".to_owned()), "{said}: {names:?}");
+        let r = c
+            .call_tool(CallToolRequestParams::new("ex__echo").with_arguments(args(said)))
+            .await?;
+        assert_eq!(text_of(&r), format!("Echo: {said}"));
+    }
+    modern.cancel().await?;
+    legacy.cancel().await?;
+
+    let sdir = tempfile::tempdir()?;
+    let cmd = relay_stdio(sdir.path(), &cfg)?;
+    let client = ().serve_with_lifecycle(TokioChildProcess::new(cmd)?, discover()).await?;
+    assert_eq!(version(&client), Some(ProtocolVersion::V_2026_07_28));
+    let r = client
+        .call_tool(CallToolRequestParams::new("ex__echo").with_arguments(args("stdio")))
+        .await?;
+    assert_eq!(text_of(&r), "Echo: stdio");
+    client.cancel().await?;
+    Ok(())
+}

@@ -9,6 +9,7 @@ use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
+use std::time::Duration;
 
 /// A copy of the relay binary whose build tag is `tag` (it reports `VERSION+tag`).
 fn build(dir: &Path, tag: &str) -> Result<PathBuf> {
@@ -468,64 +469,30 @@ fn http_relay_hands_over_its_listener_and_sessions() -> Result {
     let stop = Arc::new(AtomicBool::new(false));
     let (calls, failures) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
     let mut workers = Vec::new();
+    let tally = Tally {
+        stop: stop.clone(),
+        calls: calls.clone(),
+        failures: failures.clone(),
+    };
     for w in 0..50u64 {
         let mut c = HttpClient::new(&url)?;
         c.initialize()?;
-        let (stop, calls, failures) = (stop.clone(), calls.clone(), failures.clone());
-        workers.push(std::thread::spawn(move || -> Option<String> {
-            let mut last_error = None;
-            let mut i = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                i += 1;
-                let msg = format!("w{w}-{i}");
-                match c.call_tool(i, "a__echo", json!({"message": msg})) {
-                    Ok(r) if text(&r) == format!("Echo: {msg}") => {
-                        calls.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(r) => {
-                        failures.fetch_add(1, Ordering::Relaxed);
-                        last_error = Some(r.to_string());
-                    }
-                    Err(e) => {
-                        failures.fetch_add(1, Ordering::Relaxed);
-                        last_error = Some(e.to_string());
-                    }
-                }
-                std::thread::sleep(std::time::Duration::from_millis(40));
-            }
-            last_error
+        workers.push(tally.worker(c, Duration::from_millis(40), move |c, i| {
+            let msg = format!("w{w}-{i}");
+            let r = c.call_tool(i, "a__echo", json!({"message": msg}))?;
+            Ok((text(&r) != format!("Echo: {msg}")).then(|| r.to_string()))
         }));
     }
     // Long calls answered on an SSE stream (progress first) span the hand-overs: they
     // finish on the process that started them.
-    {
-        let mut c = HttpClient::new(&url)?;
-        c.initialize()?;
-        let (stop, calls, failures) = (stop.clone(), calls.clone(), failures.clone());
-        workers.push(std::thread::spawn(move || -> Option<String> {
-            let mut last_error = None;
-            let mut i = 0u64;
-            while !stop.load(Ordering::Relaxed) {
-                i += 1;
-                let params = json!({"name": "a__slow", "arguments": {"steps": 10, "ms": 60},
-                    "_meta": {"progressToken": i}});
-                match c.rpc(i, "tools/call", params) {
-                    Ok(r) if text(&r) == "done after 10 steps" => {
-                        calls.fetch_add(1, Ordering::Relaxed);
-                    }
-                    Ok(r) => {
-                        failures.fetch_add(1, Ordering::Relaxed);
-                        last_error = Some(format!("slow: {r}"));
-                    }
-                    Err(e) => {
-                        failures.fetch_add(1, Ordering::Relaxed);
-                        last_error = Some(format!("slow: {e}"));
-                    }
-                }
-            }
-            last_error
-        }));
-    }
+    let mut c = HttpClient::new(&url)?;
+    c.initialize()?;
+    workers.push(tally.worker(c, Duration::ZERO, |c, i| {
+        let params = json!({"name": "a__slow", "arguments": {"steps": 10, "ms": 60},
+            "_meta": {"progressToken": i}});
+        let r = c.rpc(i, "tools/call", params)?;
+        Ok((text(&r) != "done after 10 steps").then(|| format!("slow: {r}")))
+    }));
     let mut admin = HttpClient::new(&url)?;
     admin.initialize()?;
     let first_pid = status_of(&admin, 1)?["pid"].clone();
@@ -623,6 +590,50 @@ fn http_relay_hands_over_its_listener_and_sessions() -> Result {
     assert_eq!(failed, 0, "{ok} calls, {failed} failed: {errors:?}");
     assert!(ok > 300, "{ok} calls");
     Ok(())
+}
+
+/// Counts the calls of worker threads until `stop`.
+struct Tally {
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+    calls: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    failures: std::sync::Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl Tally {
+    /// A thread calling `call(client, n)` (Ok(None): answered right; Ok(Some(why)): a
+    /// wrong answer) every `pause` until stopped; it returns its last failure.
+    fn worker(
+        &self,
+        c: crate::support::HttpClient,
+        pause: Duration,
+        call: impl Fn(&crate::support::HttpClient, u64) -> Result<Option<String>> + Send + 'static,
+    ) -> std::thread::JoinHandle<Option<String>> {
+        use std::sync::atomic::Ordering;
+        let (stop, calls, failures) =
+            (self.stop.clone(), self.calls.clone(), self.failures.clone());
+        std::thread::spawn(move || {
+            let mut last_error = None;
+            let mut i = 0u64;
+            while !stop.load(Ordering::Relaxed) {
+                i += 1;
+                match call(&c, i) {
+                    Ok(None) => {
+                        calls.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Ok(Some(why)) => {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                        last_error = Some(why);
+                    }
+                    Err(e) => {
+                        failures.fetch_add(1, Ordering::Relaxed);
+                        last_error = Some(e.to_string());
+                    }
+                }
+                std::thread::sleep(pause);
+            }
+            last_error
+        })
+    }
 }
 
 fn status_of(c: &crate::support::HttpClient, id: u64) -> Result<Value> {
