@@ -345,6 +345,10 @@ fn server_status(relay: &Relay, name: &str) -> Value {
     if let (Some(pid), Some(o)) = (b.pid(), v.as_object_mut()) {
         o.insert("pid".into(), json!(pid));
     }
+    let version = b.info().protocol_version;
+    if let (false, Some(o)) = (version.is_empty(), v.as_object_mut()) {
+        o.insert("protocolVersion".into(), json!(version));
+    }
     v
 }
 

@@ -107,6 +107,24 @@ impl Http {
         (req, generation)
     }
 
+    /// A POST to a server of the stateless era: its headers, no session.
+    fn modern_request(&self, method: &str, name: Option<&str>) -> reqwest::Request {
+        let mut req = reqwest::Request::new(reqwest::Method::POST, self.url.clone());
+        let h = req.headers_mut();
+        *h = self.headers.clone();
+        h.insert(
+            VERSION,
+            HeaderValue::from_static(crate::protocol::modern::VERSIONS[0]),
+        );
+        if let Ok(v) = HeaderValue::from_str(method) {
+            h.insert("mcp-method", v);
+        }
+        if let Some(v) = name.and_then(|n| HeaderValue::from_str(n).ok()) {
+            h.insert("mcp-name", v);
+        }
+        req
+    }
+
     /// Sends one message and, for a request, reads its answer (JSON, or an SSE stream with
     /// related messages first). Runs inside the caller's future: no task per request.
     pub async fn send(
@@ -118,12 +136,34 @@ impl Http {
     ) -> Result<(), SendError> {
         // The relay's own `initialize` starts a new session; ids are at most 20 digits.
         const INITIALIZE: &[u8] = br#""method":"initialize""#;
+        const DISCOVER: &[u8] = br#""method":"server/discover""#;
         let head = &msg.as_bytes()[..msg.len().min(64)];
         let is_initialize =
             expect.is_some() && head.windows(INITIALIZE.len()).any(|w| w == INITIALIZE);
+        // A server of the stateless era (or the discover probe) gets `_meta` and headers on
+        // every message, and no session.
+        let modern = b.is_modern() || head.windows(DISCOVER.len()).any(|w| w == DISCOVER);
+        let (msg, modern_headers) = if modern {
+            let level = related
+                .as_ref()
+                .and_then(|c| c.session.state().log_level.clone());
+            match crate::protocol::modern::attach(
+                &msg,
+                &b.declared_capabilities(),
+                level.as_deref(),
+            ) {
+                Some((m, method, name)) => (m, Some((method, name))),
+                None => (msg, None),
+            }
+        } else {
+            (msg, None)
+        };
         let body = bytes::Bytes::from(msg);
         for attempt in 0..2 {
-            let (mut req, generation) = self.request(b, reqwest::Method::POST, is_initialize);
+            let (mut req, generation) = match &modern_headers {
+                Some((method, name)) => (self.modern_request(method, name.as_deref()), 0),
+                None => self.request(b, reqwest::Method::POST, is_initialize),
+            };
             let had_session = req.headers().contains_key(SESSION);
             *req.body_mut() = Some(body.clone().into());
             let resp = match self.client.execute(req).await {
@@ -182,6 +222,15 @@ impl Http {
             }
             if !status.is_success() {
                 let body = resp.text().await.unwrap_or_default();
+                // A JSON-RPC error answering our request (the stateless era answers an
+                // unknown method with 404 and -32601): the caller gets that error.
+                if expect.is_some()
+                    && crate::protocol::Message::parse_str(&body)
+                        .is_ok_and(|m| m.error.is_some() && m.id.is_some())
+                {
+                    b.on_message(body.as_bytes(), related.as_ref());
+                    return Ok(());
+                }
                 let snippet: String = body.chars().take(200).collect();
                 return Err(format!("the server answered HTTP {status}: {snippet}").into());
             }
@@ -268,6 +317,9 @@ impl Http {
     /// receiver fires once the first GET was answered (stream open, refused, or failed), so
     /// the backend is not reported ready while server messages could still be lost.
     pub fn listen(self: Arc<Self>, b: Arc<Backend>) -> tokio::sync::oneshot::Receiver<()> {
+        if b.is_modern() {
+            return self.listen_modern(b);
+        }
         let (opened_tx, opened) = tokio::sync::oneshot::channel();
         let mut opened_tx = Some(opened_tx);
         tokio::spawn(async move {
@@ -319,6 +371,78 @@ impl Http {
                     Ok(r) if r.status() == reqwest::StatusCode::NOT_FOUND => {
                         last_id = None;
                         delay = (delay * 2).min(Duration::from_secs(30));
+                    }
+                    _ => delay = (delay * 2).min(Duration::from_secs(30)),
+                }
+                tokio::select! {
+                    () = tokio::time::sleep(delay) => {},
+                    () = self.closed.cancelled() => return,
+                }
+            }
+        });
+        opened
+    }
+
+    /// A server of the stateless era has no GET stream: a `subscriptions/listen` stream
+    /// carries its list changes (none if it does not offer one).
+    fn listen_modern(self: Arc<Self>, b: Arc<Backend>) -> tokio::sync::oneshot::Receiver<()> {
+        let (opened_tx, opened) = tokio::sync::oneshot::channel();
+        let mut opened_tx = Some(opened_tx);
+        tokio::spawn(async move {
+            let mut delay = Duration::from_millis(500);
+            let mut n = 0u64;
+            while !self.closed.is_cancelled() && b.state() != super::State::Stopped {
+                n += 1;
+                let listen = crate::protocol::request(
+                    &format!("\"relay-listen-{n}\""),
+                    crate::protocol::modern::LISTEN,
+                    Some(&crate::protocol::raw(
+                        r#"{"notifications":{"toolsListChanged":true,"promptsListChanged":true,"resourcesListChanged":true}}"#,
+                    )),
+                );
+                let Some((body, method, _)) =
+                    crate::protocol::modern::attach(&listen, &b.declared_capabilities(), None)
+                else {
+                    return;
+                };
+                let mut req = self.modern_request(&method, None);
+                *req.body_mut() = Some(body.into());
+                let resp = tokio::select! {
+                    r = self.client.execute(req) => r,
+                    () = self.closed.cancelled() => return,
+                };
+                if let Some(tx) = opened_tx.take() {
+                    let _ = tx.send(());
+                }
+                match resp {
+                    Ok(r) if r.status().is_success() => {
+                        delay = Duration::from_millis(500);
+                        let mut events = r.bytes_stream().eventsource();
+                        loop {
+                            let ev = tokio::select! {
+                                e = events.next() => e,
+                                () = self.closed.cancelled() => return,
+                            };
+                            let Some(Ok(ev)) = ev else { break };
+                            let data = ev.data.trim();
+                            // The acknowledgement and answers are not the server's news.
+                            if !data.is_empty()
+                                && !data.contains(crate::protocol::modern::ACKNOWLEDGED)
+                                && crate::protocol::Message::parse_str(data)
+                                    .is_ok_and(|m| m.kind() == crate::protocol::Kind::Notification)
+                            {
+                                b.on_message(data.as_bytes(), None);
+                            }
+                        }
+                    }
+                    // Not offered: the server's lists are read when the relay lists them.
+                    Ok(r)
+                        if r.status() == reqwest::StatusCode::NOT_FOUND
+                            || r.status() == reqwest::StatusCode::METHOD_NOT_ALLOWED
+                            || r.status() == reqwest::StatusCode::BAD_REQUEST =>
+                    {
+                        tracing::debug!(server = %b.name, status = %r.status(), "No subscriptions/listen; list changes are not announced.");
+                        return;
                     }
                     _ => delay = (delay * 2).min(Duration::from_secs(30)),
                 }

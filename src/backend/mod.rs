@@ -625,6 +625,21 @@ impl Backend {
         read(&self.info).clone()
     }
 
+    /// Whether this server is spoken to in the stateless era (2026-07-28).
+    pub fn is_modern(&self) -> bool {
+        protocol::modern::VERSIONS.contains(&read(&self.info).protocol_version.as_str())
+    }
+
+    /// The client capabilities the relay declares to its servers (in `initialize`, or in
+    /// every request's `_meta` for a server of the stateless era).
+    pub(crate) fn declared_capabilities(&self) -> String {
+        self.settings
+            .client_capabilities
+            .borrow()
+            .clone()
+            .unwrap_or_else(|| RELAY_CLIENT_CAPABILITIES.to_owned())
+    }
+
     /// The negotiated protocol version as a header value (none before the handshake).
     pub(crate) fn protocol_version(&self) -> Option<reqwest::header::HeaderValue> {
         let info = read(&self.info);
@@ -809,9 +824,14 @@ impl Backend {
             if closed.is_cancelled() {
                 return None;
             }
+            // The stateless era has no `ping`: `server/discover` is as cheap.
+            let probe = if self.is_modern() {
+                protocol::modern::DISCOVER
+            } else {
+                method::PING
+            };
             let answered = matches!(
-                tokio::time::timeout(policy.health_timeout, self.internal(method::PING, None))
-                    .await,
+                tokio::time::timeout(policy.health_timeout, self.internal(probe, None)).await,
                 Ok(Ok(_))
             );
             if answered {
@@ -904,8 +924,65 @@ impl Backend {
         Ok(conn)
     }
 
-    /// `initialize` + `notifications/initialized`.
+    /// `server/discover` for a server of the stateless era: `Ok(true)` when it speaks
+    /// 2026-07-28 (its answer is recorded as its [`Info`]), `Ok(false)` when it does not.
+    async fn discover(self: &Arc<Self>) -> Result<bool, String> {
+        let reply = match self.internal(protocol::modern::DISCOVER, None).await {
+            Ok(r) => r,
+            Err(e) if self.config.era == crate::config::Era::Modern => {
+                return Err(format!("`server/discover` failed: {e}"));
+            }
+            Err(e) => {
+                tracing::debug!(server = %self.name, error = %e, "No `server/discover`: the handshake era.");
+                return Ok(false);
+            }
+        };
+        let result = RawMap::parse(reply.get()).map_err(|e| format!("bad discover result: {e}"))?;
+        let speaks = result
+            .get("supportedVersions")
+            .and_then(|v| serde_json::from_str::<Vec<String>>(v.get()).ok())
+            .is_some_and(|v| {
+                v.iter()
+                    .any(|x| protocol::modern::VERSIONS.contains(&x.as_str()))
+            });
+        if !speaks {
+            return Ok(false);
+        }
+        // The era puts the server's identity in `_meta` (older drafts: `serverInfo`).
+        let server_info = result
+            .get("_meta")
+            .and_then(|m| RawMap::parse(m.get()).ok())
+            .and_then(|m| {
+                m.get(protocol::modern::META_SERVER_INFO)
+                    .map(|v| protocol::raw(v.get()))
+            })
+            .or_else(|| result.get("serverInfo").map(|c| protocol::raw(c.get())));
+        *write(&self.info) = Info {
+            protocol_version: protocol::modern::VERSIONS[0].to_owned(),
+            capabilities: result.get("capabilities").map(|c| protocol::raw(c.get())),
+            server_info,
+            instructions: result.get_str("instructions"),
+        };
+        Ok(true)
+    }
+
+    /// `initialize` + `notifications/initialized` (or, for a Streamable HTTP server whose
+    /// `era` is `modern` or `auto`, `server/discover` first).
     pub(crate) async fn handshake(self: &Arc<Self>) -> Result<(), String> {
+        if self.config.era != crate::config::Era::Legacy
+            && matches!(self.config.transport, TransportConfig::Http { .. })
+        {
+            if self.discover().await? {
+                tracing::info!(server = %self.name, "Server speaks 2026-07-28: stateless requests.");
+                return Ok(());
+            }
+            if self.config.era == crate::config::Era::Modern {
+                return Err(
+                    "the server does not speak protocol 2026-07-28 (`era: \"modern\"`); use `auto` or `legacy`"
+                        .to_owned(),
+                );
+            }
+        }
         let mut known = self.settings.client_capabilities.clone();
         let capabilities = tokio::select! {
             c = known.wait_for(Option::is_some) => match c {

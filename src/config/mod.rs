@@ -248,6 +248,20 @@ pub struct ServerConfig {
     /// This server's own supervision settings (the `relay` keys of the same names, e.g.
     /// `healthIntervalMs`, in its entry); what it leaves out follows `relay`.
     pub supervision: SupervisionOverrides,
+    /// The protocol era the relay speaks to a Streamable HTTP server (`era`).
+    pub era: Era,
+}
+
+/// `era` of a Streamable HTTP server: the protocol era the relay speaks to it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Era {
+    /// The `initialize` handshake and a session (every server speaks it today).
+    #[default]
+    Legacy,
+    /// Stateless 2026-07-28: `server/discover`, `_meta` and headers on every request.
+    Modern,
+    /// `server/discover` first; the handshake if the server does not speak 2026-07-28.
+    Auto,
 }
 
 /// `isolation` of a stdio server: which clients share one process.
@@ -390,6 +404,7 @@ const SERVER_KEYS: &[&str] = &[
     "required",
     "caFile",
     "isolation",
+    "era",
     "maxInstances",
     "poolSize",
     "idleTimeoutMs",
@@ -757,6 +772,7 @@ impl Validator<'_> {
             }
         };
         let transport_is_stdio = matches!(transport, TransportConfig::Stdio { .. });
+        let transport_is_http = matches!(transport, TransportConfig::Http { .. });
         let max_in_flight = self.opt_usize(map, &at, "maxInFlight", 1).unwrap_or(256);
         let max_queued = self.opt_usize(map, &at, "maxQueued", 0).unwrap_or(1024);
         let retry_on_reconnect = match map.get("retryOnReconnect") {
@@ -783,6 +799,7 @@ impl Validator<'_> {
             ca_file: self.opt_string(map, &at, "caFile").map(PathBuf::from),
             isolation: self.isolation(map, &at, transport_is_stdio),
             supervision: self.supervision(map, &at),
+            era: self.era(map, &at, transport_is_http),
         })
     }
 
@@ -802,6 +819,28 @@ impl Validator<'_> {
                 .opt_uint(map, at, "healthMisses", 1)
                 .map(|v| u32::try_from(v).unwrap_or(u32::MAX)),
         }
+    }
+
+    fn era(&mut self, map: &Map<String, Value>, at: &str, http: bool) -> Era {
+        let era = match self.opt_string(map, at, "era").as_deref() {
+            None | Some("legacy") => Era::Legacy,
+            Some("modern") => Era::Modern,
+            Some("auto") => Era::Auto,
+            Some(other) => {
+                self.problem(
+                    &format!("{at}.era"),
+                    format!("`{other}` is not an era; use \"legacy\", \"modern\" or \"auto\""),
+                );
+                Era::Legacy
+            }
+        };
+        if era != Era::Legacy && !http {
+            self.problem(
+                &format!("{at}.era"),
+                "era applies to Streamable HTTP servers (type http); remove it here".into(),
+            );
+        }
+        era
     }
 
     fn isolation(&mut self, map: &Map<String, Value>, at: &str, stdio: bool) -> Isolation {

@@ -142,6 +142,55 @@ pub fn meta(msg: &Message) -> Result<Meta, MetaError> {
     })
 }
 
+/// A message for a server of this era: `_meta` gets the version, the relay's client
+/// capabilities and identity (and `logLevel` when given); other `_meta` (a progress token)
+/// stays. Also returns the values of `Mcp-Method` and `Mcp-Name`. `None` for a response or
+/// an unparseable message (sent as is).
+pub fn attach(
+    msg: &str,
+    capabilities: &str,
+    log_level: Option<&str>,
+) -> Option<(String, String, Option<String>)> {
+    let m = super::Message::parse_str(msg).ok()?;
+    if m.kind() == super::Kind::Response {
+        return None;
+    }
+    let method = m.method().to_owned();
+    let mut params = m.params_map().unwrap_or_default();
+    let mut meta = params
+        .get("_meta")
+        .and_then(|v| super::RawMap::parse(v.get()).ok())
+        .unwrap_or_default();
+    meta.set_str(META_VERSION, VERSIONS[0]);
+    meta.set_raw(
+        META_CAPABILITIES,
+        super::raw(if capabilities.trim().is_empty() {
+            "{}"
+        } else {
+            capabilities
+        }),
+    );
+    meta.set_raw(
+        META_CLIENT_INFO,
+        super::to_raw(&serde_json::json!({"name": "mcp-relay", "version": crate::version()})),
+    );
+    if let Some(l) = log_level {
+        meta.set_str(META_LOG_LEVEL, l);
+    }
+    params.set_raw("_meta", meta.to_raw());
+    let name = match method.as_str() {
+        super::method::TOOLS_CALL | super::method::PROMPTS_GET => params.get_str("name"),
+        super::method::RESOURCES_READ => params.get_str("uri"),
+        _ => None,
+    };
+    let body = params.to_raw();
+    let out = match m.kind() {
+        super::Kind::Request => super::request(m.id_text(), &method, Some(&body)),
+        _ => super::notification(&method, Some(&body)),
+    };
+    Some((out, method, name))
+}
+
 /// The message with the era's reserved `_meta` keys removed (other `_meta`, such as a
 /// progress token, stays): what a backend of either era receives.
 pub fn strip(mut msg: Message) -> Message {
@@ -296,6 +345,28 @@ mod tests {
         );
         assert_eq!(level_rank("warning"), 3);
         assert!(level_rank("emergency") > level_rank("error"));
+    }
+
+    #[test]
+    fn messages_to_a_modern_server_carry_the_era() -> Result<(), Box<dyn std::error::Error>> {
+        let (out, method, name) = attach(
+            r#"{"jsonrpc":"2.0","id":7,"method":"tools/call","params":{"name":"echo","arguments":{},"_meta":{"progressToken":3}}}"#,
+            r#"{"sampling":{}}"#,
+            Some("warning"),
+        )
+        .ok_or("not attached")?;
+        assert_eq!((method.as_str(), name.as_deref()), ("tools/call", Some("echo")));
+        let v: serde_json::Value = serde_json::from_str(&out)?;
+        let m = &v["params"]["_meta"];
+        assert_eq!(m[META_VERSION], "2026-07-28");
+        assert_eq!(m[META_CAPABILITIES], serde_json::json!({"sampling": {}}));
+        assert_eq!(m[META_LOG_LEVEL], "warning");
+        assert_eq!(m["progressToken"], 3);
+        assert_eq!(m[META_CLIENT_INFO]["name"], "mcp-relay");
+        assert_eq!(v["id"], 7);
+        // A response goes as it is.
+        assert!(attach(r#"{"jsonrpc":"2.0","id":1,"result":{}}"#, "{}", None).is_none());
+        Ok(())
     }
 
     #[test]

@@ -1352,7 +1352,12 @@ impl Relay {
                 let body = params.to_raw();
                 let grant = self.grant(&ctx.session);
                 for b in self.backends() {
-                    if b.state().is_up() && grant.reaches(&b.name) && b.info().has("logging") {
+                    // A server of the stateless era gets the level with each request.
+                    if b.state().is_up()
+                        && grant.reaches(&b.name)
+                        && b.info().has("logging")
+                        && !b.is_modern()
+                    {
                         let r = b
                             .call(
                                 m,

@@ -6,13 +6,21 @@ and mode="auto", which must pick the stateless era now that the relay answers
 
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
+import sys
 import uuid
+from collections.abc import Iterator
+from pathlib import Path
 from typing import Any
 
 import anyio
 import pytest
+from mcp.shared.exceptions import MCPError
 
-from conftest import RelayUnderTest
+from conftest import LogRegistry, RelayUnderTest, http_relay, http_relay_client, write_config
 
 pytestmark = pytest.mark.anyio
 
@@ -65,3 +73,54 @@ async def test_auto_mode_picks_the_stateless_era(relay: RelayUnderTest) -> None:
         assert c.session.protocol_version == MODERN
         r = await c.call_tool("ex__echo", {"message": "auto"})
         assert text_of(r) == "Echo: auto"
+
+
+# --------------------------------------------------------------------------- upstream era
+
+FIXTURE = Path(__file__).resolve().parents[1] / "fixture" / "conformance_server.py"
+
+
+@contextlib.contextmanager
+def dual_era_server() -> Iterator[str]:
+    """The Python SDK fixture (a server of both eras) over Streamable HTTP; its /mcp URL."""
+    proc = subprocess.Popen(
+        [sys.executable, str(FIXTURE), "http", "--port", "0"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline().decode()
+        assert line.startswith("LISTENING "), line
+        yield f"http://127.0.0.1:{int(line.split()[1])}/mcp"
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+@pytest.mark.parametrize("era", ["auto", "modern"])
+async def test_a_server_of_the_stateless_era_is_spoken_to_in_it(
+    tmp_path: Path, logs: LogRegistry, era: str
+) -> None:
+    """`era: auto|modern`: the relay probes `server/discover`, then sends that server
+    stateless requests (`_meta` and headers, no session); clients of both eras use it."""
+    with dual_era_server() as url:
+        config = write_config(tmp_path, {"fx": {"type": "http", "url": url, "era": era}})
+        with http_relay(config, logs) as relay:
+            relay.wait_for_tools(["fx"])
+            async with http_relay_client(relay.url) as legacy, http_relay_client(relay.url, mode=MODERN) as modern:
+                status = await legacy.call_tool("relay__status", {})
+                fx = next(s for s in status.structured_content["servers"] if s["name"] == "fx")
+                assert fx["protocolVersion"] == MODERN, fx
+                assert fx["state"] == "ready", fx
+                for c in (legacy, modern):
+                    names = [t.name for t in (await c.list_tools()).tools]
+                    assert "fx__test_simple_text" in names, names
+                    r = await c.call_tool("fx__test_simple_text", {})
+                    assert text_of(r) == "This is a simple text response for testing.", r
+                # A method the era removed reaches the client as the server's own error.
+                with pytest.raises(MCPError) as e:
+                    await legacy.subscribe_resource("test://static-text")
+                assert e.value.error.code == -32601, e.value
