@@ -26,7 +26,8 @@
 //!    the longest gap between two answers from the signal until the new version answers,
 //!    against the longest gap over the same number of calls just before.
 //! 9. Stateless (`--only stateless`): a 2026-07-28 stateless `tools/call` directly to the
-//!    Python SDK fixture (a server of that era) and through the relay, alternating rounds.
+//!    Python SDK fixture (a server of that era) and through the relay, alternating rounds
+//!    (`BENCH_ERA=legacy|auto`: the era the relay speaks to the fixture; default auto).
 //! 7. Soak (only with `--only soak`): 8 sessions call two stdio servers for 5 minutes while
 //!    one of them is SIGKILLed every 10 s: calls and errors per server, relay RSS and open
 //!    fds at start and end, child processes at the end.
@@ -1264,8 +1265,11 @@ async fn bench_stateless(o: &Opts, root: &Path, dir: &Path) -> Res<()> {
         l.strip_prefix("LISTENING ").map(|p| p.trim().to_owned())
     })?;
     let direct = format!("http://127.0.0.1:{port}/mcp");
+    // `--era legacy|auto`: the era the relay speaks to the fixture (default auto: the
+    // fixture speaks 2026-07-28, so stateless requests go on stateless).
+    let era = std::env::var("BENCH_ERA").unwrap_or_else(|_| "auto".to_owned());
     let (_relay, relayed, _) = start_relay_with(
-        &json!({"mcpServers": {"fx": {"type": "http", "url": direct}}}),
+        &json!({"mcpServers": {"fx": {"type": "http", "url": direct, "era": era}}}),
         dir,
     )?;
     let client = http_client()?;
@@ -1336,7 +1340,7 @@ async fn bench_stateless(o: &Opts, root: &Path, dir: &Path) -> Res<()> {
     let rate: Vec<f64> = rates.into_iter().map(median).collect();
     let p50: Vec<f64> = p50s.into_iter().map(median).collect();
     println!(
-        "\ntools/call of the Python SDK fixture over Streamable HTTP, one at a time, median of {} rounds of {} ms per leg",
+        "\ntools/call of the Python SDK fixture over Streamable HTTP (relay to fixture: era {era}), one at a time, median of {} rounds of {} ms per leg",
         o.rounds,
         o.round.as_millis()
     );

@@ -355,7 +355,10 @@ mod tests {
             Some("warning"),
         )
         .ok_or("not attached")?;
-        assert_eq!((method.as_str(), name.as_deref()), ("tools/call", Some("echo")));
+        assert_eq!(
+            (method.as_str(), name.as_deref()),
+            ("tools/call", Some("echo"))
+        );
         let v: serde_json::Value = serde_json::from_str(&out)?;
         let m = &v["params"]["_meta"];
         assert_eq!(m[META_VERSION], "2026-07-28");
