@@ -158,6 +158,8 @@ async fn connection(relay: Arc<Relay>, stream: tokio::net::UnixStream) {
         let id = req.get("id").cloned().unwrap_or(Value::Null);
         let op = req.get("op").and_then(Value::as_str).unwrap_or_default();
         let args = req.get("arguments").cloned().unwrap_or_else(|| json!({}));
+        // Counted until the answer is written: an upgrade waits for it before it execs.
+        let _busy = relay.control_request();
         let out = match super::run(&relay, op, &args).await {
             Ok(result) => json!({"id": id, "result": result}),
             Err(e) => json!({"id": id, "error": e.to_string()}),

@@ -142,7 +142,8 @@ impl Http {
             expect.is_some() && head.windows(INITIALIZE.len()).any(|w| w == INITIALIZE);
         // A server of the stateless era (or the discover probe) gets `_meta` and headers on
         // every message, and no session.
-        let modern = b.is_modern() || head.windows(DISCOVER.len()).any(|w| w == DISCOVER);
+        let modern = b.is_modern()
+            || (b.is_probing() && head.windows(DISCOVER.len()).any(|w| w == DISCOVER));
         let (msg, modern_headers) = if modern {
             let level = related
                 .as_ref()
@@ -224,9 +225,12 @@ impl Http {
                 let body = resp.text().await.unwrap_or_default();
                 // A JSON-RPC error answering our request (the stateless era answers an
                 // unknown method with 404 and -32601): the caller gets that error.
-                if expect.is_some()
-                    && crate::protocol::Message::parse_str(&body)
-                        .is_ok_and(|m| m.error.is_some() && m.id.is_some())
+                if let Some(want) = expect
+                    && crate::protocol::Message::parse_str(&body).is_ok_and(|m| {
+                        m.error.is_some()
+                            && m.id.as_deref().and_then(|i| i.get().parse::<u64>().ok())
+                                == Some(want)
+                    })
                 {
                     b.on_message(body.as_bytes(), related.as_ref());
                     return Ok(());
@@ -290,6 +294,10 @@ impl Http {
                 }
             }
             let waiting = expect.is_some_and(|id| b.is_pending(id));
+            // The stateless era has no resumption: a broken answer stream is a lost answer.
+            if waiting && b.is_modern() {
+                return Err("the server's answer stream broke off before the answer".to_owned());
+            }
             let Some(from) = last_id.clone().filter(|_| waiting) else {
                 return Ok(());
             };
@@ -391,6 +399,7 @@ impl Http {
         tokio::spawn(async move {
             let mut delay = Duration::from_millis(500);
             let mut n = 0u64;
+            let mut acknowledged = false;
             while !self.closed.is_cancelled() && b.state() != super::State::Stopped {
                 n += 1;
                 let listen = crate::protocol::request(
@@ -416,7 +425,6 @@ impl Http {
                 }
                 match resp {
                     Ok(r) if r.status().is_success() => {
-                        delay = Duration::from_millis(500);
                         let mut events = r.bytes_stream().eventsource();
                         loop {
                             let ev = tokio::select! {
@@ -425,15 +433,32 @@ impl Http {
                             };
                             let Some(Ok(ev)) = ev else { break };
                             let data = ev.data.trim();
-                            // The acknowledgement and answers are not the server's news.
-                            if !data.is_empty()
-                                && !data.contains(crate::protocol::modern::ACKNOWLEDGED)
-                                && crate::protocol::Message::parse_str(data)
-                                    .is_ok_and(|m| m.kind() == crate::protocol::Kind::Notification)
-                            {
+                            let Ok(m) = crate::protocol::Message::parse_str(data) else {
+                                continue;
+                            };
+                            if m.method() == crate::protocol::modern::ACKNOWLEDGED {
+                                delay = Duration::from_millis(500);
+                                // Changes made while no stream was open were not announced.
+                                if acknowledged {
+                                    let b = b.clone();
+                                    tokio::spawn(async move { b.refresh_lists().await });
+                                }
+                                acknowledged = true;
+                            } else if m.kind() == crate::protocol::Kind::Notification {
                                 b.on_message(data.as_bytes(), None);
+                            } else if let Some(e) = m.error.as_deref() {
+                                // Refused: not offered (stop), or for now (back off).
+                                let code = serde_json::from_str::<serde_json::Value>(e.get())
+                                    .ok()
+                                    .and_then(|v| v["code"].as_i64());
+                                if matches!(code, Some(-32601 | -32602)) {
+                                    tracing::debug!(server = %b.name, "subscriptions/listen refused; list changes are not announced.");
+                                    return;
+                                }
+                                break;
                             }
                         }
+                        delay = (delay * 2).min(Duration::from_secs(30));
                     }
                     // Not offered: the server's lists are read when the relay lists them.
                     Ok(r)

@@ -434,6 +434,8 @@ pub struct Backend {
     slots: tokio::sync::Semaphore,
     /// Requests waiting for a slot (at most `maxQueued`).
     queued: std::sync::atomic::AtomicUsize,
+    /// The `server/discover` probe of a connection is out.
+    probing: std::sync::atomic::AtomicBool,
 }
 
 /// Gives a queue place back when a waiting request is served or goes away.
@@ -609,6 +611,7 @@ impl Backend {
             auth_failed: std::sync::atomic::AtomicBool::new(false),
             slots: tokio::sync::Semaphore::new(slots),
             queued: std::sync::atomic::AtomicUsize::new(0),
+            probing: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -625,19 +628,21 @@ impl Backend {
         read(&self.info).clone()
     }
 
+    /// Whether the `server/discover` probe is out (it goes with the era's `_meta`).
+    pub(crate) fn is_probing(&self) -> bool {
+        self.probing.load(Ordering::SeqCst)
+    }
+
     /// Whether this server is spoken to in the stateless era (2026-07-28).
     pub fn is_modern(&self) -> bool {
         protocol::modern::VERSIONS.contains(&read(&self.info).protocol_version.as_str())
     }
 
-    /// The client capabilities the relay declares to its servers (in `initialize`, or in
-    /// every request's `_meta` for a server of the stateless era).
+    /// The client capabilities the relay declares in every request's `_meta` to a server
+    /// of the stateless era: none, until its `input_required` results can be bridged to
+    /// clients (such a server then degrades, or answers -32021, which clients receive).
     pub(crate) fn declared_capabilities(&self) -> String {
-        self.settings
-            .client_capabilities
-            .borrow()
-            .clone()
-            .unwrap_or_else(|| RELAY_CLIENT_CAPABILITIES.to_owned())
+        "{}".to_owned()
     }
 
     /// The negotiated protocol version as a header value (none before the handshake).
@@ -927,14 +932,35 @@ impl Backend {
     /// `server/discover` for a server of the stateless era: `Ok(true)` when it speaks
     /// 2026-07-28 (its answer is recorded as its [`Info`]), `Ok(false)` when it does not.
     async fn discover(self: &Arc<Self>) -> Result<bool, String> {
-        let reply = match self.internal(protocol::modern::DISCOVER, None).await {
-            Ok(r) => r,
-            Err(e) if self.config.era == crate::config::Era::Modern => {
-                return Err(format!("`server/discover` failed: {e}"));
-            }
-            Err(e) => {
+        let limit = self.settings.request_timeout().min(Duration::from_secs(10));
+        self.probing.store(true, Ordering::SeqCst);
+        let probed =
+            tokio::time::timeout(limit, self.internal(protocol::modern::DISCOVER, None)).await;
+        self.probing.store(false, Ordering::SeqCst);
+        let modern_only = self.config.era == crate::config::Era::Modern;
+        let reply = match probed {
+            Ok(Ok(r)) => r,
+            // A JSON-RPC error or an HTTP 4xx is the server's answer: not this era. A
+            // server that does not answer in time is taken for one of the handshake era.
+            Ok(Err(e))
+                if !modern_only
+                    && (e.starts_with("`server/discover` failed")
+                        || e.starts_with("the server answered HTTP 4")) =>
+            {
                 tracing::debug!(server = %self.name, error = %e, "No `server/discover`: the handshake era.");
                 return Ok(false);
+            }
+            Err(_) if !modern_only => {
+                tracing::debug!(server = %self.name, "No answer to `server/discover` in time: the handshake era.");
+                return Ok(false);
+            }
+            // Unreachable (or modern required): the start fails and is retried.
+            Ok(Err(e)) => return Err(format!("`server/discover` failed: {e}")),
+            Err(_) => {
+                return Err(format!(
+                    "no answer to `server/discover` within {} ms",
+                    limit.as_millis()
+                ));
             }
         };
         let result = RawMap::parse(reply.get()).map_err(|e| format!("bad discover result: {e}"))?;
@@ -969,6 +995,8 @@ impl Backend {
     /// `initialize` + `notifications/initialized` (or, for a Streamable HTTP server whose
     /// `era` is `modern` or `auto`, `server/discover` first).
     pub(crate) async fn handshake(self: &Arc<Self>) -> Result<(), String> {
+        // The era is the new connection's: found again below.
+        write(&self.info).protocol_version.clear();
         if self.config.era != crate::config::Era::Legacy
             && matches!(self.config.transport, TransportConfig::Http { .. })
         {
@@ -983,6 +1011,11 @@ impl Backend {
                 );
             }
         }
+        self.initialize().await
+    }
+
+    /// The handshake era's `initialize` + `notifications/initialized`.
+    async fn initialize(self: &Arc<Self>) -> Result<(), String> {
         let mut known = self.settings.client_capabilities.clone();
         let capabilities = tokio::select! {
             c = known.wait_for(Option::is_some) => match c {
@@ -1046,7 +1079,8 @@ impl Backend {
                 return Ok(());
             }
             tracing::info!(server = %me.name, "Backend session expired; re-initializing.");
-            me.handshake().await
+            // The same era as the connection: only the session is new.
+            me.initialize().await
         })
     }
 
@@ -1431,7 +1465,9 @@ impl Backend {
 
     /// Forwards a notification from a client (cancellations excepted).
     pub async fn notify(self: &Arc<Self>, m: &str, params: Option<&RawValue>) {
-        if !self.state().is_up() {
+        // The stateless era has no client notifications to servers (roots changes and the
+        // like come with requests).
+        if !self.state().is_up() || self.is_modern() {
             return;
         }
         if let Err(e) = self
@@ -1455,7 +1491,8 @@ impl Backend {
 
     /// Gives up on a request and tells the server with `notifications/cancelled`.
     async fn abandon(self: &Arc<Self>, id: u64, reason: &str) {
-        if lock(&self.pending).remove(&id).is_some() {
+        // The stateless era cancels by closing the request's stream (dropping its future).
+        if lock(&self.pending).remove(&id).is_some() && !self.is_modern() {
             let params = format!(
                 r#"{{"requestId":{id},"reason":{}}}"#,
                 protocol::raw_string(reason).get()

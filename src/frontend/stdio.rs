@@ -388,7 +388,10 @@ impl Front<'_> {
         // Closed, so `wait` resolves once the tasks in flight are done (reopened below).
         self.tasks.close();
         let drained = loop {
-            if self.tasks.is_empty() && !self.session.awaiting_client() {
+            // Also the control-socket request that asked for this upgrade: its answer is
+            // written before the exec.
+            if self.tasks.is_empty() && !self.session.awaiting_client() && self.relay.control_idle()
+            {
                 break true;
             }
             tokio::select! {

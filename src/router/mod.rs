@@ -66,6 +66,8 @@ pub struct Relay {
     upgrades: Mutex<UpgradeChannel>,
     /// An upgrade is being carried out (requests beyond it are refused).
     upgrading: AtomicBool,
+    /// Control-socket requests being answered (an upgrade lets them finish first).
+    control_busy: Arc<std::sync::atomic::AtomicUsize>,
     /// An HTTP relay that handed (or is handing) its listener to a new process: it only
     /// finishes what its connections still send.
     retiring: AtomicBool,
@@ -212,6 +214,15 @@ impl Drop for EndOnDrop<'_> {
 }
 
 /// What one request produced: a raw result or a ready error response.
+/// A control-socket request in progress (see [`Relay::control_request`]).
+pub struct ControlBusy(Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for ControlBusy {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
+}
+
 /// The upgrade requests' channel: its sender, and its receiver until the front takes it.
 type UpgradeChannel = (
     Option<tokio::sync::mpsc::Sender<crate::upgrade::Request>>,
@@ -305,6 +316,7 @@ impl Relay {
                 (Some(tx), Some(rx))
             }),
             upgrading: AtomicBool::new(false),
+            control_busy: Arc::new(std::sync::atomic::AtomicUsize::new(0)),
             retiring: AtomicBool::new(false),
         });
         {
@@ -369,7 +381,8 @@ impl Relay {
         let Some(b) = self.backend(server) else {
             return;
         };
-        if !b.info().has("resources") || !b.state().is_up() {
+        // The stateless era has no `resources/subscribe`.
+        if !b.info().has("resources") || !b.state().is_up() || b.is_modern() {
             return;
         }
         let uris: std::collections::BTreeSet<String> = self
@@ -407,6 +420,17 @@ impl Relay {
     /// The front takes the upgrade requests (once).
     pub fn serve_upgrades(&self) -> Option<tokio::sync::mpsc::Receiver<crate::upgrade::Request>> {
         lock(&self.upgrades).1.take()
+    }
+
+    /// Counts a control-socket request until the returned guard drops (its answer written).
+    pub fn control_request(&self) -> ControlBusy {
+        self.control_busy.fetch_add(1, Ordering::SeqCst);
+        ControlBusy(self.control_busy.clone())
+    }
+
+    /// Whether no control-socket request is being answered.
+    pub fn control_idle(&self) -> bool {
+        self.control_busy.load(Ordering::SeqCst) == 0
     }
 
     /// Marks (or unmarks, when the hand-over failed) this HTTP relay as retiring.

@@ -522,3 +522,25 @@ fn stdio_serves_both_eras() -> Result {
     assert!(r["result"].get("resultType").is_none(), "{r}");
     Ok(())
 }
+
+/// `era: auto` against a server of the handshake era only (the example server answers a
+/// request without a session with a plain 404): the relay falls back to `initialize`.
+#[test]
+fn era_auto_falls_back_to_the_handshake() -> Result {
+    let dir = tempfile::tempdir()?;
+    let (_web, web) = crate::support::example_http("web")?;
+    let cfg = json!({"mcpServers": {"web": {"type": "http", "url": web, "era": "auto"}}});
+    let (_relay, url) = serve(&cfg, dir.path())?;
+    let mut c = HttpClient::new(&url)?;
+    c.initialize()?;
+    let r = c.call_tool(2, "web__echo", json!({"message": "old"}))?;
+    assert_eq!(text(&r), "Echo: old", "{r}");
+    let s = c.call_tool(3, "relay__status", json!({}))?;
+    let web = s["result"]["structuredContent"]["servers"]
+        .as_array()
+        .and_then(|a| a.iter().find(|s| s["name"] == "web").cloned())
+        .ok_or("no web")?;
+    assert_eq!(web["protocolVersion"], "2025-11-25", "{web}");
+    assert_eq!(web["state"], "ready", "{web}");
+    Ok(())
+}
