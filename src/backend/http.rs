@@ -119,7 +119,9 @@ impl Http {
         if let Ok(v) = HeaderValue::from_str(method) {
             h.insert("mcp-method", v);
         }
-        if let Some(v) = name.and_then(|n| HeaderValue::from_str(n).ok()) {
+        if let Some(v) = name.and_then(|n| {
+            HeaderValue::from_str(&crate::protocol::modern::encode_header_value(n)).ok()
+        }) {
             h.insert("mcp-name", v);
         }
         req

@@ -866,11 +866,14 @@ fn header_mismatch(headers: &HeaderMap, msg: &Message) -> Option<String> {
         _ => return None,
     };
     let want = params.get_str(field)?;
+    // Names that HTTP cannot carry as they are come in the era's base64 sentinel.
     match header_value(headers, "mcp-name") {
         None => Some("missing Mcp-Name header".into()),
-        Some(h) if h != want => Some(format!(
-            "Mcp-Name header `{h}` does not match the body's {field} `{want}`"
-        )),
+        Some(h) if protocol::modern::decode_header_value(h).as_deref() != Some(want.as_str()) => {
+            Some(format!(
+                "Mcp-Name header `{h}` does not match the body's {field} `{want}`"
+            ))
+        }
         Some(_) => None,
     }
 }

@@ -142,6 +142,41 @@ pub fn meta(msg: &Message) -> Result<Meta, MetaError> {
     })
 }
 
+/// A header value as the era sends it: printable ASCII without surrounding whitespace as
+/// is, anything else (non-ASCII names, control characters) in the `=?base64?…?=` sentinel.
+pub fn encode_header_value(v: &str) -> String {
+    use base64::Engine as _;
+    let safe = v.bytes().all(|b| (0x20..=0x7e).contains(&b))
+        && v == v.trim()
+        && !(v.starts_with("=?base64?") && v.ends_with("?="));
+    if safe {
+        v.to_owned()
+    } else {
+        format!(
+            "=?base64?{}?=",
+            base64::engine::general_purpose::STANDARD.encode(v.as_bytes())
+        )
+    }
+}
+
+/// The inverse of [`encode_header_value`]; `None` for a malformed sentinel (bad or
+/// non-canonical base64, bad UTF-8), which then matches no body value.
+pub fn decode_header_value(v: &str) -> Option<String> {
+    use base64::Engine as _;
+    let Some(payload) = v
+        .strip_prefix("=?base64?")
+        .and_then(|p| p.strip_suffix("?="))
+    else {
+        return Some(v.to_owned());
+    };
+    let engine = base64::engine::general_purpose::STANDARD;
+    let bytes = engine.decode(payload).ok()?;
+    if engine.encode(&bytes) != payload {
+        return None;
+    }
+    String::from_utf8(bytes).ok()
+}
+
 /// A message for a server of this era: `_meta` gets the version, the relay's client
 /// capabilities and identity (and `logLevel` when given); other `_meta` (a progress token)
 /// stays. Also returns the values of `Mcp-Method` and `Mcp-Name`. `None` for a response or
@@ -370,6 +405,21 @@ mod tests {
         // A response goes as it is.
         assert!(attach(r#"{"jsonrpc":"2.0","id":1,"result":{}}"#, "{}", None).is_none());
         Ok(())
+    }
+
+    #[test]
+    fn header_values_survive_http() {
+        assert_eq!(encode_header_value("echo"), "echo");
+        let odd = ["résumé", " padded ", "=?base64?eA==?=", "tab\there"];
+        for v in odd {
+            let e = encode_header_value(v);
+            assert!(e.starts_with("=?base64?") && e.is_ascii(), "{e}");
+            assert_eq!(decode_header_value(&e).as_deref(), Some(v));
+        }
+        assert_eq!(decode_header_value("plain").as_deref(), Some("plain"));
+        // Not base64, and non-canonical base64 (padding bits set), are refused.
+        assert_eq!(decode_header_value("=?base64?!!?="), None);
+        assert_eq!(decode_header_value("=?base64?eR==?="), None);
     }
 
     #[test]

@@ -62,7 +62,10 @@ impl Stateless {
             .as_str()
             .or(body["params"]["uri"].as_str());
         if let Some(n) = name {
-            h.insert("mcp-name", n.parse()?);
+            h.insert(
+                "mcp-name",
+                mcp_relay::protocol::modern::encode_header_value(n).parse()?,
+            );
         }
         fix(&mut h);
         Ok(self
@@ -264,6 +267,31 @@ fn stateless_requests_are_refused_clearly() -> Result {
     );
     let (status, frames) = c.call_with(&call, |h| {
         h.remove("mcp-method");
+    })?;
+    assert_eq!(
+        (status, &frames[0]["error"]["code"]),
+        (400, &json!(-32020)),
+        "{frames:?}"
+    );
+    // A name HTTP cannot carry as it is comes base64-wrapped.
+    let accented = request(
+        30,
+        "tools/call",
+        json!({"name": "ex__été", "arguments": {}}),
+        json!({}),
+    );
+    let (status, frames) = c.call_with(&accented, |h| {
+        h.insert(
+            "mcp-name",
+            reqwest::header::HeaderValue::from_static("=?base64?ZXhfX8OpdMOp?="),
+        );
+    })?;
+    assert_ne!(frames[0]["error"]["code"], -32020, "{status} {frames:?}");
+    let (status, frames) = c.call_with(&accented, |h| {
+        h.insert(
+            "mcp-name",
+            reqwest::header::HeaderValue::from_static("=?base64?ZXhfX2V0ZQ==?="),
+        );
     })?;
     assert_eq!(
         (status, &frames[0]["error"]["code"]),
