@@ -152,7 +152,7 @@ impl Http {
                 .and_then(|c| c.session.state().log_level.clone());
             match crate::protocol::modern::attach(
                 &msg,
-                &b.declared_capabilities(),
+                super::MODERN_CLIENT_CAPABILITIES,
                 level.as_deref(),
             ) {
                 Some((m, method, name)) => (m, Some((method, name))),
@@ -346,9 +346,8 @@ impl Http {
                 {
                     h.insert("last-event-id", v);
                 }
-                let resp = tokio::select! {
-                    r = self.client.execute(req) => r,
-                    () = self.closed.cancelled() => return,
+                let Some(resp) = self.unless_closed(self.client.execute(req)).await else {
+                    return;
                 };
                 if let Some(tx) = opened_tx.take() {
                     let _ = tx.send(());
@@ -358,9 +357,8 @@ impl Http {
                         delay = Duration::from_millis(500);
                         let mut events = r.bytes_stream().eventsource();
                         loop {
-                            let ev = tokio::select! {
-                                e = events.next() => e,
-                                () = self.closed.cancelled() => return,
+                            let Some(ev) = self.unless_closed(events.next()).await else {
+                                return;
                             };
                             let Some(Ok(ev)) = ev else { break };
                             if !ev.id.is_empty() {
@@ -384,9 +382,12 @@ impl Http {
                     }
                     _ => delay = (delay * 2).min(Duration::from_secs(30)),
                 }
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {},
-                    () = self.closed.cancelled() => return,
+                if self
+                    .unless_closed(tokio::time::sleep(delay))
+                    .await
+                    .is_none()
+                {
+                    return;
                 }
             }
         });
@@ -411,16 +412,17 @@ impl Http {
                         r#"{"notifications":{"toolsListChanged":true,"promptsListChanged":true,"resourcesListChanged":true}}"#,
                     )),
                 );
-                let Some((body, method, _)) =
-                    crate::protocol::modern::attach(&listen, &b.declared_capabilities(), None)
-                else {
+                let Some((body, method, _)) = crate::protocol::modern::attach(
+                    &listen,
+                    super::MODERN_CLIENT_CAPABILITIES,
+                    None,
+                ) else {
                     return;
                 };
                 let mut req = self.modern_request(&method, None);
                 *req.body_mut() = Some(body.into());
-                let resp = tokio::select! {
-                    r = self.client.execute(req) => r,
-                    () = self.closed.cancelled() => return,
+                let Some(resp) = self.unless_closed(self.client.execute(req)).await else {
+                    return;
                 };
                 if let Some(tx) = opened_tx.take() {
                     let _ = tx.send(());
@@ -429,9 +431,8 @@ impl Http {
                     Ok(r) if r.status().is_success() => {
                         let mut events = r.bytes_stream().eventsource();
                         loop {
-                            let ev = tokio::select! {
-                                e = events.next() => e,
-                                () = self.closed.cancelled() => return,
+                            let Some(ev) = self.unless_closed(events.next()).await else {
+                                return;
                             };
                             let Some(Ok(ev)) = ev else { break };
                             let data = ev.data.trim();
@@ -473,13 +474,24 @@ impl Http {
                     }
                     _ => delay = (delay * 2).min(Duration::from_secs(30)),
                 }
-                tokio::select! {
-                    () = tokio::time::sleep(delay) => {},
-                    () = self.closed.cancelled() => return,
+                if self
+                    .unless_closed(tokio::time::sleep(delay))
+                    .await
+                    .is_none()
+                {
+                    return;
                 }
             }
         });
         opened
+    }
+
+    /// `f`'s output, or `None` once the connection is closed (the listening tasks stop).
+    async fn unless_closed<F: std::future::Future>(&self, f: F) -> Option<F::Output> {
+        tokio::select! {
+            r = f => Some(r),
+            () = self.closed.cancelled() => None,
+        }
     }
 
     /// Ends the session politely (DELETE) and stops the GET stream.

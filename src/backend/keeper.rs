@@ -90,17 +90,10 @@ impl Keeper {
 
     /// Its pipe, duplicated (close-on-exec until the exec itself) for the next image.
     pub fn hand_over(&self) -> Result<Handover, String> {
-        use std::os::fd::IntoRawFd;
         let pipe = crate::sync::lock(&self.pipe);
-        let dup = pipe
-            .as_ref()
-            .ok_or("the keeper is gone")?
-            .try_clone()
+        let fd = crate::upgrade::keep_for_exec(pipe.as_ref().ok_or("the keeper is gone")?)
             .map_err(|e| format!("cannot keep the keeper's pipe: {e}"))?;
-        Ok(Handover {
-            pid: self.pid,
-            fd: dup.into_raw_fd(),
-        })
+        Ok(Handover { pid: self.pid, fd })
     }
 
     /// A stdio server's process group started.

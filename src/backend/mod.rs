@@ -453,6 +453,11 @@ impl Drop for Queued<'_> {
 pub const RELAY_CLIENT_CAPABILITIES: &str =
     r#"{"roots":{"listChanged":true},"sampling":{},"elicitation":{"form":{},"url":{}}}"#;
 
+/// The client capabilities the relay declares in every request's `_meta` to a server of
+/// the stateless era: none, until its `input_required` results can be bridged to clients
+/// (such a server then degrades, or answers -32021, which clients receive).
+pub const MODERN_CLIENT_CAPABILITIES: &str = "{}";
+
 /// The routable client capabilities (roots, sampling, elicitation) of one client, as that
 /// client declared them: what a backend serving only that client may be told.
 pub fn routable_capabilities(client: Option<&RawValue>) -> String {
@@ -636,13 +641,6 @@ impl Backend {
     /// Whether this server is spoken to in the stateless era (2026-07-28).
     pub fn is_modern(&self) -> bool {
         protocol::modern::VERSIONS.contains(&read(&self.info).protocol_version.as_str())
-    }
-
-    /// The client capabilities the relay declares in every request's `_meta` to a server
-    /// of the stateless era: none, until its `input_required` results can be bridged to
-    /// clients (such a server then degrades, or answers -32021, which clients receive).
-    pub(crate) fn declared_capabilities(&self) -> String {
-        "{}".to_owned()
     }
 
     /// The negotiated protocol version as a header value (none before the handshake).

@@ -1068,10 +1068,9 @@ fn bench_upgrade(dir: &Path) -> Res<()> {
             .to_owned())
     };
     let echo = |call: &mut dyn FnMut(&str, Value) -> Res<Value>, i: u64| -> Res<Instant> {
-        let server = if i.is_multiple_of(2) { "a" } else { "b" };
         let r = call(
             "tools/call",
-            json!({"name": format!("{server}__echo"), "arguments": {"message": "x"}}),
+            json!({"name": echo_of(i), "arguments": {"message": "x"}}),
         )?;
         if r.get("result").is_none() {
             return Err(format!("a call failed: {r}").into());
@@ -1116,6 +1115,15 @@ fn bench_upgrade(dir: &Path) -> Res<()> {
     Ok(())
 }
 
+/// The echo tool of server `a` or `b`, by turns (the upgrade parts spread calls over both).
+fn echo_of(id: u64) -> &'static str {
+    if id.is_multiple_of(2) {
+        "a__echo"
+    } else {
+        "b__echo"
+    }
+}
+
 /// Part 8 over HTTP: the longest gap in answered requests while an HTTP relay hands its
 /// listener and sessions to a new process, 10 times; one session, closed loop.
 async fn bench_upgrade_http(dir: &Path) -> Res<()> {
@@ -1148,18 +1156,7 @@ async fn bench_upgrade_http(dir: &Path) -> Res<()> {
         let mut before = vec![Instant::now()];
         for _ in 0..300 {
             id += 1;
-            call(
-                &client,
-                &url,
-                &sid,
-                if id.is_multiple_of(2) {
-                    "a__echo"
-                } else {
-                    "b__echo"
-                },
-                id,
-            )
-            .await?;
+            call(&client, &url, &sid, echo_of(id), id).await?;
             before.push(Instant::now());
         }
         // The request runs beside the calls (its answer comes once the new binary passed
@@ -1174,18 +1171,7 @@ async fn bench_upgrade_http(dir: &Path) -> Res<()> {
         let mut i = 0u64;
         loop {
             id += 1;
-            call(
-                &client,
-                &url,
-                &sid,
-                if id.is_multiple_of(2) {
-                    "a__echo"
-                } else {
-                    "b__echo"
-                },
-                id,
-            )
-            .await?;
+            call(&client, &url, &sid, echo_of(id), id).await?;
             during.push(Instant::now());
             i += 1;
             if i.is_multiple_of(20) {

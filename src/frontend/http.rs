@@ -1564,19 +1564,9 @@ pub async fn serve(
     }
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     let mut upgrades = relay.serve_upgrades();
-    type Checking = std::pin::Pin<
-        Box<
-            dyn std::future::Future<
-                    Output = (
-                        Result<upgrade::Plan, String>,
-                        Option<tokio::sync::oneshot::Sender<Result<String, String>>>,
-                    ),
-                > + Send,
-        >,
-    >;
     type Starting =
         std::pin::Pin<Box<dyn std::future::Future<Output = Result<Successor, String>> + Send>>;
-    let mut checking: Option<Checking> = None;
+    let mut checking: Option<upgrade::Checking> = None;
     let mut starting: Option<Starting> = None;
     'serve: loop {
         let handed = loop {
@@ -1591,56 +1581,30 @@ pub async fn serve(
                     }
                 },
                 Some(req) = async { match upgrades.as_mut() { Some(u) => u.recv().await, None => None } }, if checking.is_none() && starting.is_none() => {
-                    let upgrade::Request { binary, reply } = req;
-                    let preview = upgrade::State {
-                        format: upgrade::FORMAT,
-                        written_by: crate::version(),
-                        generation: upgrade::generation(),
-                        started_from: upgrade::started_from(),
-                        front: upgrade::FrontState::default(),
-                        backends: Vec::new(),
-                        lists: Default::default(),
-                        keeper: None,
-                    };
-                    let config = relay.config().path.clone();
-                    checking = Some(Box::pin(async move {
-                        (upgrade::check(binary, config.as_deref(), &preview).await, reply)
-                    }));
+                    let preview = upgrade::State::new(upgrade::FrontState::default(), upgrade::Carried::default());
+                    checking = Some(req.check(relay.config().path.clone(), preview));
                     continue;
                 }
                 (checked, reply) = async { match checking.as_mut() { Some(c) => c.await, None => std::future::pending().await } } => {
                     checking = None;
-                    let answer = |r: Result<String, String>| {
-                        if let Some(reply) = reply {
-                            let _ = reply.send(r);
-                        }
-                    };
                     let plan = match checked {
                         Ok(p) => p,
                         Err(e) => {
-                            tracing::error!(error = %e, "Upgrade refused; serving on.");
-                            relay.metrics.upgrade("refused");
-                            answer(Err(e));
-                            relay.upgrade_finished();
+                            relay.upgrade_not_done("refused", &e, reply);
                             continue;
                         }
                     };
                     match Successor::spawn(&plan, &listener) {
                         Ok(mut s) => {
                             tracing::info!(to = %plan.version, pid = s.pid(), "New binary checked and started; handing over once it is ready.");
-                            answer(Ok(plan.version.clone()));
+                            upgrade::answer(reply, Ok(plan.version.clone()));
                             let within = relay.config().relay.startup_wait + Duration::from_secs(10);
                             starting = Some(Box::pin(async move {
                                 // Dropped on failure: killed and reaped.
                                 s.ready(within).await.map(|()| s)
                             }));
                         }
-                        Err(e) => {
-                            tracing::error!(error = %e, "Upgrade failed; serving on.");
-                            relay.metrics.upgrade("abandoned");
-                            answer(Err(e));
-                            relay.upgrade_finished();
-                        }
+                        Err(e) => relay.upgrade_not_done("abandoned", &e, reply),
                     }
                     continue;
                 }
@@ -1649,9 +1613,8 @@ pub async fn serve(
                     match r {
                         Ok(s) => break Some(s),
                         Err(e) => {
-                            tracing::error!(error = %e, "Upgrade rolled back: the new process did not become ready; serving on.");
-                            relay.metrics.upgrade("rolled_back");
-                            relay.upgrade_finished();
+                            let why = format!("the new process did not become ready: {e}");
+                            relay.upgrade_not_done("rolled_back", &why, None);
                             continue;
                         }
                     }
@@ -1724,23 +1687,22 @@ pub async fn serve(
             started_from: upgrade::started_from(),
             sessions: front.snapshot(),
         }) {
-            Ok(b) => b,
-            Err(e) => {
-                tracing::error!(error = %e, "Upgrade rolled back: the sessions could not be written; serving on.");
-                drop(successor);
-                relay.set_retiring(false);
-                relay.metrics.upgrade("rolled_back");
-                relay.upgrade_finished();
-                continue 'serve;
-            }
+            Ok(b) => Ok(b),
+            Err(e) => Err(format!("the sessions could not be written: {e}")),
         };
         let pid = successor.pid();
-        if let Err(e) = successor.hand(&sessions, Duration::from_secs(10)).await {
-            tracing::error!(error = %e, "Upgrade rolled back: the new process did not take the sessions over; serving on.");
+        let handed = match sessions {
+            Ok(blob) => successor
+                .hand(&blob, Duration::from_secs(10))
+                .await
+                .map_err(|e| format!("the new process did not take the sessions over: {e}")),
+            Err(e) => Err(e),
+        };
+        if let Err(why) = handed {
+            // Killed and reaped; this process takes its sessions back and accepts again.
             drop(successor);
             relay.set_retiring(false);
-            relay.metrics.upgrade("rolled_back");
-            relay.upgrade_finished();
+            relay.upgrade_not_done("rolled_back", &why, None);
             continue 'serve;
         }
         // Also from here (so NotifyAccess=main works too).

@@ -227,10 +227,7 @@ pub async fn serve_io(
     }
     let mut upgrades = relay.serve_upgrades();
     // A requested upgrade's check runs while the front serves on.
-    type Checking = std::pin::Pin<
-        Box<dyn std::future::Future<Output = (Result<upgrade::Plan, String>, Reply)> + Send>,
-    >;
-    let mut checking: Option<Checking> = None;
+    let mut checking: Option<upgrade::Checking> = None;
     loop {
         tokio::select! {
             r = input.read(&mut chunk) => {
@@ -244,34 +241,28 @@ pub async fn serve_io(
                 }
             }
             Some(req) = async { match upgrades.as_mut() { Some(u) => u.recv().await, None => None } }, if checking.is_none() => {
-                let upgrade::Request { binary, reply } = req;
                 if !upgradable {
-                    let e = "stdin is neither a pipe nor a socket, so bytes read ahead could be lost in an upgrade; refused".to_owned();
-                    tracing::error!(error = %e, "Upgrade refused; serving on.");
-                    answer(reply, Err(e));
-                    relay.upgrade_finished();
+                    relay.upgrade_not_done(
+                        "refused",
+                        "stdin is neither a pipe nor a socket, so bytes read ahead could be lost in an upgrade",
+                        req.reply,
+                    );
                     continue;
                 }
                 let preview = front.state(Vec::new(), Vec::new(), relay.preview_hand_over());
-                let config = relay.config().path.clone();
-                checking = Some(Box::pin(async move {
-                    (upgrade::check(binary, config.as_deref(), &preview).await, reply)
-                }));
+                checking = Some(req.check(relay.config().path.clone(), preview));
             }
             (checked, reply) = async { match checking.as_mut() { Some(c) => c.await, None => std::future::pending().await } } => {
                 checking = None;
                 let plan = match checked {
                     Ok(p) => p,
                     Err(e) => {
-                        tracing::error!(error = %e, "Upgrade refused; serving on.");
-                        relay.metrics.upgrade("refused");
-                        answer(reply, Err(e));
-                        relay.upgrade_finished();
+                        relay.upgrade_not_done("refused", &e, reply);
                         continue;
                     }
                 };
                 tracing::info!(to = %plan.version, "New binary checked; upgrading once the requests in flight have answered.");
-                answer(reply, Ok(plan.version.clone()));
+                upgrade::answer(reply, Ok(plan.version.clone()));
                 let closed = front.upgrade(plan, &mut input, &mut lines, &mut chunk, max).await?;
                 relay.upgrade_finished();
                 if closed {
@@ -293,14 +284,6 @@ pub async fn serve_io(
     drop(session);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(2), writer).await;
     Ok(())
-}
-
-type Reply = Option<oneshot::Sender<Result<String, String>>>;
-
-fn answer(reply: Reply, r: Result<String, String>) {
-    if let Some(reply) = reply {
-        let _ = reply.send(r);
-    }
 }
 
 /// The stdio front's parts that serving a message needs.
@@ -349,23 +332,15 @@ impl Front<'_> {
         partial: Vec<u8>,
         carried: upgrade::Carried,
     ) -> upgrade::State {
-        upgrade::State {
-            format: upgrade::FORMAT,
-            written_by: crate::version(),
-            generation: upgrade::generation(),
-            started_from: upgrade::started_from(),
-            front: FrontState {
-                session_id: self.session.id.clone(),
-                session: self.session.state().clone(),
-                client_next_id: self.session.next_request_id(),
-                held,
-                partial,
-                outgoing: Vec::new(),
-            },
-            backends: carried.backends,
-            lists: carried.lists,
-            keeper: carried.keeper,
-        }
+        let front = FrontState {
+            session_id: self.session.id.clone(),
+            session: self.session.state().clone(),
+            client_next_id: self.session.next_request_id(),
+            held,
+            partial,
+            outgoing: Vec::new(),
+        };
+        upgrade::State::new(front, carried)
     }
 
     /// Carries out a checked upgrade (see [`crate::upgrade`]): let the requests in flight
@@ -430,20 +405,18 @@ impl Front<'_> {
             return Ok(true);
         }
         if !drained {
-            tracing::error!(
-                waited_ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX),
-                "Upgrade abandoned: requests (or listen streams) were still open; serving on."
+            let waited = limit.as_millis();
+            self.relay.upgrade_not_done(
+                "abandoned",
+                &format!("requests (or listen streams) were still open after {waited} ms"),
+                None,
             );
-            self.relay.metrics.upgrade("abandoned");
             resume(held);
             return Ok(false);
         }
         // No config change may start or stop a server from here to the exec.
         let changing = self.relay.changing().await;
-        let abandon = |why: &str| {
-            tracing::error!(error = %why, "Upgrade abandoned; serving on.");
-            self.relay.metrics.upgrade("abandoned");
-        };
+        let abandon = |why: &str| self.relay.upgrade_not_done("abandoned", why, None);
         let carried = match self.relay.hand_over().await {
             Ok(c) => c,
             Err(e) => {

@@ -442,6 +442,15 @@ impl Relay {
         self.retiring.load(Ordering::SeqCst)
     }
 
+    /// An upgrade that did not happen: logged and counted by `outcome` (`refused`,
+    /// `abandoned`, `rolled_back`), told to whoever asked; the next one may start.
+    pub fn upgrade_not_done(&self, outcome: &'static str, why: &str, reply: crate::upgrade::Reply) {
+        tracing::error!(outcome, error = %why, "Upgrade not done; serving on.");
+        self.metrics.upgrade(outcome);
+        crate::upgrade::answer(reply, Err(why.to_owned()));
+        self.upgrade_finished();
+    }
+
     /// The front is done with an upgrade that did not exec (refused or abandoned).
     pub fn upgrade_finished(&self) {
         self.upgrading.store(false, Ordering::SeqCst);

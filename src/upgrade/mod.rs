@@ -76,6 +76,7 @@ pub struct State {
 }
 
 /// What [`crate::router::Relay::hand_over`] gives the next image.
+#[derive(Default)]
 pub struct Carried {
     pub backends: Vec<Adopted>,
     pub lists: std::collections::BTreeMap<String, crate::backend::CarriedLists>,
@@ -101,6 +102,20 @@ pub struct FrontState {
 }
 
 impl State {
+    /// This process's state with `front` and the `carried` servers.
+    pub fn new(front: FrontState, carried: Carried) -> State {
+        State {
+            format: FORMAT,
+            written_by: crate::version(),
+            generation: generation(),
+            started_from: started_from(),
+            front,
+            backends: carried.backends,
+            lists: carried.lists,
+            keeper: carried.keeper,
+        }
+    }
+
     pub fn encode(&self) -> Result<Vec<u8>, String> {
         serde_json::to_vec(self).map_err(|e| format!("cannot write the upgrade state: {e}"))
     }
@@ -134,12 +149,35 @@ impl State {
     }
 }
 
+/// Whoever asked for an upgrade, told once: the new version, or why it is not done.
+pub type Reply = Option<oneshot::Sender<Result<String, String>>>;
+
+/// Tells whoever asked (nobody, for a signal).
+pub fn answer(reply: Reply, r: Result<String, String>) {
+    if let Some(reply) = reply {
+        let _ = reply.send(r);
+    }
+}
+
 /// A request to upgrade (`SIGUSR2`, the `relay__upgrade` tool, `mcp-relay upgrade`).
 pub struct Request {
     /// The new binary; default: the path this relay was started from.
     pub binary: Option<PathBuf>,
     /// The check's outcome: the new version, or why the upgrade is refused.
-    pub reply: Option<oneshot::Sender<Result<String, String>>>,
+    pub reply: Reply,
+}
+
+/// A requested upgrade's check, run beside the front's serving.
+pub type Checking =
+    std::pin::Pin<Box<dyn std::future::Future<Output = (Result<Plan, String>, Reply)> + Send>>;
+
+impl Request {
+    /// Starts checking the new binary on `preview` (a copy of the state without
+    /// descriptors), with the config file `config`.
+    pub fn check(self, config: Option<PathBuf>, preview: State) -> Checking {
+        let Request { binary, reply } = self;
+        Box::pin(async move { (check(binary, config.as_deref(), &preview).await, reply) })
+    }
 }
 
 /// A checked upgrade, ready to execute.
@@ -336,8 +374,8 @@ pub fn inherited_fd(fd: RawFd) -> std::io::Result<OwnedFd> {
 
 /// A close-on-exec duplicate of `fd` for the next image, as a raw descriptor the upgrade
 /// state names ([`exec`] clears close-on-exec at the last moment; [`close`] if abandoned).
-pub fn keep_for_exec(fd: &OwnedFd) -> std::io::Result<RawFd> {
-    Ok(fd.try_clone()?.into_raw_fd())
+pub fn keep_for_exec(fd: &impl std::os::fd::AsFd) -> std::io::Result<RawFd> {
+    Ok(fd.as_fd().try_clone_to_owned()?.into_raw_fd())
 }
 
 /// Closes a descriptor kept for an upgrade that was abandoned.
