@@ -42,7 +42,9 @@ pub enum RpcError {
 impl RpcError {
     pub fn fault(&self) -> Fault {
         match self {
-            RpcError::Backend(backend::Error::Cancelled) => Fault::Client,
+            RpcError::Backend(backend::Error::Cancelled | backend::Error::Input { .. }) => {
+                Fault::Client
+            }
             RpcError::Backend(_) => Fault::Backend,
             _ => Fault::Client,
         }
@@ -63,6 +65,7 @@ impl RpcError {
                 | backend::Error::Busy { .. } => code::BACKEND_UNAVAILABLE,
                 backend::Error::Timeout { .. } => code::REQUEST_TIMEOUT,
                 backend::Error::Cancelled => code::REQUEST_CANCELLED,
+                backend::Error::Input { .. } => code::INVALID_REQUEST,
             },
         }
     }

@@ -131,6 +131,8 @@ pub enum Outcome {
 pub struct Snapshot {
     /// Open sessions by front (`stdio`, `http`).
     pub sessions: Vec<(&'static str, usize)>,
+    /// Stateless calls parked until their client answers an `input_required`.
+    pub input_waiting: usize,
     pub backends: Vec<BackendSnapshot>,
 }
 
@@ -305,6 +307,13 @@ impl Metrics {
                 .set(i64::try_from(*n).unwrap_or(i64::MAX));
         }
         state.register("sessions_active", "Open client sessions by front", sessions);
+        let waiting = Gauge::<i64>::default();
+        waiting.set(i64::try_from(now.input_waiting).unwrap_or(i64::MAX));
+        state.register(
+            "input_required_waiting",
+            "Stateless calls waiting for their client's input (a server request bridged as input_required)",
+            waiting,
+        );
         let up = Family::<ServerLabels, Gauge>::default();
         let ready = Family::<ServerLabels, Gauge>::default();
         let states = Family::<ServerStateLabels, Gauge>::default();
@@ -394,6 +403,7 @@ mod tests {
         let _c = m.connection();
         let text = m.encode(&Snapshot {
             sessions: vec![("http", 2)],
+            input_waiting: 1,
             backends: vec![BackendSnapshot {
                 server: "fs".into(),
                 state: "ready",
@@ -416,6 +426,10 @@ mod tests {
         );
         assert!(text.contains("mcp_relay_http_connections_active 1"));
         assert!(text.contains(r#"mcp_relay_sessions_active{front="http"} 2"#));
+        assert!(
+            text.contains("mcp_relay_input_required_waiting 1"),
+            "{text}"
+        );
         assert!(text.contains(r#"mcp_relay_backend_restarts_total{server="fs"} 3"#));
         assert!(text.contains(r#"mcp_relay_backend_state{server="fs",state="failed"} 0"#));
         assert!(text.contains("mcp_relay_build_info{version="));

@@ -345,9 +345,16 @@ fn server_status(relay: &Relay, name: &str) -> Value {
     if let (Some(pid), Some(o)) = (b.pid(), v.as_object_mut()) {
         o.insert("pid".into(), json!(pid));
     }
-    let version = b.info().protocol_version;
-    if let (false, Some(o)) = (version.is_empty(), v.as_object_mut()) {
-        o.insert("protocolVersion".into(), json!(version));
+    let info = b.info();
+    if let (false, Some(o)) = (info.protocol_version.is_empty(), v.as_object_mut()) {
+        // The eras the relay speaks to it: a dual-era server serves each client in its own.
+        let eras = match (b.is_modern(), info.dual) {
+            (true, _) => json!(["stateless"]),
+            (false, true) => json!(["handshake", "stateless"]),
+            (false, false) => json!(["handshake"]),
+        };
+        o.insert("protocolVersion".into(), json!(info.protocol_version));
+        o.insert("eras".into(), eras);
     }
     v
 }

@@ -138,28 +138,17 @@ impl Http {
     ) -> Result<(), SendError> {
         // The relay's own `initialize` starts a new session; ids are at most 20 digits.
         const INITIALIZE: &[u8] = br#""method":"initialize""#;
-        const DISCOVER: &[u8] = br#""method":"server/discover""#;
         let head = &msg.as_bytes()[..msg.len().min(64)];
         let is_initialize =
             expect.is_some() && head.windows(INITIALIZE.len()).any(|w| w == INITIALIZE);
-        // A server of the stateless era (or the discover probe) gets `_meta` and headers on
-        // every message, and no session.
-        let modern = b.is_modern()
-            || (b.is_probing() && head.windows(DISCOVER.len()).any(|w| w == DISCOVER));
-        let (msg, modern_headers) = if modern {
-            let level = related
-                .as_ref()
-                .and_then(|c| c.session.state().log_level.clone());
-            match crate::protocol::modern::attach(
-                &msg,
-                super::MODERN_CLIENT_CAPABILITIES,
-                level.as_deref(),
-            ) {
+        // A message in the stateless era (or the discover probe) gets `_meta` and headers,
+        // and no session.
+        let (msg, modern_headers) = match b.modern_for(related.as_ref(), &msg) {
+            true => match b.modernize(&msg, related.as_ref()) {
                 Some((m, method, name)) => (m, Some((method, name))),
                 None => (msg, None),
-            }
-        } else {
-            (msg, None)
+            },
+            false => (msg, None),
         };
         let body = bytes::Bytes::from(msg);
         for attempt in 0..2 {
@@ -405,13 +394,7 @@ impl Http {
             let mut acknowledged = false;
             while !self.closed.is_cancelled() && b.state() != super::State::Stopped {
                 n += 1;
-                let listen = crate::protocol::request(
-                    &format!("\"relay-listen-{n}\""),
-                    crate::protocol::modern::LISTEN,
-                    Some(&crate::protocol::raw(
-                        r#"{"notifications":{"toolsListChanged":true,"promptsListChanged":true,"resourcesListChanged":true}}"#,
-                    )),
-                );
+                let listen = b.listen_request(&format!("\"relay-listen-{n}\""));
                 let Some((body, method, _)) = crate::protocol::modern::attach(
                     &listen,
                     super::MODERN_CLIENT_CAPABILITIES,
@@ -430,8 +413,17 @@ impl Http {
                 match resp {
                     Ok(r) if r.status().is_success() => {
                         let mut events = r.bytes_stream().eventsource();
+                        let mut again = false;
                         loop {
-                            let Some(ev) = self.unless_closed(events.next()).await else {
+                            let next = tokio::select! {
+                                ev = self.unless_closed(events.next()) => ev,
+                                // Subscriptions changed: the stream is opened again with them.
+                                () = b.relisten.notified() => {
+                                    again = true;
+                                    break;
+                                }
+                            };
+                            let Some(ev) = next else {
                                 return;
                             };
                             let Some(Ok(ev)) = ev else { break };
@@ -460,6 +452,9 @@ impl Http {
                                 }
                                 break;
                             }
+                        }
+                        if again {
+                            continue;
                         }
                         delay = (delay * 2).min(Duration::from_secs(30));
                     }

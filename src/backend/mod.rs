@@ -9,6 +9,7 @@
 pub mod http;
 pub mod isolation;
 pub mod keeper;
+pub mod mrtr;
 pub mod sse;
 pub mod stdio;
 pub mod tls;
@@ -165,6 +166,15 @@ pub enum Error {
     },
     #[error("the request was cancelled by the client")]
     Cancelled,
+    /// A server's `input_required` could not be bridged to the client.
+    #[error(
+        "server `{server}` needs input for `{method}` that the client could not give: {reason}"
+    )]
+    Input {
+        server: String,
+        method: String,
+        reason: String,
+    },
     #[error(
         "server `{server}` is busy: {in_flight} requests in flight and {queued} waiting (its maxInFlight/maxQueued); retry later"
     )]
@@ -265,6 +275,10 @@ pub struct Info {
     pub capabilities: Option<Box<RawValue>>,
     pub server_info: Option<Box<RawValue>>,
     pub instructions: Option<String>,
+    /// The server speaks both eras on this connection (it answered `server/discover` and
+    /// then `initialize`): each client request goes in its client's era.
+    #[serde(default)]
+    pub dual: bool,
 }
 
 impl Info {
@@ -383,7 +397,15 @@ impl Conn {
         expect: Option<u64>,
     ) -> Result<(), SendError> {
         match self {
-            Conn::Stdio(s) => Ok(s.send(msg)?),
+            Conn::Stdio(s) => {
+                let msg = match b.modern_for(related.as_ref(), &msg) {
+                    true => b
+                        .modernize(&msg, related.as_ref())
+                        .map_or(msg, |(m, _, _)| m),
+                    false => msg,
+                };
+                Ok(s.send(msg)?)
+            }
             Conn::Http(h) => h.send(b, msg, related, expect).await,
             Conn::Sse(s) => Ok(s.send(msg).await?),
             Conn::Ws(w) => Ok(w.send(msg)?),
@@ -436,6 +458,11 @@ pub struct Backend {
     queued: std::sync::atomic::AtomicUsize,
     /// The `server/discover` probe of a connection is out.
     probing: std::sync::atomic::AtomicBool,
+    /// For a server of the stateless era: the resources its `subscriptions/listen` stream
+    /// asks about (the era has no `resources/subscribe`), and the signal to open the stream
+    /// again when they change.
+    listened: Mutex<std::collections::BTreeSet<String>>,
+    pub(crate) relisten: tokio::sync::Notify,
 }
 
 /// Gives a queue place back when a waiting request is served or goes away.
@@ -453,9 +480,9 @@ impl Drop for Queued<'_> {
 pub const RELAY_CLIENT_CAPABILITIES: &str =
     r#"{"roots":{"listChanged":true},"sampling":{},"elicitation":{"form":{},"url":{}}}"#;
 
-/// The client capabilities the relay declares in every request's `_meta` to a server of
-/// the stateless era: none, until its `input_required` results can be bridged to clients
-/// (such a server then degrades, or answers -32021, which clients receive).
+/// The client capabilities the relay declares in `_meta` to a server of the stateless era
+/// for its own requests (lists, probes, listen streams), which no client could answer.
+/// A client's request carries that client's routable capabilities instead.
 pub const MODERN_CLIENT_CAPABILITIES: &str = "{}";
 
 /// The routable client capabilities (roots, sampling, elicitation) of one client, as that
@@ -617,6 +644,8 @@ impl Backend {
             slots: tokio::sync::Semaphore::new(slots),
             queued: std::sync::atomic::AtomicUsize::new(0),
             probing: std::sync::atomic::AtomicBool::new(false),
+            listened: Mutex::new(std::collections::BTreeSet::new()),
+            relisten: tokio::sync::Notify::new(),
         })
     }
 
@@ -638,9 +667,144 @@ impl Backend {
         self.probing.load(Ordering::SeqCst)
     }
 
-    /// Whether this server is spoken to in the stateless era (2026-07-28).
+    /// Whether this server is spoken to in the stateless era (2026-07-28) only.
     pub fn is_modern(&self) -> bool {
         protocol::modern::VERSIONS.contains(&read(&self.info).protocol_version.as_str())
+    }
+
+    /// Whether a message goes to this server in the stateless era: always for a server of
+    /// that era only; for one that speaks both, when the message's client speaks it; and
+    /// the `server/discover` probe.
+    pub(crate) fn modern_for(&self, related: Option<&ReqCtx>, msg: &str) -> bool {
+        const DISCOVER: &[u8] = br#""method":"server/discover""#;
+        {
+            let info = read(&self.info);
+            if protocol::modern::VERSIONS.contains(&info.protocol_version.as_str()) {
+                return true;
+            }
+            if info.dual && related.is_some_and(|c| c.session.is_stateless()) {
+                return true;
+            }
+        }
+        let head = &msg.as_bytes()[..msg.len().min(64)];
+        self.is_probing() && head.windows(DISCOVER.len()).any(|w| w == DISCOVER)
+    }
+
+    /// Whether the server offers resource subscriptions (`resources.subscribe`).
+    pub fn offers_resource_subscriptions(&self) -> bool {
+        read(&self.info)
+            .capabilities
+            .as_deref()
+            .and_then(|c| serde_json::from_str::<serde_json::Value>(c.get()).ok())
+            .is_some_and(|c| {
+                c.pointer("/resources/subscribe") == Some(&serde_json::Value::Bool(true))
+            })
+    }
+
+    /// Subscribes to (or drops) a resource of a server of the stateless era: its
+    /// `subscriptions/listen` stream is opened again with the new set.
+    pub fn listen_resource(&self, uri: &str, on: bool) {
+        let changed = {
+            let mut set = lock(&self.listened);
+            if on {
+                set.insert(uri.to_owned())
+            } else {
+                set.remove(uri)
+            }
+        };
+        if changed {
+            self.relisten.notify_one();
+        }
+    }
+
+    /// Replaces the resources the listen stream asks about (subscriptions renewed).
+    pub fn listen_resources(&self, uris: std::collections::BTreeSet<String>) {
+        let changed = {
+            let mut set = lock(&self.listened);
+            let changed = *set != uris;
+            *set = uris;
+            changed
+        };
+        if changed {
+            self.relisten.notify_one();
+        }
+    }
+
+    /// The `subscriptions/listen` request the relay sends a server of the stateless era:
+    /// every list change, and the resources sessions subscribed to.
+    pub(crate) fn listen_request(&self, id: &str) -> String {
+        let uris: Vec<String> = lock(&self.listened).iter().cloned().collect();
+        let mut filter = serde_json::json!({
+            "toolsListChanged": true,
+            "promptsListChanged": true,
+            "resourcesListChanged": true,
+        });
+        if !uris.is_empty() {
+            filter["resourceSubscriptions"] = uris.into();
+        }
+        protocol::request(
+            id,
+            protocol::modern::LISTEN,
+            Some(&protocol::to_raw(
+                &serde_json::json!({ "notifications": filter }),
+            )),
+        )
+    }
+
+    /// A stdio server of the stateless era: its `subscriptions/listen` request, sent again
+    /// (the previous one cancelled) whenever the subscribed resources change.
+    fn listen_stdio(self: &Arc<Self>, closed: CancellationToken) {
+        let me = self.clone();
+        tokio::spawn(async move {
+            let mut n = 0u64;
+            loop {
+                n += 1;
+                let id = format!("\"relay-listen-{n}\"");
+                if me
+                    .send_raw(me.listen_request(&id), None, None)
+                    .await
+                    .is_err()
+                {
+                    return;
+                }
+                tokio::select! {
+                    () = me.relisten.notified() => {}
+                    () = closed.cancelled() => return,
+                    () = me.stop.cancelled() => return,
+                }
+                let params = format!(r#"{{"requestId":{id},"reason":"subscriptions changed"}}"#);
+                let _ = me
+                    .send_raw(
+                        protocol::notification(method::CANCELLED, Some(&protocol::raw(&params))),
+                        None,
+                        None,
+                    )
+                    .await;
+            }
+        });
+    }
+
+    /// `msg` as a server of the stateless era receives it: `_meta` with the protocol
+    /// version, the capabilities of the request's client that the relay can route (so an
+    /// `input_required` can reach it, or be bridged to it), the relay's identity and the
+    /// session's log level. Also the method and name, for HTTP headers. `None` for a
+    /// response, which goes as it is.
+    pub(crate) fn modernize(
+        &self,
+        msg: &str,
+        related: Option<&ReqCtx>,
+    ) -> Option<(String, String, Option<String>)> {
+        let (level, caps) = match related {
+            Some(c) => {
+                let st = c.session.state();
+                (
+                    st.log_level.clone(),
+                    routable_capabilities(st.client_capabilities.as_deref()),
+                )
+            }
+            None => (None, MODERN_CLIENT_CAPABILITIES.to_owned()),
+        };
+        protocol::modern::attach(msg, &caps, level.as_deref())
     }
 
     /// The negotiated protocol version as a header value (none before the handshake).
@@ -891,9 +1055,13 @@ impl Backend {
         let closed = conn.closed();
         let setup = async {
             self.handshake().await?;
-            if let Conn::Http(h) = &conn {
-                let opened = h.clone().listen(self.clone());
-                let _ = tokio::time::timeout(Duration::from_secs(5), opened).await;
+            match &conn {
+                Conn::Http(h) => {
+                    let opened = h.clone().listen(self.clone());
+                    let _ = tokio::time::timeout(Duration::from_secs(5), opened).await;
+                }
+                Conn::Stdio(_) if self.is_modern() => self.listen_stdio(closed.clone()),
+                _ => {}
             }
             self.refresh_lists().await;
             Ok::<(), String>(())
@@ -986,19 +1154,47 @@ impl Backend {
             capabilities: result.get("capabilities").map(|c| protocol::raw(c.get())),
             server_info,
             instructions: result.get_str("instructions"),
+            dual: false,
         };
         Ok(true)
     }
 
-    /// `initialize` + `notifications/initialized` (or, for a Streamable HTTP server whose
-    /// `era` is `modern` or `auto`, `server/discover` first).
+    /// `initialize` + `notifications/initialized`; for a server whose `era` is `modern` or
+    /// `auto`, `server/discover` first. In `auto`, a Streamable HTTP server that speaks
+    /// 2026-07-28 is also offered `initialize`: one that accepts it speaks both eras, and
+    /// each client's requests then go in that client's era (a stdio connection keeps the
+    /// era of its first message, so a stdio server that answers discover is spoken to in
+    /// the stateless era only).
     pub(crate) async fn handshake(self: &Arc<Self>) -> Result<(), String> {
         // The era is the new connection's: found again below.
-        write(&self.info).protocol_version.clear();
+        {
+            let mut info = write(&self.info);
+            info.protocol_version.clear();
+            info.dual = false;
+        }
         if self.config.era != crate::config::Era::Legacy
-            && matches!(self.config.transport, TransportConfig::Http { .. })
+            && matches!(
+                self.config.transport,
+                TransportConfig::Http { .. } | TransportConfig::Stdio { .. }
+            )
         {
             if self.discover().await? {
+                let http = matches!(self.config.transport, TransportConfig::Http { .. });
+                if self.config.era == crate::config::Era::Auto && http {
+                    // Until it answers, the handshake goes in its own era.
+                    let modern = std::mem::take(&mut *write(&self.info));
+                    match self.initialize().await {
+                        Ok(()) => {
+                            write(&self.info).dual = true;
+                            tracing::info!(server = %self.name, "Server speaks 2026-07-28 and the initialize handshake: each client in its own era.");
+                            return Ok(());
+                        }
+                        Err(e) => {
+                            tracing::debug!(server = %self.name, error = %e, "No initialize beside 2026-07-28: the stateless era only.");
+                            *write(&self.info) = modern;
+                        }
+                    }
+                }
                 tracing::info!(server = %self.name, "Server speaks 2026-07-28: stateless requests.");
                 return Ok(());
             }
@@ -1043,11 +1239,14 @@ impl Backend {
                 "the server answered initialize with protocol version `{version}`, which the relay does not speak"
             ));
         }
+        // A session-expiry re-initialize keeps the connection's era(s).
+        let dual = read(&self.info).dual;
         *write(&self.info) = Info {
             protocol_version: version,
             capabilities: result.get("capabilities").map(|c| protocol::raw(c.get())),
             server_info: result.get("serverInfo").map(|c| protocol::raw(c.get())),
             instructions: result.get_str("instructions"),
+            dual,
         };
         self.send_raw(
             protocol::notification(method::INITIALIZED, None),
@@ -1303,8 +1502,24 @@ impl Backend {
     }
 
     /// Forwards a client request: waits for readiness (bounded), remaps the progress token,
-    /// and waits for the reply under the request timeout and the client's cancellation.
+    /// and waits for the reply under the request timeout and the client's cancellation. A
+    /// server of the stateless era answering `input_required` to a handshake-era client is
+    /// bridged: its input requests go to the client as real requests and the call is sent
+    /// again with the answers (see [`mrtr`]).
     pub async fn call(
+        self: &Arc<Self>,
+        m: &str,
+        params: RawMap,
+        ctx: ReqCtx,
+        cancel: &CancellationToken,
+    ) -> Result<Message, Error> {
+        if !self.is_modern() || ctx.session.is_stateless() || !mrtr::METHODS.contains(&m) {
+            return self.call_once(m, params, ctx, cancel).await;
+        }
+        self.call_bridged(m, params, ctx, cancel).await
+    }
+
+    async fn call_once(
         self: &Arc<Self>,
         m: &str,
         params: RawMap,

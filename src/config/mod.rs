@@ -248,11 +248,11 @@ pub struct ServerConfig {
     /// This server's own supervision settings (the `relay` keys of the same names, e.g.
     /// `healthIntervalMs`, in its entry); what it leaves out follows `relay`.
     pub supervision: SupervisionOverrides,
-    /// The protocol era the relay speaks to a Streamable HTTP server (`era`).
+    /// The protocol era the relay speaks to a stdio or Streamable HTTP server (`era`).
     pub era: Era,
 }
 
-/// `era` of a Streamable HTTP server: the protocol era the relay speaks to it.
+/// `era` of a stdio or Streamable HTTP server: the protocol era the relay speaks to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Era {
     /// The `initialize` handshake and a session (every server speaks it today).
@@ -260,7 +260,8 @@ pub enum Era {
     Legacy,
     /// Stateless 2026-07-28: `server/discover`, `_meta` and headers on every request.
     Modern,
-    /// `server/discover` first; the handshake if the server does not speak 2026-07-28.
+    /// `server/discover` first; the handshake if the server does not speak 2026-07-28
+    /// (and, over HTTP, beside it if the server accepts both: clients keep their era).
     Auto,
 }
 
@@ -772,7 +773,10 @@ impl Validator<'_> {
             }
         };
         let transport_is_stdio = matches!(transport, TransportConfig::Stdio { .. });
-        let transport_is_http = matches!(transport, TransportConfig::Http { .. });
+        let era_applies = matches!(
+            transport,
+            TransportConfig::Http { .. } | TransportConfig::Stdio { .. }
+        );
         let max_in_flight = self.opt_usize(map, &at, "maxInFlight", 1).unwrap_or(256);
         let max_queued = self.opt_usize(map, &at, "maxQueued", 0).unwrap_or(1024);
         let retry_on_reconnect = match map.get("retryOnReconnect") {
@@ -799,7 +803,7 @@ impl Validator<'_> {
             ca_file: self.opt_string(map, &at, "caFile").map(PathBuf::from),
             isolation: self.isolation(map, &at, transport_is_stdio),
             supervision: self.supervision(map, &at),
-            era: self.era(map, &at, transport_is_http),
+            era: self.era(map, &at, era_applies),
         })
     }
 
@@ -837,7 +841,7 @@ impl Validator<'_> {
         if era != Era::Legacy && !http {
             self.problem(
                 &format!("{at}.era"),
-                "era applies to Streamable HTTP servers (type http); remove it here".into(),
+                "era applies to stdio and Streamable HTTP servers; remove it here".into(),
             );
         }
         era

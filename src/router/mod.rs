@@ -5,6 +5,7 @@
 //! and forwards everything else to the owning backend. Frontends call [`Relay::handle`]; the
 //! backends call back through [`backend::Hub`].
 
+mod mrtr;
 mod stateless;
 pub use stateless::{Reply, Status, is_stateless};
 
@@ -78,6 +79,8 @@ pub struct Relay {
     instances: backend::isolation::Instances,
     /// The hub of those processes.
     instance_hub: Arc<dyn backend::Hub>,
+    /// Stateless calls waiting for their client's `input_required` answers.
+    bridge: mrtr::Bridge,
 }
 
 /// What [`Relay::apply`] changed, by server name.
@@ -310,6 +313,7 @@ impl Relay {
                 me.clone(),
             )))),
             declared,
+            bridge: mrtr::Bridge::default(),
             released: Mutex::new(Instant::now()),
             upgrades: Mutex::new({
                 let (tx, rx) = tokio::sync::mpsc::channel(1);
@@ -381,8 +385,7 @@ impl Relay {
         let Some(b) = self.backend(server) else {
             return;
         };
-        // The stateless era has no `resources/subscribe`.
-        if !b.info().has("resources") || !b.state().is_up() || b.is_modern() {
+        if !b.info().has("resources") || !b.state().is_up() {
             return;
         }
         let uris: std::collections::BTreeSet<String> = self
@@ -390,6 +393,15 @@ impl Relay {
             .iter()
             .flat_map(|s| s.state().subscriptions.iter().cloned().collect::<Vec<_>>())
             .collect();
+        // The stateless era has no `resources/subscribe`: its listen stream asks for them.
+        if b.is_modern() {
+            b.listen_resources(
+                uris.into_iter()
+                    .filter(|u| self.resource_owner(u).as_deref() == Some(server))
+                    .collect(),
+            );
+            return;
+        }
         for uri in uris {
             if self.resource_owner(&uri).as_deref() == Some(server) {
                 let mut p = RawMap::default();
@@ -1088,6 +1100,7 @@ impl Relay {
         };
         crate::metrics::Snapshot {
             sessions: vec![(front, self.session_count())],
+            input_waiting: self.bridge.parked(),
             backends: self
                 .backends()
                 .iter()
@@ -1327,6 +1340,12 @@ impl Relay {
                             "unknown resource `{uri}`; no server offers it"
                         ))
                     })?;
+                // A server of the stateless era takes subscriptions on its listen stream.
+                if let Some(b) = self.backend(&owner).filter(|b| b.is_modern())
+                    && m != method::RESOURCES_READ
+                {
+                    return self.subscribe_modern(&b, ctx, m, &uri);
+                }
                 match m {
                     method::RESOURCES_SUBSCRIBE => {
                         // The owner is subscribed once, however many sessions want it.
@@ -1549,6 +1568,34 @@ impl Relay {
         }
     }
 
+    /// `resources/subscribe` or `resources/unsubscribe` of a resource of a server of the
+    /// stateless era: its `subscriptions/listen` stream asks for the resources sessions
+    /// hold (opened again when they change).
+    fn subscribe_modern(
+        &self,
+        b: &Arc<Backend>,
+        ctx: &ReqCtx,
+        m: &str,
+        uri: &str,
+    ) -> Result<Answer, RpcError> {
+        if m == method::RESOURCES_SUBSCRIBE {
+            if !b.offers_resource_subscriptions() {
+                return Err(RpcError::MethodNotFound(format!(
+                    "{m} (server `{}` speaks protocol 2026-07-28 and offers no resource subscriptions)",
+                    b.name
+                )));
+            }
+            ctx.session.state().subscriptions.insert(uri.to_owned());
+            b.listen_resource(uri, true);
+        } else {
+            ctx.session.state().subscriptions.remove(uri);
+            if !self.subscribed_elsewhere(uri) {
+                b.listen_resource(uri, false);
+            }
+        }
+        Ok(Answer::Result(protocol::raw("{}")))
+    }
+
     fn subscribed_elsewhere(&self, uri: &str) -> bool {
         self.live_sessions()
             .iter()
@@ -1560,6 +1607,10 @@ impl Relay {
             return;
         }
         if let Some(owner) = self.resource_owner(uri).and_then(|o| self.backend(&o)) {
+            if owner.is_modern() {
+                owner.listen_resource(uri, false);
+                return;
+            }
             let mut p = RawMap::default();
             p.set_str("uri", uri);
             owner.request_detached(method::RESOURCES_UNSUBSCRIBE, p);

@@ -104,6 +104,14 @@ impl Relay {
         if m == modern::DISCOVER {
             return Some(self.discover(&id, &meta, client).await);
         }
+        if super::mrtr::METHODS.contains(&m.as_str()) {
+            if let Some(state) = super::mrtr::relay_state(&msg) {
+                return Some(self.resume(&id, msg, &state, client, stream).await);
+            }
+            if super::mrtr::can_answer(&meta) {
+                return Some(self.bridged(&id, msg, &meta, client, stream).await);
+            }
+        }
         let (tx, mut rx) = mpsc::unbounded_channel::<String>();
         let session = self.stateless_session(&meta, client, tx.clone());
         // Closes the session however this future ends (the client may go away mid-call).
@@ -135,21 +143,8 @@ impl Relay {
         };
         let missing = session.missing_capability();
         guard.close().await;
-        let answer = answer?;
-        // A server that asked for a capability the client lacks and then failed failed for
-        // that reason; one that coped (e.g. went on without the client's roots) answers.
-        if let Some(cap) = missing.filter(|_| failed(&answer)) {
-            return Some(Reply::error(
-                &id,
-                modern::code::MISSING_CAPABILITY,
-                &format!(
-                    "serving `{m}` needs the client capability `{cap}`, which the request's `_meta` did not declare"
-                ),
-                Some(serde_json::json!({"requiredCapabilities": {cap: {}}})),
-                Status::BadRequest,
-            ));
-        }
-        Some(complete(&id, &m, &answer))
+        answer.as_ref()?;
+        Some(finish(&id, &m, answer, missing))
     }
 
     /// `server/discover`: the versions, merged capabilities and identity the relay serves
@@ -319,7 +314,7 @@ impl Relay {
 
     /// A session for one stateless request (not listed among the relay's sessions: nothing
     /// is broadcast to it).
-    fn stateless_session(
+    pub(super) fn stateless_session(
         &self,
         meta: &modern::Meta,
         client: Option<String>,
@@ -339,13 +334,13 @@ const MAX_RESOURCE_SUBSCRIPTIONS: usize = 64;
 /// Ends a session when dropped, unless disarmed: a front drops the future serving a
 /// stateless request when its client goes away, and the session (its in-flight backend
 /// requests, its `per-session` process) must not outlive it.
-struct CloseOnDrop {
+pub(super) struct CloseOnDrop {
     relay: Arc<Relay>,
     session: Option<Arc<Session>>,
 }
 
 impl CloseOnDrop {
-    fn new(relay: Arc<Relay>, session: Arc<Session>) -> CloseOnDrop {
+    pub(super) fn new(relay: Arc<Relay>, session: Arc<Session>) -> CloseOnDrop {
         CloseOnDrop {
             relay,
             session: Some(session),
@@ -358,7 +353,7 @@ impl CloseOnDrop {
     }
 
     /// Closes the session now, waiting for its subscriptions to be released.
-    async fn close(mut self) {
+    pub(super) async fn close(mut self) {
         if let Some(s) = self.session.take() {
             self.relay.close_session(&s).await;
         }
@@ -381,6 +376,38 @@ impl Drop for CloseOnDrop {
             });
         }
     }
+}
+
+/// The answer to a stateless request, once its call ended: a server that asked for a
+/// capability the client lacks and then failed failed for that reason; one that coped (e.g.
+/// went on without the client's roots) answers.
+pub(super) fn finish(
+    id: &str,
+    m: &str,
+    answer: Option<String>,
+    missing: Option<&'static str>,
+) -> Reply {
+    let Some(answer) = answer else {
+        return Reply::error(
+            id,
+            code::INTERNAL_ERROR,
+            &format!("`{m}` ended without an answer"),
+            None,
+            Status::Ok,
+        );
+    };
+    if let Some(cap) = missing.filter(|_| failed(&answer)) {
+        return Reply::error(
+            id,
+            modern::code::MISSING_CAPABILITY,
+            &format!(
+                "serving `{m}` needs the client capability `{cap}`, which the request's `_meta` did not declare"
+            ),
+            Some(serde_json::json!({"requiredCapabilities": {cap: {}}})),
+            Status::BadRequest,
+        );
+    }
+    complete(id, m, &answer)
 }
 
 /// What `initialize` would have told the session.
@@ -406,7 +433,7 @@ fn failed(answer: &str) -> bool {
 
 /// Whether a related message reaches the client: anything but a log message, and a log
 /// message (`notifications/message`) at or above the request's level (none without one).
-fn log_wanted(msg: &str, floor: Option<u8>) -> bool {
+pub(super) fn log_wanted(msg: &str, floor: Option<u8>) -> bool {
     // Cheap pre-check: most related messages are progress or server requests.
     if !msg.contains(method::MESSAGE) {
         return true;

@@ -149,6 +149,16 @@ impl Grant {
 /// A request the relay sent to the client on a backend's behalf, awaiting its answer.
 type Waiter = oneshot::Sender<Message>;
 
+/// A server request met while serving a stateless request: the relay answers that client
+/// with `input_required` carrying it, and `reply` gets the client's answer from the retry.
+pub struct Ask {
+    pub method: String,
+    pub params: Option<Box<RawValue>>,
+    /// How long the backend is willing to wait (the parked call expires then).
+    pub timeout: Duration,
+    pub reply: oneshot::Sender<Message>,
+}
+
 /// A live session.
 pub struct Session {
     pub id: String,
@@ -163,6 +173,8 @@ pub struct Session {
     /// A capability a server request needed and the client had not declared (stateless
     /// requests answer with `MissingRequiredClientCapability` then).
     missing: Mutex<Option<&'static str>>,
+    /// For a stateless request that may answer `input_required`: where server requests go.
+    asks: Mutex<Option<mpsc::UnboundedSender<Ask>>>,
 }
 
 /// The context of one client request: its session and the stream its related messages use.
@@ -182,9 +194,13 @@ pub enum ClientError {
     #[error("the client session ended before answering `{0}`")]
     Gone(String),
     #[error(
-        "the client speaks the stateless protocol (2026-07-28), which has no server requests; the relay cannot yet turn `{0}` into an input_required result"
+        "the client speaks the stateless protocol (2026-07-28), which has no server requests, and `{0}` came outside a tools/call, prompts/get or resources/read that could carry it as input_required"
     )]
     Stateless(String),
+    #[error(
+        "the client did not retry its request with an answer to `{0}` (input_required) in time"
+    )]
+    Unanswered(String),
 }
 
 impl Session {
@@ -198,6 +214,7 @@ impl Session {
             inflight: Mutex::new(HashMap::new()),
             closed: CancellationToken::new(),
             missing: Mutex::new(None),
+            asks: Mutex::new(None),
         })
     }
 
@@ -222,6 +239,12 @@ impl Session {
     /// Whether this session serves one stateless (2026-07-28) request or listen stream.
     pub fn is_stateless(&self) -> bool {
         protocol::modern::VERSIONS.contains(&self.state().protocol_version.as_str())
+    }
+
+    /// Lets this (stateless) session's server requests become `input_required` results:
+    /// they are sent to `asks` instead of failing.
+    pub fn bridge_to(&self, asks: mpsc::UnboundedSender<Ask>) {
+        *lock(&self.asks) = Some(asks);
     }
 
     /// The capability a server request of this session's request lacked, if any.
@@ -320,7 +343,29 @@ impl Session {
             return Err(ClientError::Unsupported(cap));
         }
         if stateless {
-            return Err(ClientError::Stateless(method.to_owned()));
+            // The client's request may answer `input_required`: the server request travels
+            // in it, and the answer comes with the client's retry (or never: bounded).
+            let Some(asks) = lock(&self.asks).clone() else {
+                return Err(ClientError::Stateless(method.to_owned()));
+            };
+            let (tx, rx) = oneshot::channel();
+            let ask = Ask {
+                method: method.to_owned(),
+                params: params.map(|p| protocol::raw(p.get())),
+                timeout,
+                reply: tx,
+            };
+            if asks.send(ask).is_err() {
+                return Err(ClientError::Gone(method.to_owned()));
+            }
+            return tokio::select! {
+                r = rx => r.map_err(|_| ClientError::Unanswered(method.to_owned())),
+                () = tokio::time::sleep(timeout) => Err(ClientError::Timeout {
+                    method: method.to_owned(),
+                    secs: timeout.as_secs(),
+                }),
+                () = self.closed.cancelled() => Err(ClientError::Gone(method.to_owned())),
+            };
         }
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
