@@ -238,7 +238,8 @@ impl Http {
                         .is_some_and(|t| t.eq_ignore_ascii_case("text/event-stream"))
                 });
             if is_sse {
-                return Ok(self.read_stream(b, resp, related, expect).await?);
+                let modern = modern_headers.is_some();
+                return Ok(self.read_stream(b, resp, related, expect, modern).await?);
             }
             let bytes = resp
                 .bytes()
@@ -262,6 +263,7 @@ impl Http {
         resp: reqwest::Response,
         related: Option<ReqCtx>,
         expect: Option<u64>,
+        modern: bool,
     ) -> Result<(), String> {
         let mut last_id: Option<String> = None;
         let mut retry = Duration::from_millis(1000);
@@ -286,7 +288,7 @@ impl Http {
             }
             let waiting = expect.is_some_and(|id| b.is_pending(id));
             // The stateless era has no resumption: a broken answer stream is a lost answer.
-            if waiting && b.is_modern() {
+            if waiting && modern {
                 return Err("the server's answer stream broke off before the answer".to_owned());
             }
             let Some(from) = last_id.clone().filter(|_| waiting) else {
@@ -446,6 +448,12 @@ impl Http {
                                 let code = serde_json::from_str::<serde_json::Value>(e.get())
                                     .ok()
                                     .and_then(|v| v["code"].as_i64());
+                                // Invalid params with resources asked about: those are the
+                                // likely cause; list changes go on without them.
+                                if code == Some(-32602) && b.drop_listened() {
+                                    delay = Duration::from_millis(500);
+                                    break;
+                                }
                                 if matches!(code, Some(-32601 | -32602)) {
                                     tracing::debug!(server = %b.name, "subscriptions/listen refused; list changes are not announced.");
                                     return;

@@ -202,6 +202,12 @@ pub struct Adopted {
     /// its config still says the same.
     #[serde(default)]
     pub fingerprint: String,
+    /// A server of the stateless era: its open `subscriptions/listen` request (cancelled
+    /// by the next image, which opens its own) and the resources it asks about.
+    #[serde(default)]
+    pub listening: Option<String>,
+    #[serde(default)]
+    pub listened: std::collections::BTreeSet<String>,
 }
 
 /// A digest of how a stdio server is started (command, arguments, environment, directory);
@@ -463,6 +469,8 @@ pub struct Backend {
     /// again when they change.
     listened: Mutex<std::collections::BTreeSet<String>>,
     pub(crate) relisten: tokio::sync::Notify,
+    /// A stdio server of the stateless era: the id of the listen request open on its pipe.
+    listening: Mutex<Option<String>>,
 }
 
 /// Gives a queue place back when a waiting request is served or goes away.
@@ -520,6 +528,8 @@ impl Backend {
         let b = Backend::new(config, settings, hub);
         *write(&b.info) = carried.info;
         *write(&b.lists) = carried.lists.into_lists();
+        *lock(&b.listening) = carried.listening;
+        *lock(&b.listened) = carried.listened;
         // Far past what the previous image used: a late answer to one of its requests
         // (a health ping) can never match a request of this image.
         b.next_id
@@ -603,6 +613,8 @@ impl Backend {
             restarts: self.restarts(),
             lists: CarriedLists::from_lists(&self.lists()),
             fingerprint: launch_fingerprint(&self.config.transport),
+            listening: lock(&self.listening).clone(),
+            listened: lock(&self.listened).clone(),
         }
     }
 
@@ -646,6 +658,7 @@ impl Backend {
             probing: std::sync::atomic::AtomicBool::new(false),
             listened: Mutex::new(std::collections::BTreeSet::new()),
             relisten: tokio::sync::Notify::new(),
+            listening: Mutex::new(None),
         })
     }
 
@@ -683,7 +696,11 @@ impl Backend {
                 return true;
             }
             if info.dual && related.is_some_and(|c| c.session.is_stateless()) {
-                return true;
+                // Methods the stateless era removed (a listen session's resources/subscribe)
+                // and notifications go through the handshake session.
+                return Message::parse_str(msg).is_ok_and(|m| {
+                    m.kind() == Kind::Request && !protocol::modern::REMOVED.contains(&m.method())
+                });
             }
         }
         let head = &msg.as_bytes()[..msg.len().min(64)];
@@ -715,6 +732,17 @@ impl Backend {
         if changed {
             self.relisten.notify_one();
         }
+    }
+
+    /// Forgets the resources the listen stream asks about after the server refused the
+    /// stream with them; false if there were none.
+    pub(crate) fn drop_listened(&self) -> bool {
+        let dropped = std::mem::take(&mut *lock(&self.listened));
+        if dropped.is_empty() {
+            return false;
+        }
+        tracing::warn!(server = %self.name, resources = dropped.len(), "The server refused subscriptions/listen with the subscribed resources; listening without them (their updates are not announced).");
+        true
     }
 
     /// Replaces the resources the listen stream asks about (subscriptions renewed).
@@ -752,14 +780,27 @@ impl Backend {
     }
 
     /// A stdio server of the stateless era: its `subscriptions/listen` request, sent again
-    /// (the previous one cancelled) whenever the subscribed resources change.
+    /// (the previous one cancelled) whenever the subscribed resources change. Ids carry a
+    /// random part, so an image that adopted the server never reuses an open one.
     fn listen_stdio(self: &Arc<Self>, closed: CancellationToken) {
         let me = self.clone();
         tokio::spawn(async move {
+            let nonce: u32 = rand::random();
             let mut n = 0u64;
             loop {
+                let open = lock(&me.listening).take();
+                if let Some(old) = open {
+                    let params =
+                        format!(r#"{{"requestId":{old},"reason":"subscriptions changed"}}"#);
+                    let note =
+                        protocol::notification(method::CANCELLED, Some(&protocol::raw(&params)));
+                    if me.send_raw(note, None, None).await.is_err() {
+                        return;
+                    }
+                }
                 n += 1;
-                let id = format!("\"relay-listen-{n}\"");
+                let id = format!("\"relay-listen-{nonce:08x}-{n}\"");
+                *lock(&me.listening) = Some(id.clone());
                 if me
                     .send_raw(me.listen_request(&id), None, None)
                     .await
@@ -772,14 +813,6 @@ impl Backend {
                     () = closed.cancelled() => return,
                     () = me.stop.cancelled() => return,
                 }
-                let params = format!(r#"{{"requestId":{id},"reason":"subscriptions changed"}}"#);
-                let _ = me
-                    .send_raw(
-                        protocol::notification(method::CANCELLED, Some(&protocol::raw(&params))),
-                        None,
-                        None,
-                    )
-                    .await;
             }
         });
     }
@@ -1090,6 +1123,9 @@ impl Backend {
                     _ => "the connection closed".to_owned(),
                 });
             }
+        }
+        if self.is_modern() && matches!(conn, Conn::Stdio(_)) {
+            self.listen_stdio(closed);
         }
         tracing::info!(server = %self.name, "Backend adopted from the previous relay image.");
         Ok(conn)
@@ -1704,8 +1740,11 @@ impl Backend {
 
     /// Gives up on a request and tells the server with `notifications/cancelled`.
     async fn abandon(self: &Arc<Self>, id: u64, reason: &str) {
-        // The stateless era cancels by closing the request's stream (dropping its future).
-        if lock(&self.pending).remove(&id).is_some() && !self.is_modern() {
+        // The stateless era over HTTP cancels by closing the request's stream (dropping its
+        // future); over stdio, as before, with notifications/cancelled.
+        let by_stream =
+            self.is_modern() && !matches!(read(&self.conn).as_ref(), Some(Conn::Stdio(_)));
+        if lock(&self.pending).remove(&id).is_some() && !by_stream {
             let params = format!(
                 r#"{{"requestId":{id},"reason":{}}}"#,
                 protocol::raw_string(reason).get()

@@ -25,23 +25,32 @@ use tokio::sync::{mpsc, oneshot};
 
 pub use crate::backend::mrtr::METHODS;
 
-/// What starts a `requestState` the relay sealed (others belong to a backend: passed on).
+/// What starts a `requestState` an mcp-relay sealed; the key id after it tells this
+/// process's from another's (a relay behind this one, or the process before an upgrade):
+/// those belong to a backend and pass on untouched.
 const PREFIX: &str = "mcp-relay/1.";
 
 /// Parked calls at most (each holds a backend request open); more are refused.
 const MAX_PARKED: usize = 1024;
+/// Parked calls of one client (authenticated name, or all unauthenticated ones) at most.
+const MAX_PARKED_PER_CLIENT: usize = 256;
 
 /// Calls waiting for their client's retry, and the key that seals their `requestState`.
 pub struct Bridge {
     key: ring::hmac::Key,
+    /// `PREFIX` and this key's id: what starts this process's `requestState`s.
+    mark: String,
     parked: Mutex<HashMap<String, Conversation>>,
 }
 
 impl Default for Bridge {
     fn default() -> Self {
         let secret: [u8; 32] = rand::random();
+        let kid: [u8; 6] = rand::random();
+        let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         Bridge {
             key: ring::hmac::Key::new(ring::hmac::HMAC_SHA256, &secret),
+            mark: format!("{PREFIX}{}.", b64.encode(kid)),
             parked: Mutex::new(HashMap::new()),
         }
     }
@@ -52,9 +61,11 @@ impl Default for Bridge {
 struct Claims {
     /// The parked call's token.
     t: String,
-    /// Method and name (tool, prompt or resource URI) of the call.
+    /// Method and name (tool, prompt or resource URI) of the call, and a digest of its
+    /// other parameters (`arguments`...): a retry must be the same call.
     m: String,
     n: Option<String>,
+    a: String,
     /// The authenticated client, if any.
     c: Option<String>,
     /// Expiry, milliseconds since the epoch.
@@ -62,33 +73,76 @@ struct Claims {
 }
 
 impl Bridge {
-    /// Parked calls, for tests and status.
+    /// Parked calls, for the metrics.
     pub fn parked(&self) -> usize {
         lock(&self.parked).len()
+    }
+
+    /// Whether a `requestState` is this process's to open (it may still fail to).
+    fn owns(&self, state: &str) -> bool {
+        state.starts_with(&self.mark)
     }
 
     fn seal(&self, claims: &Claims) -> String {
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
         let payload = b64.encode(serde_json::to_vec(claims).unwrap_or_default());
         let tag = ring::hmac::sign(&self.key, payload.as_bytes());
-        format!("{PREFIX}{payload}.{}", b64.encode(tag.as_ref()))
+        format!("{}{payload}.{}", self.mark, b64.encode(tag.as_ref()))
     }
 
     fn unseal(&self, state: &str) -> Option<Claims> {
         let b64 = base64::engine::general_purpose::URL_SAFE_NO_PAD;
-        let (payload, tag) = state.strip_prefix(PREFIX)?.split_once('.')?;
+        let (payload, tag) = state.strip_prefix(&self.mark)?.split_once('.')?;
         let tag = b64.decode(tag).ok()?;
         ring::hmac::verify(&self.key, payload.as_bytes(), &tag).ok()?;
         serde_json::from_slice(&b64.decode(payload).ok()?).ok()
     }
 }
 
-/// The relay's `requestState` in a request, if it carries one (a backend's passes on).
-pub fn relay_state(msg: &Message) -> Option<String> {
-    msg.params_map()
-        .ok()?
-        .get_str("requestState")
-        .filter(|s| s.starts_with(PREFIX))
+impl Relay {
+    /// This process's `requestState` in a request, if it carries one (a backend's, or
+    /// another relay's, passes on).
+    pub(super) fn relay_state(&self, msg: &Message) -> Option<String> {
+        msg.params_map()
+            .ok()?
+            .get_str("requestState")
+            .filter(|s| self.bridge.owns(s))
+    }
+}
+
+/// A digest of a call's parameters other than its name, `_meta` and the round's own
+/// `inputResponses` and `requestState` (objects with sorted keys, so a client's
+/// re-serialization does not matter).
+fn digest(msg: &Message) -> String {
+    fn canon(v: serde_json::Value) -> serde_json::Value {
+        match v {
+            serde_json::Value::Object(m) => {
+                let sorted: std::collections::BTreeMap<String, serde_json::Value> =
+                    m.into_iter().map(|(k, v)| (k, canon(v))).collect();
+                serde_json::Value::Object(sorted.into_iter().collect())
+            }
+            serde_json::Value::Array(a) => {
+                serde_json::Value::Array(a.into_iter().map(canon).collect())
+            }
+            other => other,
+        }
+    }
+    let mut rest = std::collections::BTreeMap::new();
+    if let Ok(p) = msg.params_map() {
+        for (k, v) in p.0 {
+            if matches!(
+                k.as_str(),
+                "_meta" | "inputResponses" | "requestState" | "name" | "uri"
+            ) {
+                continue;
+            }
+            let v = serde_json::from_str::<serde_json::Value>(v.get()).unwrap_or_default();
+            rest.insert(k, canon(v));
+        }
+    }
+    let text = serde_json::to_string(&rest).unwrap_or_default();
+    let d = ring::digest::digest(&ring::digest::SHA256, text.as_bytes());
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(&d.as_ref()[..16])
 }
 
 /// Whether a stateless client could answer a server request: it declared one of the
@@ -127,6 +181,7 @@ pub struct Conversation {
     floor: Option<u8>,
     method: String,
     name: Option<String>,
+    args: String,
     client: Option<String>,
     /// Server requests sent to the client and not answered yet, by key.
     pending: Vec<(String, Ask)>,
@@ -156,6 +211,8 @@ enum Event {
 impl Conversation {
     /// Runs the call until it answers or asks for input; related messages go to `stream`.
     async fn step(&mut self, stream: &Outbox) -> Step {
+        // Requests the server stopped waiting for are not asked again.
+        self.pending.retain(|(_, a)| !a.reply.is_closed());
         if !self.pending.is_empty() {
             // The client's retry left some requests unanswered: ask them again.
             return Step::Input;
@@ -239,13 +296,16 @@ impl Conversation {
         }
     }
 
-    /// How long the call may stay parked: the shortest wait of its server requests.
+    /// How long the call may stay parked: until the first of its server requests stops
+    /// waiting.
     fn patience(&self) -> Duration {
         self.pending
             .iter()
-            .map(|(_, a)| a.timeout)
+            .map(|(_, a)| a.deadline)
             .min()
-            .unwrap_or(Duration::from_secs(60))
+            .map_or(Duration::ZERO, |d| {
+                d.saturating_duration_since(tokio::time::Instant::now())
+            })
     }
 }
 
@@ -261,6 +321,7 @@ impl Relay {
     ) -> Reply {
         let m = msg.method().to_owned();
         let name = name_of(&m, &msg);
+        let args = digest(&msg);
         let (tx, related) = mpsc::unbounded_channel::<String>();
         let session = self.stateless_session(meta, client.clone(), tx.clone());
         let (ask_tx, asks) = mpsc::unbounded_channel();
@@ -285,6 +346,7 @@ impl Relay {
             floor: meta.log_level.as_deref().map(modern::level_rank),
             method: m,
             name,
+            args,
             client,
             pending: Vec::new(),
             next_key: 1,
@@ -320,9 +382,13 @@ impl Relay {
                     .into(),
             );
         };
-        if claims.m != m || claims.n != name_of(&m, &msg) || claims.c != client {
+        if claims.m != m
+            || claims.n != name_of(&m, &msg)
+            || claims.a != digest(&msg)
+            || claims.c != client
+        {
             return refuse(
-                "`requestState` belongs to another request (a different method, name or client)"
+                "`requestState` belongs to another request (a different method, name, arguments or client)"
                     .into(),
             );
         }
@@ -358,6 +424,7 @@ impl Relay {
                     t: token.clone(),
                     m: conv.method.clone(),
                     n: conv.name.clone(),
+                    a: conv.args.clone(),
                     c: conv.client.clone(),
                     e: now_ms() + patience.as_millis() as u64,
                 };
@@ -368,13 +435,16 @@ impl Relay {
                 });
                 {
                     let mut parked = lock(&self.bridge.parked);
-                    if parked.len() >= MAX_PARKED {
+                    let mine = parked.values().filter(|c| c.client == conv.client).count();
+                    if parked.len() >= MAX_PARKED || mine >= MAX_PARKED_PER_CLIENT {
                         drop(parked);
+                        // Dropping the conversation cancels the call at its server.
+                        drop(conv);
                         return Reply::error(
                             id,
                             code::INTERNAL_ERROR,
                             &format!(
-                                "mcp-relay holds {MAX_PARKED} calls waiting for their clients' input; retry later"
+                                "mcp-relay holds too many calls waiting for their clients' input (at most {MAX_PARKED}, {MAX_PARKED_PER_CLIENT} per client); answer or abandon those first, then retry"
                             ),
                             None,
                             Status::Ok,
@@ -397,8 +467,9 @@ impl Relay {
                         drop(gone);
                     }
                 });
+                let result = modern::decorate(&protocol::to_raw(&result), &claims.m);
                 Reply {
-                    body: protocol::response(id, &protocol::to_raw(&result)),
+                    body: protocol::response(id, &result),
                     status: Status::Ok,
                 }
             }
@@ -417,17 +488,42 @@ mod tests {
             t: "abc".into(),
             m: "tools/call".into(),
             n: Some("ex__elicit".into()),
+            a: "x".into(),
             c: None,
             e: 42,
         };
         let s = b.seal(&c);
-        assert!(s.starts_with(PREFIX));
+        assert!(s.starts_with(PREFIX) && b.owns(&s));
         assert_eq!(b.unseal(&s), Some(c));
         assert_eq!(b.unseal(&format!("{s}-TAMPERED")), None);
         let (head, tag) = s.rsplit_once('.').unwrap_or_default();
         let forged = format!("{head}x.{tag}");
         assert_eq!(b.unseal(&forged), None);
-        // Another relay (another key) does not accept it either.
-        assert_eq!(Bridge::default().unseal(&s), None);
+        // Another relay (another key) does not take it for its own, nor open it.
+        let other = Bridge::default();
+        assert!(!other.owns(&s));
+        assert_eq!(other.unseal(&s), None);
+    }
+
+    #[test]
+    fn a_retry_must_be_the_same_call() {
+        let call = |p: &str| {
+            Message::parse_str(&format!(
+                r#"{{"jsonrpc":"2.0","id":1,"method":"tools/call","params":{p}}}"#
+            ))
+            .unwrap_or_else(|e| panic!("{e}"))
+        };
+        let first = digest(&call(
+            r#"{"name":"t","arguments":{"a":1,"b":[{"y":2,"x":1}]}}"#,
+        ));
+        // Key order, _meta and the round's own fields do not matter.
+        let retry = digest(&call(
+            r#"{"_meta":{"k":1},"arguments":{"b":[{"x":1,"y":2}],"a":1},"name":"t","inputResponses":{},"requestState":"s"}"#,
+        ));
+        assert_eq!(first, retry);
+        let other = digest(&call(
+            r#"{"name":"t","arguments":{"a":2,"b":[{"y":2,"x":1}]}}"#,
+        ));
+        assert_ne!(first, other);
     }
 }

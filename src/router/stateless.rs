@@ -105,7 +105,7 @@ impl Relay {
             return Some(self.discover(&id, &meta, client).await);
         }
         if super::mrtr::METHODS.contains(&m.as_str()) {
-            if let Some(state) = super::mrtr::relay_state(&msg) {
+            if let Some(state) = self.relay_state(&msg) {
                 return Some(self.resume(&id, msg, &state, client, stream).await);
             }
             if super::mrtr::can_answer(&meta) {

@@ -154,8 +154,8 @@ type Waiter = oneshot::Sender<Message>;
 pub struct Ask {
     pub method: String,
     pub params: Option<Box<RawValue>>,
-    /// How long the backend is willing to wait (the parked call expires then).
-    pub timeout: Duration,
+    /// Until when the backend waits for the answer (the parked call expires then).
+    pub deadline: tokio::time::Instant,
     pub reply: oneshot::Sender<Message>,
 }
 
@@ -344,15 +344,17 @@ impl Session {
         }
         if stateless {
             // The client's request may answer `input_required`: the server request travels
-            // in it, and the answer comes with the client's retry (or never: bounded).
-            let Some(asks) = lock(&self.asks).clone() else {
+            // in it, and the answer comes with the client's retry (or never: bounded). Only
+            // the requests the era can embed.
+            let asks = lock(&self.asks).clone().filter(|_| needed.is_some());
+            let Some(asks) = asks else {
                 return Err(ClientError::Stateless(method.to_owned()));
             };
             let (tx, rx) = oneshot::channel();
             let ask = Ask {
                 method: method.to_owned(),
                 params: params.map(|p| protocol::raw(p.get())),
-                timeout,
+                deadline: tokio::time::Instant::now() + timeout,
                 reply: tx,
             };
             if asks.send(ask).is_err() {
@@ -379,13 +381,24 @@ impl Session {
             lock(&self.waiters).remove(&id);
             return Err(ClientError::Gone(method.to_owned()));
         }
-        tokio::select! {
+        // Given up (a timeout, or the server's call ended and nobody waits any more): the
+        // client is told, and the session does not count the request as waiting.
+        let mut waiting = Waiting {
+            session: self,
+            stream,
+            id,
+            id_json: &id_json,
+        };
+        let r = tokio::select! {
             r = rx => r.map_err(|_| ClientError::Gone(method.to_owned())),
             () = tokio::time::sleep(timeout) => {
-                lock(&self.waiters).remove(&id);
                 Err(ClientError::Timeout { method: method.to_owned(), secs: timeout.as_secs() })
             }
+        };
+        if r.is_ok() {
+            waiting.id = 0;
         }
+        r
     }
 
     /// Delivers a client's response to a waiting server-to-client request.
@@ -401,6 +414,32 @@ impl Session {
             Some(w) => w.send(msg).is_ok(),
             None => false,
         }
+    }
+}
+
+/// A request to the client still waiting for its answer; dropped unanswered, it is taken
+/// back (`notifications/cancelled` to the client).
+struct Waiting<'a> {
+    session: &'a Session,
+    stream: &'a Outbox,
+    /// 0 once answered (relay ids start at 1).
+    id: u64,
+    id_json: &'a str,
+}
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        if self.id == 0 || lock(&self.session.waiters).remove(&self.id).is_none() {
+            return;
+        }
+        let params = format!(
+            r#"{{"requestId":{},"reason":"the server no longer waits for the answer"}}"#,
+            self.id_json
+        );
+        let _ = self.stream.send(protocol::notification(
+            protocol::method::CANCELLED,
+            Some(&protocol::raw(&params)),
+        ));
     }
 }
 

@@ -137,6 +137,10 @@ async def test_a_server_of_the_stateless_era_is_spoken_to_in_it(
                     assert "offers no resource subscriptions" in e.value.error.message, e.value
                 else:
                     await legacy.subscribe_resource("test://watched-resource")
+                    # A stateless listen stream's resource subscription goes through the
+                    # server's handshake session (the stateless era has no subscribe).
+                    async with modern.listen(resource_subscriptions=["test://static-text"]) as sub:
+                        assert list(sub.honored.resource_subscriptions or []) == ["test://static-text"], sub.honored
 
 
 # --------------------------------------------------------------------------- bridges (MRTR)
