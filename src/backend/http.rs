@@ -145,7 +145,14 @@ impl Http {
         // and no session.
         let (msg, modern_headers) = match b.modern_for(related.as_ref(), &msg) {
             true => match b.modernize(&msg, related.as_ref()) {
-                Some((m, method, name)) => (m, Some((method, name))),
+                Some((m, method, name)) => {
+                    // Arguments the tool mirrors into headers (`x-mcp-header`).
+                    let params = match method.as_str() {
+                        crate::protocol::method::TOOLS_CALL => b.param_headers(&m),
+                        _ => Vec::new(),
+                    };
+                    (m, Some((method, name, params)))
+                }
                 None => (msg, None),
             },
             false => (msg, None),
@@ -153,7 +160,18 @@ impl Http {
         let body = bytes::Bytes::from(msg);
         for attempt in 0..2 {
             let (mut req, generation) = match &modern_headers {
-                Some((method, name)) => (self.modern_request(method, name.as_deref()), 0),
+                Some((method, name, params)) => {
+                    let mut req = self.modern_request(method, name.as_deref());
+                    for (h, v) in params {
+                        if let (Ok(h), Ok(v)) = (
+                            reqwest::header::HeaderName::from_bytes(h.as_bytes()),
+                            HeaderValue::from_str(v),
+                        ) {
+                            req.headers_mut().insert(h, v);
+                        }
+                    }
+                    (req, 0)
+                }
                 None => self.request(b, reqwest::Method::POST, is_initialize),
             };
             let had_session = req.headers().contains_key(SESSION);

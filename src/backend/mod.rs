@@ -1318,11 +1318,64 @@ impl Backend {
     }
 
     /// Re-reads every list the server offers and tells the hub.
+    /// A stateless-era server's tools whose `x-mcp-header` annotations are invalid are
+    /// left out (a client must not call them), with a warning naming the tool.
+    fn without_invalid_headers(&self, mut tools: Vec<catalog::Item>) -> Vec<catalog::Item> {
+        if !self.is_modern() {
+            return tools;
+        }
+        tools.retain(|t| {
+            let Ok(v) = serde_json::from_str::<serde_json::Value>(t.raw.get()) else {
+                return true;
+            };
+            match protocol::modern::header_params(&v) {
+                Ok(_) => true,
+                Err(why) => {
+                    tracing::warn!(server = %self.name, tool = %t.key, reason = %why, "Tool left out: invalid x-mcp-header.");
+                    false
+                }
+            }
+        });
+        tools
+    }
+
+    /// The `Mcp-Param-*` headers of a `tools/call` to a stateless-era server.
+    pub(crate) fn param_headers(&self, msg: &str) -> Vec<(String, String)> {
+        let Ok(m) = Message::parse_str(msg) else {
+            return Vec::new();
+        };
+        let Some(params) = m
+            .params
+            .as_deref()
+            .and_then(|p| serde_json::from_str::<serde_json::Value>(p.get()).ok())
+        else {
+            return Vec::new();
+        };
+        let Some(name) = params.get("name").and_then(|n| n.as_str()) else {
+            return Vec::new();
+        };
+        let tool = read(&self.lists)
+            .tools
+            .iter()
+            .find(|t| t.key == name)
+            .and_then(|t| serde_json::from_str::<serde_json::Value>(t.raw.get()).ok());
+        let mirrored = tool
+            .as_ref()
+            .and_then(|t| protocol::modern::header_params(t).ok())
+            .unwrap_or_default();
+        if mirrored.is_empty() {
+            return Vec::new();
+        }
+        let args = params.get("arguments").cloned().unwrap_or_default();
+        protocol::modern::param_headers(&mirrored, &args)
+    }
+
     pub async fn refresh_lists(self: &Arc<Self>) {
         let info = self.info();
         let mut lists = Lists::default();
         if info.has("tools") {
-            lists.tools = self.list_all(method::TOOLS_LIST, "tools", "name").await;
+            let tools = self.list_all(method::TOOLS_LIST, "tools", "name").await;
+            lists.tools = self.without_invalid_headers(tools);
         }
         if info.has("prompts") {
             lists.prompts = self.list_all(method::PROMPTS_LIST, "prompts", "name").await;
@@ -1344,7 +1397,10 @@ impl Backend {
 
     async fn refresh_one(self: &Arc<Self>, which: &str) {
         let items = match which {
-            method::TOOLS_CHANGED => self.list_all(method::TOOLS_LIST, "tools", "name").await,
+            method::TOOLS_CHANGED => {
+                let tools = self.list_all(method::TOOLS_LIST, "tools", "name").await;
+                self.without_invalid_headers(tools)
+            }
             method::PROMPTS_CHANGED => self.list_all(method::PROMPTS_LIST, "prompts", "name").await,
             _ => {
                 self.list_all(method::RESOURCES_LIST, "resources", "uri")

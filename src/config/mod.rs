@@ -255,13 +255,15 @@ pub struct ServerConfig {
 /// `era` of a stdio or Streamable HTTP server: the protocol era the relay speaks to it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub enum Era {
-    /// The `initialize` handshake and a session (every server speaks it today).
+    /// The `initialize` handshake and a session (every server speaks it today; the
+    /// default of SSE and WebSocket servers).
     #[default]
     Legacy,
     /// Stateless 2026-07-28: `server/discover`, `_meta` and headers on every request.
     Modern,
     /// `server/discover` first; the handshake if the server does not speak 2026-07-28
     /// (and, over HTTP, beside it if the server accepts both: clients keep their era).
+    /// The default of stdio and Streamable HTTP servers.
     Auto,
 }
 
@@ -825,8 +827,10 @@ impl Validator<'_> {
         }
     }
 
-    fn era(&mut self, map: &Map<String, Value>, at: &str, http: bool) -> Era {
+    fn era(&mut self, map: &Map<String, Value>, at: &str, applies: bool) -> Era {
         let era = match self.opt_string(map, at, "era").as_deref() {
+            // Found at each connection where the era applies (stdio, Streamable HTTP).
+            None if applies => Era::Auto,
             None | Some("legacy") => Era::Legacy,
             Some("modern") => Era::Modern,
             Some("auto") => Era::Auto,
@@ -838,7 +842,7 @@ impl Validator<'_> {
                 Era::Legacy
             }
         };
-        if era != Era::Legacy && !http {
+        if era != Era::Legacy && !applies {
             self.problem(
                 &format!("{at}.era"),
                 "era applies to stdio and Streamable HTTP servers; remove it here".into(),

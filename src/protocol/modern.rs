@@ -159,6 +159,73 @@ pub fn encode_header_value(v: &str) -> String {
     }
 }
 
+/// The parameters a tool mirrors into `Mcp-Param-{Name}` headers (its input schema's
+/// top-level properties annotated `x-mcp-header`), as (property, header name); `Err` says
+/// why the annotation is invalid, and a client must then not use the tool: a name that is
+/// empty, not visible ASCII, holds a colon or repeats another (case aside), or sits on a
+/// property that is not a string, integer or boolean.
+pub fn header_params(tool: &serde_json::Value) -> Result<Vec<(String, String)>, String> {
+    let mut out: Vec<(String, String)> = Vec::new();
+    let Some(props) = tool
+        .pointer("/inputSchema/properties")
+        .and_then(|p| p.as_object())
+    else {
+        return Ok(out);
+    };
+    for (prop, schema) in props {
+        let Some(h) = schema.get("x-mcp-header") else {
+            continue;
+        };
+        let Some(name) = h.as_str() else {
+            return Err(format!("x-mcp-header of `{prop}` is not a string"));
+        };
+        if name.is_empty() {
+            return Err(format!("x-mcp-header of `{prop}` is empty"));
+        }
+        if !name
+            .bytes()
+            .all(|b| (0x21..=0x7e).contains(&b) && b != b':')
+        {
+            return Err(format!(
+                "x-mcp-header `{name}` of `{prop}` is not visible ASCII without `:`"
+            ));
+        }
+        if !matches!(
+            schema.get("type").and_then(|t| t.as_str()),
+            Some("string" | "integer" | "boolean")
+        ) {
+            return Err(format!(
+                "x-mcp-header `{name}` sits on `{prop}`, which is not a string, integer or boolean"
+            ));
+        }
+        if out.iter().any(|(_, n)| n.eq_ignore_ascii_case(name)) {
+            return Err(format!("x-mcp-header `{name}` is used twice"));
+        }
+        out.push((prop.clone(), name.to_owned()));
+    }
+    Ok(out)
+}
+
+/// The `Mcp-Param-*` headers of a call: each mirrored argument that is present and not
+/// null, strings in the header encoding, numbers and booleans as their JSON text.
+pub fn param_headers(
+    params: &[(String, String)],
+    arguments: &serde_json::Value,
+) -> Vec<(String, String)> {
+    params
+        .iter()
+        .filter_map(|(prop, name)| {
+            let value = match arguments.get(prop)? {
+                serde_json::Value::String(s) => encode_header_value(s),
+                serde_json::Value::Null => return None,
+                v @ (serde_json::Value::Bool(_) | serde_json::Value::Number(_)) => v.to_string(),
+                _ => return None,
+            };
+            Some((format!("mcp-param-{name}"), value))
+        })
+        .collect()
+}
+
 /// The inverse of [`encode_header_value`]; `None` for a malformed sentinel (bad or
 /// non-canonical base64, bad UTF-8), which then matches no body value.
 pub fn decode_header_value(v: &str) -> Option<String> {
@@ -405,6 +472,52 @@ mod tests {
         // A response goes as it is.
         assert!(attach(r#"{"jsonrpc":"2.0","id":1,"result":{}}"#, "{}", None).is_none());
         Ok(())
+    }
+
+    #[test]
+    fn x_mcp_header_annotations_are_checked_and_mirrored() {
+        let tool = |props: serde_json::Value| serde_json::json!({"name": "t", "inputSchema": {"type": "object", "properties": props}});
+        let ok = tool(serde_json::json!({
+            "region": {"type": "string", "x-mcp-header": "Region"},
+            "n": {"type": "integer", "x-mcp-header": "N"},
+            "flag": {"type": "boolean", "x-mcp-header": "Flag"},
+            "q": {"type": "string"}
+        }));
+        let params = header_params(&ok).unwrap_or_else(|e| panic!("{e}"));
+        assert_eq!(params.len(), 3);
+        let headers = param_headers(
+            &params,
+            &serde_json::json!({"region": " Hello, 世界", "n": 42, "flag": false, "q": "x"}),
+        );
+        assert!(
+            headers.contains(&("mcp-param-N".into(), "42".into())),
+            "{headers:?}"
+        );
+        assert!(
+            headers.contains(&("mcp-param-Flag".into(), "false".into())),
+            "{headers:?}"
+        );
+        let region = headers
+            .iter()
+            .find(|(h, _)| h == "mcp-param-Region")
+            .map(|(_, v)| v.clone());
+        assert_eq!(
+            region.as_deref().and_then(decode_header_value).as_deref(),
+            Some(" Hello, 世界")
+        );
+        // Null or absent: no header.
+        assert!(param_headers(&params, &serde_json::json!({"region": null})).is_empty());
+        for bad in [
+            serde_json::json!({"v": {"type": "string", "x-mcp-header": ""}}),
+            serde_json::json!({"v": {"type": "number", "x-mcp-header": "V"}}),
+            serde_json::json!({"v": {"type": "object", "x-mcp-header": "V"}}),
+            serde_json::json!({"v": {"type": "string", "x-mcp-header": "My V"}}),
+            serde_json::json!({"v": {"type": "string", "x-mcp-header": "A:B"}}),
+            serde_json::json!({"v": {"type": "string", "x-mcp-header": "Région"}}),
+            serde_json::json!({"a": {"type": "string", "x-mcp-header": "X"}, "b": {"type": "string", "x-mcp-header": "x"}}),
+        ] {
+            assert!(header_params(&tool(bad.clone())).is_err(), "{bad}");
+        }
     }
 
     #[test]

@@ -17,6 +17,12 @@ driver then:
    * sse-retry: list tools, call `test_reconnection` (the scenario closes the POST SSE stream
      after a priming event with `retry: 500`; the relay must reconnect with GET +
      Last-Event-ID after ~500 ms and pick the answer up from that stream).
+   2026 suite (0.2.x):
+   * sep-2322-client-request-state: a stateless-only server answers input_required; the
+     relay bridges it for this handshake-era client (real elicitation requests) and retries;
+   * request-metadata, http-standard-headers, http-custom-headers, http-invalid-tool-headers:
+     the relay speaks only the stateless era to the scenario server (`era: modern`); the
+     driver calls what the scenario's MCP_CONFORMANCE_CONTEXT names (else every tool).
 
 Exit 0 when the downstream side saw what it expected, 1 otherwise (the CLI counts a
 non-zero exit as a failure of the scenario). Diagnostics go to stderr (the CLI saves them as
@@ -119,8 +125,47 @@ async def scenario(session: ClientSession, name: str) -> None:
             not r.is_error and "Reconnection test completed successfully" in text_of(r),
             "test_reconnection answered after the reconnection",
         )
+    elif name == "sep-2322-client-request-state":
+        # A server of the stateless era only: its input_required results reach this
+        # handshake-era client as real elicitation requests (the relay's bridge), and the
+        # scenario server checks how the relay retries.
+        names = await list_tool_names(session)
+        for tool, want in [
+            ("test_mrtr_echo_state", "echo-state-ok"),
+            ("test_mrtr_unrelated", "unrelated-ok"),
+            ("test_mrtr_no_state", None),
+            ("test_mrtr_no_result_type", "no-result-type-test-ok"),
+        ]:
+            expect(tool in names, f"{tool} is listed")
+            r = await call(session, tool, {})
+            expect(not r.is_error and (want is None or want in text_of(r)), f"{tool} completed")
+    elif name in GENERIC:
+        # The scenario server checks what reaches it (headers, _meta): list, then call the
+        # calls the scenario's context names (else every tool), read every resource and get
+        # every prompt it offers.
+        context = json.loads(os.environ.get("MCP_CONFORMANCE_CONTEXT") or "{}")
+        names = await list_tool_names(session)
+        calls = context.get("toolCalls") or [{"name": t, "arguments": {}} for t in names]
+        for c in calls:
+            expect(c["name"] in names, f"{c['name']} is listed")
+            await call(session, c["name"], c.get("arguments") or {})
+        for r in (await session.list_resources()).resources:
+            await session.read_resource(r.uri)
+        for p in (await session.list_prompts()).prompts:
+            await session.get_prompt(p.name, {})
     else:
         raise Failure(f"unknown scenario {name!r}")
+
+
+GENERIC = {
+    "request-metadata",
+    "http-standard-headers",
+    "http-custom-headers",
+    "http-invalid-tool-headers",
+}
+# Scenario servers that check every POST for the stateless era's _meta and headers: the
+# relay is told to speak only that era to them (`auto` would also offer initialize).
+ERA: dict[str, dict[str, str]] = {n: {"era": "modern"} for n in GENERIC}
 
 
 async def run(url: str, name: str) -> None:
@@ -138,7 +183,7 @@ async def run_in(tmp: Path, url: str, name: str) -> None:
     cfg.write_text(
         json.dumps(
             {
-                "mcpServers": {"scenario": {"type": "http", "url": url, "prefix": ""}},
+                "mcpServers": {"scenario": {"type": "http", "url": url, "prefix": "", **ERA.get(name, {})}},
                 "relay": {"startupWaitMs": 10000},
             }
         )
