@@ -208,6 +208,9 @@ pub struct Adopted {
     pub listening: Option<String>,
     #[serde(default)]
     pub listened: std::collections::BTreeSet<String>,
+    /// Client requests waiting for its answers.
+    #[serde(default)]
+    pub calls: Vec<CarriedCall>,
 }
 
 /// A digest of how a stdio server is started (command, arguments, environment, directory);
@@ -350,7 +353,36 @@ struct Pending {
     ctx: Option<ReqCtx>,
     /// The client's own progress token, restored on the way back.
     progress: Option<Box<RawValue>>,
+    /// A client request whose answer is the server's, unchanged (see [`CarriedCall`]):
+    /// its method and deadline.
+    call: Option<(String, tokio::time::Instant)>,
 }
+
+/// A client's request still waiting for a stdio server's answer when an in-place upgrade
+/// executes the next image, which answers it: the server's answer goes to the client
+/// as it is, under the client's id (only calls whose answer the relay passes on unchanged:
+/// `tools/call` without a task, `prompts/get`, `resources/read`).
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CarriedCall {
+    /// The id the relay gave it toward the server.
+    pub id: u64,
+    /// The client's id (raw JSON) and the session it belongs to.
+    pub request: String,
+    pub session: String,
+    pub method: String,
+    /// The client's progress token (raw JSON), if it asked for progress.
+    pub progress: Option<Box<RawValue>>,
+    /// What is left of its `requestTimeoutMs`.
+    pub remaining_ms: u64,
+}
+
+/// Methods whose answer the relay passes on as the server gave it.
+const CARRYABLE: &[&str] = &[
+    method::TOOLS_CALL,
+    method::PROMPTS_GET,
+    method::RESOURCES_READ,
+];
 
 /// A live connection, one variant per transport.
 #[derive(Clone)]
@@ -471,6 +503,9 @@ pub struct Backend {
     pub(crate) relisten: tokio::sync::Notify,
     /// A stdio server of the stateless era: the id of the listen request open on its pipe.
     listening: Mutex<Option<String>>,
+    /// In an upgraded image: calls the previous image carried, until the session resumes
+    /// them.
+    carried_calls: Mutex<Vec<(CarriedCall, oneshot::Receiver<Reply>)>>,
 }
 
 /// Gives a queue place back when a waiting request is served or goes away.
@@ -530,6 +565,7 @@ impl Backend {
         *write(&b.lists) = carried.lists.into_lists();
         *lock(&b.listening) = carried.listening;
         *lock(&b.listened) = carried.listened;
+        b.expect_calls(carried.calls);
         // Far past what the previous image used: a late answer to one of its requests
         // (a health ping) can never match a request of this image.
         b.next_id
@@ -615,6 +651,159 @@ impl Backend {
             fingerprint: launch_fingerprint(&self.config.transport),
             listening: lock(&self.listening).clone(),
             listened: lock(&self.listened).clone(),
+            calls: self.calls_in_flight(),
+        }
+    }
+
+    /// The client requests of handshake-era sessions waiting for this server's answer
+    /// (a stateless request's answer is completed for its era by the relay: not carried).
+    fn calls_in_flight(&self) -> Vec<CarriedCall> {
+        let now = tokio::time::Instant::now();
+        lock(&self.pending)
+            .iter()
+            .filter_map(|(id, p)| {
+                let (method, deadline) = p.call.as_ref()?;
+                let ctx = p.ctx.as_ref()?;
+                if ctx.session.is_stateless() {
+                    return None;
+                }
+                Some(CarriedCall {
+                    id: *id,
+                    request: ctx.request.as_deref()?.to_owned(),
+                    session: ctx.session.id.clone(),
+                    method: method.clone(),
+                    progress: p.progress.as_deref().map(|t| protocol::raw(t.get())),
+                    remaining_ms: u64::try_from(
+                        deadline.saturating_duration_since(now).as_millis(),
+                    )
+                    .unwrap_or(u64::MAX),
+                })
+            })
+            .collect()
+    }
+
+    /// How many requests of `session` wait for this stdio server's answer and could be
+    /// carried across an in-place upgrade.
+    pub fn carryable(&self, session: &str) -> usize {
+        if !self.has_process() {
+            return 0;
+        }
+        lock(&self.pending)
+            .values()
+            .filter(|p| {
+                p.call.is_some()
+                    && p.ctx
+                        .as_ref()
+                        .is_some_and(|c| c.session.id == session && c.request.is_some())
+            })
+            .count()
+    }
+
+    /// In the next image: the carried calls' answers are awaited (registered before the
+    /// server's output is read, so none is missed) until [`Backend::resume_calls`] takes
+    /// them over for the restored session.
+    fn expect_calls(&self, calls: Vec<CarriedCall>) {
+        let mut waiting = Vec::new();
+        {
+            let mut pending = lock(&self.pending);
+            for c in calls {
+                let (tx, rx) = oneshot::channel();
+                let deadline = tokio::time::Instant::now() + Duration::from_millis(c.remaining_ms);
+                pending.insert(
+                    c.id,
+                    Pending {
+                        tx,
+                        ctx: None,
+                        progress: c.progress.as_deref().map(|t| protocol::raw(t.get())),
+                        call: Some((c.method.clone(), deadline)),
+                    },
+                );
+                waiting.push((c, rx));
+            }
+        }
+        *lock(&self.carried_calls) = waiting;
+    }
+
+    /// The restored session takes over the carried calls: each gets its answer (the
+    /// server's, or an error at its deadline) under the client's id, progress on the way,
+    /// and the client's cancellation reaches the server.
+    pub fn resume_calls(
+        self: &Arc<Self>,
+        session: &Arc<crate::session::Session>,
+        stream: &crate::session::Outbox,
+        tasks: &tokio_util::task::TaskTracker,
+    ) {
+        let calls = std::mem::take(&mut *lock(&self.carried_calls));
+        for (c, rx) in calls {
+            if c.session != session.id {
+                lock(&self.pending).remove(&c.id);
+                continue;
+            }
+            let request: Arc<str> = Arc::from(c.request.as_str());
+            let ctx = ReqCtx {
+                session: session.clone(),
+                stream: stream.clone(),
+                request: Some(request.clone()),
+            };
+            let deadline = match lock(&self.pending).get_mut(&c.id) {
+                Some(p) => {
+                    p.ctx = Some(ctx);
+                    p.call.as_ref().map(|(_, d)| *d)
+                }
+                // Answered before the session was back: the answer waits in `rx`.
+                None => None,
+            };
+            let deadline = deadline.unwrap_or_else(tokio::time::Instant::now);
+            let cancel = session.begin(&c.request);
+            let me = self.clone();
+            let session = session.clone();
+            let stream = stream.clone();
+            tasks.spawn(async move {
+                let id = c.id;
+                let answer = tokio::select! {
+                    biased;
+                    r = rx => match r {
+                        Ok(Ok(m)) => Ok(m),
+                        Ok(Err(reason)) => Err(Error::Lost {
+                            server: me.name.clone(),
+                            method: c.method.clone(),
+                            reason,
+                        }),
+                        Err(_) => Err(Error::Lost {
+                            server: me.name.clone(),
+                            method: c.method.clone(),
+                            reason: "the connection closed".to_owned(),
+                        }),
+                    },
+                    () = tokio::time::sleep_until(deadline) => {
+                        me.abandon(id, "request timed out in the relay").await;
+                        Err(Error::Timeout {
+                            server: me.name.clone(),
+                            method: c.method.clone(),
+                            ms: me.settings.request_timeout().as_millis(),
+                        })
+                    }
+                    () = cancel.cancelled() => {
+                        me.abandon(id, "cancelled by the client").await;
+                        Err(Error::Cancelled)
+                    }
+                };
+                session.end(&c.request);
+                let out = match answer {
+                    Ok(reply) => match (reply.result, reply.error) {
+                        (Some(r), _) => {
+                            let r =
+                                crate::tasks::namespace(&me.name, &r, crate::tasks::Shape::Other)
+                                    .map_or(r, |(r, _)| r);
+                            protocol::response(&request, &r)
+                        }
+                        (None, Some(e)) => protocol::error_response_raw(&request, &e),
+                        (None, None) => protocol::response(&request, &protocol::raw("{}")),
+                    },
+                    Err(e) => crate::error::RpcError::from(e).to_response(&request),
+                };
+                let _ = stream.send(out);
+            });
         }
     }
 
@@ -659,6 +848,7 @@ impl Backend {
             listened: Mutex::new(std::collections::BTreeSet::new()),
             relisten: tokio::sync::Notify::new(),
             listening: Mutex::new(None),
+            carried_calls: Mutex::new(Vec::new()),
         })
     }
 
@@ -1513,9 +1703,26 @@ impl Backend {
             }
             p.to_raw()
         });
+        // A client request whose answer passes on unchanged can be carried across an
+        // in-place upgrade (handshake-era servers: a stateless one's may need bridging).
+        let call = (ctx.as_ref().is_some_and(|c| c.request.is_some())
+            && CARRYABLE.contains(&m)
+            && !self.is_modern()
+            && !body
+                .as_deref()
+                .is_some_and(|b| RawMap::parse(b.get()).is_ok_and(|p| p.get("task").is_some())))
+        .then(|| (m.to_owned(), deadline));
         let (tx, rx) = oneshot::channel();
         let related = ctx.clone();
-        lock(&self.pending).insert(id, Pending { tx, ctx, progress });
+        lock(&self.pending).insert(
+            id,
+            Pending {
+                tx,
+                ctx,
+                progress,
+                call,
+            },
+        );
         let mut guard = AbandonOnDrop(Some((self.clone(), id)));
         let msg = protocol::request(&id.to_string(), m, body.as_deref());
         let wait = async {

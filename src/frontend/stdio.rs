@@ -212,6 +212,8 @@ pub async fn serve_io(
     };
     let mut chunk = vec![0u8; 64 * 1024];
     let tasks = tokio_util::task::TaskTracker::new();
+    // Requests the previous image carried are answered here.
+    relay.resume_calls(&session, &tx, &tasks);
     let open = Open::default();
     let front = Front {
         relay: &relay,
@@ -365,8 +367,14 @@ impl Front<'_> {
         let drained = loop {
             // Also the control-socket request that asked for this upgrade: its answer is
             // written before the exec.
-            if self.tasks.is_empty() && !self.session.awaiting_client() && self.relay.control_idle()
-            {
+            // Requests that only wait for a stdio server's answer are carried: the next
+            // image answers them.
+            let waiting = self.tasks.len()
+                - self
+                    .relay
+                    .carryable_calls(&self.session.id)
+                    .min(self.tasks.len());
+            if waiting == 0 && !self.session.awaiting_client() && self.relay.control_idle() {
                 break true;
             }
             tokio::select! {

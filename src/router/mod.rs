@@ -571,6 +571,25 @@ impl Relay {
 
     /// What [`Relay::hand_over`] would carry, without descriptors: the state a new binary
     /// checks before the upgrade starts.
+    /// How many of `session`'s requests wait for a stdio server's answer and would be
+    /// carried by an in-place upgrade (answered by the next image).
+    pub fn carryable_calls(&self, session: &str) -> usize {
+        self.backends().iter().map(|b| b.carryable(session)).sum()
+    }
+
+    /// In an upgraded image: the restored session takes over the requests the previous
+    /// image carried (see [`Backend::resume_calls`]).
+    pub fn resume_calls(
+        &self,
+        session: &Arc<Session>,
+        stream: &Outbox,
+        tasks: &tokio_util::task::TaskTracker,
+    ) {
+        for b in self.backends() {
+            b.resume_calls(session, stream, tasks);
+        }
+    }
+
     pub fn preview_hand_over(&self) -> crate::upgrade::Carried {
         let mut backends = Vec::new();
         let mut lists = std::collections::BTreeMap::new();
@@ -1182,6 +1201,7 @@ impl Relay {
                 let ctx = ReqCtx {
                     session: session.clone(),
                     stream,
+                    request: Some(Arc::from(id.as_str())),
                 };
                 let label = crate::metrics::method_label(msg.method());
                 // Every log line of the request carries its number and session.

@@ -182,6 +182,8 @@ pub struct Session {
 pub struct ReqCtx {
     pub session: Arc<Session>,
     pub stream: Outbox,
+    /// The client's request id (raw JSON), for a context of one client request.
+    pub request: Option<Arc<str>>,
 }
 
 /// Why a request to the client failed.
@@ -233,6 +235,7 @@ impl Session {
         ReqCtx {
             session: self.clone(),
             stream: self.outbox.clone(),
+            request: None,
         }
     }
 

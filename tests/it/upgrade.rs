@@ -3,7 +3,7 @@
 //! client keeps calling tools.
 
 use crate::support::{
-    Result, StdioClient, example, example_http, poll, relay_bin, runtime_dir, text,
+    Result, StdioClient, example, example_http, is_response, poll, relay_bin, runtime_dir, text,
 };
 use serde_json::{Value, json};
 use std::collections::BTreeMap;
@@ -292,6 +292,89 @@ fn stdio_relay_upgrades_in_place_under_load() -> Result {
         pipes(*fresh)?,
         pipes(*a)?,
         "pipes of a server started after the upgrades"
+    );
+    Ok(())
+}
+
+#[test]
+fn an_upgrade_carries_calls_in_flight_to_a_stdio_server() -> Result {
+    let dir = tempfile::tempdir()?;
+    let builds = tempfile::tempdir()?;
+    let bin = dir.path().join("mcp-relay");
+    install(&relay_bin(), &bin)?;
+    let cfg = json!({"mcpServers": {"a": example("a")}});
+    let mut c = StdioClient::start_from(dir, cfg, &bin, &[], Stdio::null())?;
+    c.initialize(json!({}))?;
+    let relay_pid = i64::from(c.proc.child.id());
+    let servers = pids(&status(&mut c, 10)?);
+    // Two long calls (60 steps of 100 ms), one with progress; both running at the exec.
+    let slow = |id: u64, token: Option<&str>| {
+        let mut params = json!({"name": "a__slow", "arguments": {"steps": 60, "ms": 100}});
+        if let Some(t) = token {
+            params["_meta"] = json!({"progressToken": t});
+        }
+        json!({"jsonrpc": "2.0", "id": id, "method": "tools/call", "params": params})
+    };
+    c.send(&slow(20, Some("long")))?;
+    c.send(&slow(21, None))?;
+    let is_progress = |l: &str| l.contains("notifications/progress") && l.contains("\"long\"");
+    let mut before = Vec::new();
+    c.recv_until(is_progress, &mut before)?;
+    install(&build(builds.path(), "v2")?, &bin)?;
+    sigusr2(&c)?;
+    poll("the exec", || {
+        let exe = std::fs::read_link(format!("/proc/{relay_pid}/exe"))?;
+        Ok(if exe.to_string_lossy().ends_with("(deleted)") {
+            Err(exe.display().to_string())
+        } else {
+            Ok(())
+        })
+    })?;
+    // The new image answers at once while the calls run on: they were carried, not waited
+    // for (a relay that waited would have answered them before its exec).
+    c.send(&json!({"jsonrpc": "2.0", "id": 22, "method": "ping"}))?;
+    let mut seen = Vec::new();
+    let first = c.recv_until(
+        |l| [20, 21, 22].iter().any(|i| is_response(l, &json!(i))),
+        &mut seen,
+    )?;
+    assert!(
+        is_response(&first, &json!(22)),
+        "a long call was answered before the exec: {first}"
+    );
+    // The client's cancellation reaches a carried call.
+    c.send(
+        &json!({"jsonrpc": "2.0", "method": "notifications/cancelled",
+        "params": {"requestId": 21, "reason": "test"}}),
+    )?;
+    let cancelled = c.recv_until(|l| is_response(l, &json!(21)), &mut seen)?;
+    assert!(cancelled.contains("-32800"), "{cancelled}");
+    // Progress goes on from the new image under the client's token, then the answer.
+    let done = c.recv_until(|l| is_response(l, &json!(20)), &mut seen)?;
+    let v: Value = serde_json::from_str(&done)?;
+    assert_eq!(text(&v), "done after 60 steps", "{done}");
+    assert!(
+        seen.iter().any(|l| is_progress(l)),
+        "no progress after the exec: {seen:?}"
+    );
+    assert!(
+        !seen
+            .iter()
+            .any(|l| l.contains("error") || l.contains("list_changed")),
+        "{seen:?}"
+    );
+    let mut id = 30;
+    wait_version(&mut c, &mut id, &version("v2"))?;
+    let now = status(&mut c, id + 1)?;
+    assert_eq!(now["pid"], relay_pid, "same process");
+    assert_eq!(pids(&now), servers, "the stdio server was adopted");
+    // Still serving calls afterwards.
+    let r = c.call_tool(40, "a__echo", json!({"message": "after"}))?;
+    assert_eq!(text(&r), "Echo: after");
+    assert_eq!(
+        zombies(relay_pid)?,
+        Vec::<i64>::new(),
+        "no unreaped children"
     );
     Ok(())
 }
