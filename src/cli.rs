@@ -387,7 +387,11 @@ fn run(
                 Ok((st, keeper))
             });
             match restored {
-                Ok(r) => carried = Some(r),
+                Ok(r) => {
+                    // From here to reading the client, a panic returns to the previous binary.
+                    inherited.arm_panic_rollback();
+                    carried = Some(r);
+                }
                 Err(e) => {
                     let e = inherited.roll_back(&e);
                     eprintln!("mcp-relay: upgrade failed: {e}");
@@ -429,6 +433,11 @@ fn run(
             None => (None, None),
         };
         let relay = Relay::start_with(cfg, front, restored.as_ref().map(|st| (st, keeper)));
+        if restored.is_some()
+            && let Some(e) = crate::upgrade::panic_hook()
+        {
+            panic!("{e}");
+        }
         let shutdown = CancellationToken::new();
         spawn_signal_handler(shutdown.clone(), relay.clone());
         if let Some(st) = &restored {
@@ -490,7 +499,11 @@ fn run(
                 }
             }
             None => tokio::select! {
-                r = frontend::stdio::serve(relay.clone(), restored) => r.map_err(|e| format!("stdio failed: {e}")),
+                r = async {
+                    // Taken over: this image reads its client now.
+                    crate::upgrade::disarm_panic_rollback();
+                    frontend::stdio::serve(relay.clone(), restored).await
+                } => r.map_err(|e| format!("stdio failed: {e}")),
                 () = shutdown.cancelled() => Ok(()),
             },
         };

@@ -384,6 +384,10 @@ const CARRYABLE: &[&str] = &[
     method::RESOURCES_READ,
 ];
 
+/// A call is carried only with this much of its timeout left: the old image's own timeout
+/// must not fire between the hand-over and the exec (the output flush takes up to 5 s).
+const CARRY_MARGIN: Duration = Duration::from_secs(12);
+
 /// A live connection, one variant per transport.
 #[derive(Clone)]
 pub(crate) enum Conn {
@@ -582,6 +586,17 @@ impl Backend {
             }
             Err(e) => {
                 tracing::error!(server = %b.name, error = %e, "Cannot adopt the handed-over server; starting it afresh.");
+                // The calls it carried cannot be answered: they fail at once.
+                let carried: Vec<u64> = lock(&b.carried_calls).iter().map(|(c, _)| c.id).collect();
+                let mut pending = lock(&b.pending);
+                for id in carried {
+                    if let Some(p) = pending.remove(&id) {
+                        let _ = p.tx.send(Err(format!(
+                            "the upgraded relay could not adopt the server: {e}"
+                        )));
+                    }
+                }
+                drop(pending);
                 stdio::stop_adopted(pid, b.settings.keeper.clone());
                 None
             }
@@ -688,10 +703,13 @@ impl Backend {
         if !self.has_process() {
             return 0;
         }
+        let soon = tokio::time::Instant::now() + CARRY_MARGIN;
         lock(&self.pending)
             .values()
             .filter(|p| {
-                p.call.is_some()
+                p.call
+                    .as_ref()
+                    .is_some_and(|(_, deadline)| *deadline > soon)
                     && p.ctx
                         .as_ref()
                         .is_some_and(|c| c.session.id == session && c.request.is_some())

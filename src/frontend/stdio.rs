@@ -356,6 +356,7 @@ impl Front<'_> {
         chunk: &mut [u8],
         max: usize,
     ) -> std::io::Result<bool> {
+        let carry = plan.format >= 2;
         // Drain: answers to the relay's requests, cancellations and pings still pass; other
         // messages wait for the next image.
         let limit = self.relay.config().relay.request_timeout + Duration::from_secs(5);
@@ -367,13 +368,13 @@ impl Front<'_> {
         let drained = loop {
             // Also the control-socket request that asked for this upgrade: its answer is
             // written before the exec.
-            // Requests that only wait for a stdio server's answer are carried: the next
-            // image answers them.
-            let waiting = self.tasks.len()
-                - self
-                    .relay
-                    .carryable_calls(&self.session.id)
-                    .min(self.tasks.len());
+            // Requests that only wait for a stdio server's answer are carried (if the new
+            // binary reads them): the next image answers them.
+            let carried = match carry {
+                true => self.relay.carryable_calls(&self.session.id),
+                false => 0,
+            };
+            let waiting = self.tasks.len().saturating_sub(carried);
             if waiting == 0 && !self.session.awaiting_client() && self.relay.control_idle() {
                 break true;
             }
@@ -425,7 +426,7 @@ impl Front<'_> {
         // No config change may start or stop a server from here to the exec.
         let changing = self.relay.changing().await;
         let abandon = |why: &str| self.relay.upgrade_not_done("abandoned", why, None);
-        let carried = match self.relay.hand_over().await {
+        let mut carried = match self.relay.hand_over().await {
             Ok(c) => c,
             Err(e) => {
                 abandon(&format!("a server could not be handed over: {e}"));
@@ -434,6 +435,38 @@ impl Front<'_> {
                 return Ok(false);
             }
         };
+        if !carry {
+            for b in &mut carried.backends {
+                b.calls.clear();
+            }
+        }
+        // The servers' readers have stopped: every task but the carried calls' (which wait
+        // for answers only the next image reads) finishes with what was read, and no new
+        // request to the client may be open.
+        let calls: Vec<String> = carried
+            .backends
+            .iter()
+            .flat_map(|b| b.calls.iter())
+            .filter(|c| c.session == self.session.id)
+            .map(|c| c.request.clone())
+            .collect();
+        let settle = tokio::time::Instant::now() + Duration::from_secs(2);
+        let settled = loop {
+            if self.tasks.len() <= calls.len() && !self.session.awaiting_client() {
+                break self.tasks.len() == calls.len();
+            }
+            if tokio::time::Instant::now() >= settle {
+                break false;
+            }
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        };
+        if !settled {
+            abandon("requests were still being answered when the servers were handed over");
+            drop(changing);
+            self.relay.take_back(carried.backends, carried.keeper);
+            resume(held);
+            return Ok(false);
+        }
         // Everything queued for the client is written; what comes after is carried.
         let (written, acked) = oneshot::channel();
         let (then_tx, then) = mpsc::unbounded_channel();
@@ -454,7 +487,16 @@ impl Front<'_> {
         }
         let (out_tx, out_rx) = oneshot::channel();
         let _ = then_tx.send(Then::Collect(out_tx));
-        let outgoing = out_rx.await.unwrap_or_default();
+        let mut outgoing = out_rx.await.unwrap_or_default();
+        // A carried call is answered by the next image only.
+        if !calls.is_empty() {
+            outgoing.retain(|m| {
+                crate::protocol::Message::parse_str(m).map_or(true, |m| {
+                    m.kind() != crate::protocol::Kind::Response
+                        || !calls.iter().any(|c| c.as_str() == m.id_text())
+                })
+            });
+        }
         let mut state = self.state(held, lines.take_rest(), carried);
         state.front.outgoing = outgoing;
         let fds = state.handed_fds();
@@ -584,7 +626,7 @@ fn dispatch(
                 let tx = tx.clone();
                 async move {
                     match Message::parse(item.get().as_bytes()) {
-                        Ok(m) => relay.handle(&session, m, tx).await,
+                        Ok(m) => relay.handle_with(&session, m, tx, false).await,
                         Err(e) => Some(RpcError::InvalidRequest(e.to_string()).to_response("null")),
                     }
                 }

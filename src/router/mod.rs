@@ -81,6 +81,8 @@ pub struct Relay {
     instance_hub: Arc<dyn backend::Hub>,
     /// Stateless calls waiting for their client's `input_required` answers.
     bridge: mrtr::Bridge,
+    /// In an upgraded image: carried calls to servers it did not adopt.
+    orphaned_calls: Mutex<Vec<(String, backend::CarriedCall)>>,
 }
 
 /// What [`Relay::apply`] changed, by server name.
@@ -314,6 +316,7 @@ impl Relay {
             )))),
             declared,
             bridge: mrtr::Bridge::default(),
+            orphaned_calls: Mutex::new(Vec::new()),
             released: Mutex::new(Instant::now()),
             upgrades: Mutex::new({
                 let (tx, rx) = tokio::sync::mpsc::channel(1);
@@ -356,6 +359,7 @@ impl Relay {
         // Servers the config no longer has (or starts differently): their processes stop.
         adopted_gone.extend(adopted.into_values());
         for a in adopted_gone {
+            lock(&relay.orphaned_calls).extend(a.calls.iter().map(|c| (a.name.clone(), c.clone())));
             tracing::info!(server = %a.name, "Handed-over server is no longer configured as it was; stopping it.");
             for fd in [a.stdio.stdin, a.stdio.stdout, a.stdio.stderr] {
                 crate::upgrade::close(fd);
@@ -569,8 +573,6 @@ impl Relay {
         })
     }
 
-    /// What [`Relay::hand_over`] would carry, without descriptors: the state a new binary
-    /// checks before the upgrade starts.
     /// How many of `session`'s requests wait for a stdio server's answer and would be
     /// carried by an in-place upgrade (answered by the next image).
     pub fn carryable_calls(&self, session: &str) -> usize {
@@ -588,14 +590,35 @@ impl Relay {
         for b in self.backends() {
             b.resume_calls(session, stream, tasks);
         }
+        // Calls to servers this image did not adopt (the config changed them): their
+        // answers are lost, which the client hears at once.
+        let orphaned = std::mem::take(&mut *lock(&self.orphaned_calls));
+        for (server, c) in orphaned {
+            if c.session != session.id {
+                continue;
+            }
+            let e = RpcError::from(backend::Error::Lost {
+                server,
+                method: c.method,
+                reason: "the server was changed or removed by the config the upgraded relay started with".into(),
+            });
+            let _ = stream.send(e.to_response(&c.request));
+        }
     }
 
+    /// What [`Relay::hand_over`] would carry, without descriptors: the state a new binary
+    /// checks before the upgrade starts.
     pub fn preview_hand_over(&self) -> crate::upgrade::Carried {
         let mut backends = Vec::new();
         let mut lists = std::collections::BTreeMap::new();
         for b in self.backends() {
             match b.preview() {
-                Some(a) => backends.push(a),
+                // The check reads the state's shape; calls are carried only to a binary
+                // whose check says it reads them.
+                Some(mut a) => {
+                    a.calls.clear();
+                    backends.push(a)
+                }
                 None => {
                     lists.insert(b.name.clone(), b.carried_lists());
                 }
@@ -1182,6 +1205,18 @@ impl Relay {
         msg: Message,
         stream: Outbox,
     ) -> Option<String> {
+        self.handle_with(session, msg, stream, true).await
+    }
+
+    /// [`Relay::handle`]; `carry: false` for an item of a batch, whose answer goes out in
+    /// the batch's array (an upgrade waits for it rather than carry it).
+    pub async fn handle_with(
+        self: &Arc<Self>,
+        session: &Arc<Session>,
+        msg: Message,
+        stream: Outbox,
+        carry: bool,
+    ) -> Option<String> {
         match msg.kind() {
             Kind::Response => {
                 if !session.answer(msg) {
@@ -1201,7 +1236,7 @@ impl Relay {
                 let ctx = ReqCtx {
                     session: session.clone(),
                     stream,
-                    request: Some(Arc::from(id.as_str())),
+                    request: carry.then(|| Arc::from(id.as_str())),
                 };
                 let label = crate::metrics::method_label(msg.method());
                 // Every log line of the request carries its number and session.

@@ -41,14 +41,18 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::sync::oneshot;
 
-/// The state format this binary writes (and the newest it reads).
-pub const FORMAT: u32 = 1;
+/// The state format this binary writes (and the newest it reads). 2: stdio servers carry
+/// the client requests waiting for their answers (`Adopted::calls`); a new binary that
+/// reads only format 1 gets format 1, and the upgrade waits for those requests instead.
+pub const FORMAT: u32 = 2;
 const ENV_STATE_FD: &str = "MCP_RELAY_UPGRADE_STATE_FD";
 const ENV_PREVIOUS_FD: &str = "MCP_RELAY_UPGRADE_PREVIOUS_FD";
 const ENV_ROLLED_BACK: &str = "MCP_RELAY_UPGRADE_ROLLED_BACK";
 /// Test hook: an image whose build tag equals this variable fails its restore (so the tests
 /// can prove the self-rollback with a real second binary). Builds without a tag ignore it.
 const ENV_FAIL_TAG: &str = "MCP_RELAY_UPGRADE_FAIL_TAG";
+/// Test hook: a build whose tag this names panics while taking over (after the exec).
+const ENV_PANIC_TAG: &str = "MCP_RELAY_UPGRADE_PANIC_TAG";
 /// How long the new binary's check may take.
 const CHECK_TIMEOUT: Duration = Duration::from_secs(20);
 /// The start of the answer of a binary that can take an upgrade over.
@@ -104,8 +108,10 @@ pub struct FrontState {
 impl State {
     /// This process's state with `front` and the `carried` servers.
     pub fn new(front: FrontState, carried: Carried) -> State {
+        // Format 1 when nothing needs 2, so a binary that reads only 1 can take it.
+        let calls = carried.backends.iter().any(|b| !b.calls.is_empty());
         State {
-            format: FORMAT,
+            format: if calls { FORMAT } else { 1 },
             written_by: crate::version(),
             generation: generation(),
             started_from: started_from(),
@@ -182,6 +188,8 @@ impl Request {
 
 /// A checked upgrade, ready to execute.
 pub struct Plan {
+    /// The newest state format the new binary reads (its check says).
+    pub format: u32,
     binary: PathBuf,
     /// The running executable, for the new image's rollback (the file at its path may be
     /// the new one by now).
@@ -314,31 +322,75 @@ impl Inherited {
         let (Some(state), Some(previous)) = (self.state_fd, self.previous_fd) else {
             return format!("{reason}; no previous binary to return to");
         };
-        tracing::error!(error = %reason, "The upgraded relay cannot restore; returning to the previous binary.");
-        // The descriptors named in the state go back to the previous image as they came.
-        if let Ok(bytes) = read_fd(state)
-            && let Ok(st) = State::decode(&bytes)
-        {
-            for fd in st.handed_fds() {
-                let _ = set_cloexec(fd, false);
+        roll_back_to(state, previous, reason)
+    }
+
+    /// Until [`disarm_panic_rollback`]: a panic while this image takes over (restoring the
+    /// servers and the session, before it reads its client) executes the previous binary
+    /// with the same state instead of ending the process, so the client keeps its session.
+    /// (A crash that is not a panic, such as a segfault, still ends it.)
+    pub fn arm_panic_rollback(&self) {
+        let (Some(state), Some(previous), None) =
+            (self.state_fd, self.previous_fd, &self.rolled_back)
+        else {
+            return;
+        };
+        *crate::sync::lock(&ARMED) = Some((state, previous));
+        let chained = std::panic::take_hook();
+        std::panic::set_hook(Box::new(move |info| {
+            let armed = crate::sync::lock(&ARMED).take();
+            if let Some((state, previous)) = armed {
+                let reason = format!("the new binary panicked while taking over: {info}");
+                let err = roll_back_to(state, previous, &reason);
+                eprintln!("mcp-relay: {err}");
             }
-        }
-        for fd in [state, previous] {
+            chained(info);
+        }));
+    }
+}
+
+/// The previous image's state and executable while a panic still rolls back.
+static ARMED: Mutex<Option<(RawFd, RawFd)>> = Mutex::new(None);
+
+/// The new image has taken over (it reads its client from now on): a panic no longer
+/// returns to the previous binary, whose state would be stale.
+pub fn disarm_panic_rollback() {
+    crate::sync::lock(&ARMED).take();
+}
+
+/// The test hook ([`ENV_PANIC_TAG`]): whether this image must panic while taking over.
+pub fn panic_hook() -> Option<String> {
+    let tag = crate::build_tag();
+    (!tag.is_empty() && std::env::var(ENV_PANIC_TAG).is_ok_and(|t| t == tag))
+        .then(|| format!("this build ({tag}) is marked to panic taking over ({ENV_PANIC_TAG})"))
+}
+
+/// Executes the `previous` binary with the `state` memfd (see [`Inherited::roll_back`]).
+fn roll_back_to(state: RawFd, previous: RawFd, reason: &str) -> String {
+    tracing::error!(error = %reason, "The upgraded relay cannot restore; returning to the previous binary.");
+    // The descriptors named in the state go back to the previous image as they came.
+    if let Ok(bytes) = read_fd(state)
+        && let Ok(st) = State::decode(&bytes)
+    {
+        for fd in st.handed_fds() {
             let _ = set_cloexec(fd, false);
         }
-        let env = [
-            (ENV_STATE_FD, state.to_string()),
-            (ENV_ROLLED_BACK, reason.to_owned()),
-            (ENV_PREVIOUS_FD, previous.to_string()),
-        ];
-        // SAFETY: `previous` was opened on the previous executable and handed over by it;
-        // nothing in this image owns or closes it (the OwnedFd is turned back into a raw
-        // descriptor below if the exec fails).
-        let exe = unsafe { OwnedFd::from_raw_fd(previous) };
-        let err = exec_fd(&exe, &env);
-        let _ = exe.into_raw_fd();
-        format!("{reason}; the previous binary could not be executed either: {err}")
     }
+    for fd in [state, previous] {
+        let _ = set_cloexec(fd, false);
+    }
+    let env = [
+        (ENV_STATE_FD, state.to_string()),
+        (ENV_ROLLED_BACK, reason.to_owned()),
+        (ENV_PREVIOUS_FD, previous.to_string()),
+    ];
+    // SAFETY: `previous` was opened on the previous executable and handed over by it;
+    // nothing in this image owns or closes it (the OwnedFd is turned back into a raw
+    // descriptor below if the exec fails).
+    let exe = unsafe { OwnedFd::from_raw_fd(previous) };
+    let err = exec_fd(&exe, &env);
+    let _ = exe.into_raw_fd();
+    format!("{reason}; the previous binary could not be executed either: {err}")
 }
 
 /// The test hook ([`ENV_FAIL_TAG`]): why this image must fail to take over, if it must.
@@ -451,8 +503,16 @@ pub async fn check(
             .find_map(|w| w.strip_prefix("version="))
             .map(str::to_owned)
     });
+    let format = answer
+        .and_then(|a| {
+            a.split_whitespace()
+                .find_map(|w| w.strip_prefix("format="))
+                .and_then(|f| f.parse().ok())
+        })
+        .unwrap_or(1);
     match (out.status.success(), version) {
         (true, Some(version)) => Ok(Plan {
+            format,
             binary,
             previous,
             version,

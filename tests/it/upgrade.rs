@@ -363,6 +363,16 @@ fn an_upgrade_carries_calls_in_flight_to_a_stdio_server() -> Result {
             .any(|l| l.contains("error") || l.contains("list_changed")),
         "{seen:?}"
     );
+    // Each answered once: nothing else under those ids before a later round trip.
+    c.send(&json!({"jsonrpc": "2.0", "id": 23, "method": "ping"}))?;
+    let mut later = Vec::new();
+    c.recv_until(|l| is_response(l, &json!(23)), &mut later)?;
+    for i in [20, 21, 22] {
+        assert!(
+            !seen.iter().chain(&later).any(|l| is_response(l, &json!(i))),
+            "a second answer to {i}: {seen:?} {later:?}"
+        );
+    }
     let mut id = 30;
     wait_version(&mut c, &mut id, &version("v2"))?;
     let now = status(&mut c, id + 1)?;
@@ -399,7 +409,10 @@ fn a_broken_new_binary_leaves_the_relay_serving() -> Result {
         dir,
         cfg,
         &relay_bin(),
-        &[("MCP_RELAY_UPGRADE_FAIL_TAG", "broken")],
+        &[
+            ("MCP_RELAY_UPGRADE_FAIL_TAG", "broken"),
+            ("MCP_RELAY_UPGRADE_PANIC_TAG", "panics"),
+        ],
         Stdio::from(log_file),
     )?;
     c.initialize(json!({}))?;
@@ -447,6 +460,36 @@ fn a_broken_new_binary_leaves_the_relay_serving() -> Result {
     assert_eq!(
         text(&c.call_tool(6, "a__echo", json!({"message": "y"}))?),
         "Echo: y"
+    );
+
+    // One that panics in its own code while taking over (after the exec, restoring the
+    // servers): the panic returns to the previous binary with the same state.
+    let panicking = build(builds.path(), "panics")?;
+    let r = c.call_tool(7, "relay__upgrade", json!({"binary": panicking}))?;
+    assert_eq!(
+        r["result"]["structuredContent"]["to"],
+        version("panics"),
+        "{r}"
+    );
+    poll("the rollback after the panic", || {
+        let t = std::fs::read_to_string(&log)?;
+        Ok(
+            if t.contains("panicked while taking over")
+                && t.matches("the previous binary serves on").count() == 2
+            {
+                Ok(())
+            } else {
+                Err(t.lines().last().unwrap_or_default().to_owned())
+            },
+        )
+    })?;
+    let after = status(&mut c, 8)?;
+    assert_eq!(after["version"], version(""));
+    assert_eq!(after["pid"], before["pid"]);
+    assert_eq!(pids(&after), pids(&before));
+    assert_eq!(
+        text(&c.call_tool(9, "a__echo", json!({"message": "z"}))?),
+        "Echo: z"
     );
     Ok(())
 }
@@ -546,7 +589,10 @@ fn http_relay_hands_over_its_listener_and_sessions() -> Result {
     let served = crate::support::serve_with(
         &cfg,
         dir.path(),
-        &[("MCP_RELAY_UPGRADE_FAIL_TAG", "broken")],
+        &[
+            ("MCP_RELAY_UPGRADE_FAIL_TAG", "broken"),
+            ("MCP_RELAY_UPGRADE_PANIC_TAG", "panics"),
+        ],
     )?;
     let url = served.url.clone();
     let stop = Arc::new(AtomicBool::new(false));
