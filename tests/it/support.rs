@@ -44,6 +44,24 @@ pub fn poll<T>(
     }
 }
 
+/// [`poll`] for async checks: `check` answers `Ok(v)` when done, `Err(last seen)` to go on.
+pub async fn poll_async<T, F, Fut>(what: &str, mut check: F) -> Result<T>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = std::result::Result<std::result::Result<T, String>, String>>,
+{
+    let deadline = Instant::now() + TIMEOUT;
+    loop {
+        match check().await? {
+            Ok(v) => return Ok(v),
+            Err(last) if Instant::now() > deadline => {
+                return Err(format!("{what}: not within {TIMEOUT:?}; last seen: {last}").into());
+            }
+            Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+        }
+    }
+}
+
 /// Names of the items of a list result (`tools`, `prompts`, ...).
 pub fn names(list: &Value, field: &str) -> Vec<String> {
     list["result"][field]

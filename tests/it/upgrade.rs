@@ -849,3 +849,144 @@ fn stop_pid(pid: i64) -> Result {
         })
     })
 }
+
+/// The official Rust SDK (rmcp) as the client of a stdio relay with two stdio servers and
+/// one remote server, calling tools without pause while the relay upgrades itself three
+/// times through `relay__upgrade` (once with a long call in flight).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_rmcp_client_does_not_notice_three_upgrades() -> Result {
+    use rmcp::ServiceExt;
+    use rmcp::model::CallToolRequestParams;
+    let dir = tempfile::tempdir()?;
+    let builds = tempfile::tempdir()?;
+    let bin = dir.path().join("mcp-relay");
+    install(&relay_bin(), &bin)?;
+    let (_web, url) = example_http("web")?;
+    let cfg = json!({"mcpServers": {
+        "a": example("a"),
+        "b": example("b"),
+        "web": {"type": "http", "url": url},
+    }});
+    let path = crate::support::write_config(dir.path(), &cfg)?;
+    let mut cmd = tokio::process::Command::new(&bin);
+    cmd.arg("stdio")
+        .arg("--config")
+        .arg(&path)
+        .env("RUST_LOG", "warn");
+    let client = ().serve(rmcp::transport::TokioChildProcess::new(cmd)?).await?;
+    let args = |pairs: Value| pairs.as_object().cloned().unwrap_or_default();
+    let structured = |r: rmcp::model::CallToolResult| r.structured_content.unwrap_or_default();
+    let status = |c: rmcp::Peer<rmcp::RoleClient>| async move {
+        let r = c
+            .call_tool(CallToolRequestParams::new("relay__status").with_arguments(args(json!({}))))
+            .await?;
+        Ok::<Value, Box<dyn std::error::Error + Send + Sync>>(structured(r))
+    };
+    let before = status(client.peer().clone()).await?;
+    let servers = pids(&before);
+    assert_eq!(servers.len(), 2, "{before}");
+    let tools: Vec<String> = client
+        .list_all_tools()
+        .await?
+        .iter()
+        .map(|t| t.name.to_string())
+        .collect();
+
+    // Calls without pause, round-robin over the three servers, until told to stop.
+    let stop = tokio_util::sync::CancellationToken::new();
+    let caller = {
+        let peer = client.peer().clone();
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let (mut ok, mut failed) = (0u64, Vec::new());
+            let targets = ["a__echo", "b__echo", "web__echo"];
+            for n in 0u64..100_000 {
+                if stop.is_cancelled() {
+                    break;
+                }
+                let tool = targets[(n % 3) as usize];
+                let msg = format!("m{n}");
+                let r = peer
+                    .call_tool(
+                        CallToolRequestParams::new(tool)
+                            .with_arguments(args(json!({"message": msg}))),
+                    )
+                    .await;
+                let text = r.as_ref().ok().and_then(|r| {
+                    serde_json::to_value(&r.content)
+                        .ok()
+                        .and_then(|v| v[0]["text"].as_str().map(str::to_owned))
+                });
+                match text {
+                    Some(t) if t == format!("Echo: {msg}") => ok += 1,
+                    _ => failed.push(format!("{tool} {msg}: {r:?}")),
+                }
+            }
+            (ok, failed)
+        })
+    };
+    for (round, tag) in ["r2", "r3", "r4"].into_iter().enumerate() {
+        let new = build(builds.path(), tag)?;
+        let long = (round == 1).then(|| {
+            let peer = client.peer().clone();
+            tokio::spawn(async move {
+                peer.call_tool(
+                    CallToolRequestParams::new("a__slow")
+                        .with_arguments(args(json!({"steps": 30, "ms": 100}))),
+                )
+                .await
+            })
+        });
+        if long.is_some() {
+            // Let the long call reach its server first (had it not, it would be held and
+            // served by the new image: the test holds either way).
+            tokio::time::sleep(Duration::from_millis(300)).await;
+        }
+        let r = client
+            .call_tool(
+                CallToolRequestParams::new("relay__upgrade")
+                    .with_arguments(args(json!({"binary": new}))),
+            )
+            .await?;
+        assert_eq!(structured(r)["to"], version(tag));
+        let now = crate::support::poll_async(&format!("the relay to report {tag}"), || {
+            let peer = client.peer().clone();
+            async move {
+                let s = status(peer).await.map_err(|e| e.to_string())?;
+                Ok(if s["version"] == version(tag) {
+                    Ok(s)
+                } else {
+                    Err(s["version"].to_string())
+                })
+            }
+        })
+        .await?;
+        assert_eq!(
+            pids(&now),
+            servers,
+            "the stdio servers were adopted, not restarted"
+        );
+        if let Some(long) = long {
+            let r = long.await??;
+            let text = serde_json::to_value(&r.content)?[0]["text"].clone();
+            assert_eq!(text, "done after 30 steps");
+        }
+    }
+    stop.cancel();
+    let (ok, failed) = caller.await?;
+    assert!(
+        failed.is_empty(),
+        "{} failed calls: {failed:?}",
+        failed.len()
+    );
+    assert!(ok > 30, "only {ok} calls made it");
+    let after: Vec<String> = client
+        .list_all_tools()
+        .await?
+        .iter()
+        .map(|t| t.name.to_string())
+        .collect();
+    assert_eq!(after, tools, "the same tools");
+    client.cancel().await?;
+    Ok(())
+}
