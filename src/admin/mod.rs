@@ -331,7 +331,7 @@ fn server_status(relay: &Relay, name: &str) -> Value {
     let lists = b.lists();
     let mut v = json!({
         "name": b.name,
-        "transport": b.config.transport.kind(),
+        "transport": b.transport_in_use().unwrap_or(b.config.transport.kind()),
         "state": state.label(),
         "tools": lists.tools.len(),
         "prompts": lists.prompts.len(),

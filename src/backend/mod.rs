@@ -825,6 +825,17 @@ impl Backend {
         }
     }
 
+    /// The transport of the current connection (`sse` for a Streamable HTTP URL that
+    /// turned out to serve the legacy HTTP+SSE transport); `None` when not connected.
+    pub fn transport_in_use(&self) -> Option<&'static str> {
+        read(&self.conn).as_ref().map(|c| match c {
+            Conn::Stdio(_) => "stdio",
+            Conn::Http(_) => "http",
+            Conn::Sse(_) => "sse",
+            Conn::Ws(_) => "ws",
+        })
+    }
+
     /// Whether this backend runs a stdio process (its main one) right now.
     pub fn has_process(&self) -> bool {
         matches!(read(&self.conn).as_ref(), Some(Conn::Stdio(_)))
@@ -1291,6 +1302,32 @@ impl Backend {
             }
         };
         *write(&self.conn) = Some(conn.clone());
+        let set_up = self.set_up(conn).await;
+        // A URL that refuses Streamable HTTP (HTTP 400, 404 or 405 to its POSTs) may serve
+        // the legacy HTTP+SSE transport there: the spec's fallback for clients.
+        match (&self.config.transport, set_up) {
+            (TransportConfig::Http { url, headers }, Err((e, conn)))
+                if self.config.era == crate::config::Era::Auto
+                    && ["HTTP 400", "HTTP 404", "HTTP 405"]
+                        .iter()
+                        .any(|c| e.contains(c)) =>
+            {
+                conn.shutdown().await;
+                tracing::info!(server = %self.name, error = %e, "No Streamable HTTP at this URL; trying the legacy HTTP+SSE transport there.");
+                let sse = sse::Sse::connect(self, url, headers)
+                    .await
+                    .map_err(|e2| format!("{e}; and as legacy HTTP+SSE: {e2}"))?;
+                let conn = Conn::Sse(sse);
+                *write(&self.conn) = Some(conn.clone());
+                self.set_up(conn).await.map_err(|(e, _)| e)
+            }
+            (_, r) => r.map_err(|(e, _)| e),
+        }
+    }
+
+    /// The handshake, the server's listening stream and its lists on a new connection;
+    /// on failure the reason and the connection (to close).
+    async fn set_up(self: &Arc<Self>, conn: Conn) -> Result<Conn, (String, Conn)> {
         // A server that dies while starting (bad arguments, a crash) fails its start at
         // once, not when the handshake times out.
         let closed = conn.closed();
@@ -1307,16 +1344,17 @@ impl Backend {
             self.refresh_lists().await;
             Ok::<(), String>(())
         };
-        tokio::select! {
-            r = setup => r?,
-            () = closed.cancelled() => {
-                return Err(match &conn {
-                    Conn::Stdio(s) => s.exit_reason(),
-                    _ => "the connection closed during start-up".to_owned(),
-                });
-            }
+        let r = tokio::select! {
+            r = setup => r,
+            () = closed.cancelled() => Err(match &conn {
+                Conn::Stdio(s) => s.exit_reason(),
+                _ => "the connection closed during start-up".to_owned(),
+            }),
+        };
+        match r {
+            Ok(()) => Ok(conn),
+            Err(e) => Err((e, conn)),
         }
-        Ok(conn)
     }
 
     /// Goes on with an adopted stdio server: reads its lists again (the carried ones serve
@@ -1416,12 +1454,10 @@ impl Backend {
             info.protocol_version.clear();
             info.dual = false;
         }
-        if self.config.era != crate::config::Era::Legacy
-            && matches!(
-                self.config.transport,
-                TransportConfig::Http { .. } | TransportConfig::Stdio { .. }
-            )
-        {
+        let conn_is = read(&self.conn)
+            .as_ref()
+            .map(|c| matches!(c, Conn::Http(_) | Conn::Stdio(_)));
+        if self.config.era != crate::config::Era::Legacy && conn_is == Some(true) {
             if self.discover().await? {
                 let http = matches!(self.config.transport, TransportConfig::Http { .. });
                 if self.config.era == crate::config::Era::Auto && http {

@@ -23,7 +23,19 @@ import mcp_types as types
 import pytest
 from mcp.shared.exceptions import MCPError
 
-from conftest import EXAMPLE, LogRegistry, RelayUnderTest, http_relay, http_relay_client, write_config
+from conftest import (
+    EVERYTHING_JS,
+    EXAMPLE,
+    LOOPBACK_PRELOAD,
+    LogRegistry,
+    ProcessTree,
+    RelayUnderTest,
+    http_relay,
+    http_relay_client,
+    node_binary,
+    wait_for_log,
+    write_config,
+)
 
 pytestmark = pytest.mark.anyio
 
@@ -183,9 +195,11 @@ async def test_a_modern_client_answers_a_legacy_servers_requests(relay: RelayUnd
         assert text_of(await c.call_tool("ex__sample", {"prompt": f"q {tag}"})) == f"sampled: model answer {tag}"
         text = text_of(await c.call_tool("ex__roots", {}))
         assert json.loads(text.removeprefix("roots: "))["roots"] == [{"uri": f"file:///root-{tag}", "name": "r"}], text
-        # server-everything (TypeScript SDK) over stdio.
+        # server-everything (TypeScript SDK) over stdio: its sampling and elicitation tools.
         text = text_of(await c.call_tool("everything__trigger-sampling-request", {"prompt": f"p {tag}"}))
         assert f"model answer {tag}" in text, text
+        text = text_of(await c.call_tool("everything__trigger-elicitation-request", {}))
+        assert "User provided the requested information" in text and f"Ada {tag}" in text, text
         # Several calls at once, each with its own parked backend request. (On a shared
         # stdio server, requests of concurrent sessions cannot be told apart, and are
         # refused; over HTTP each comes on its call's stream: server-everything over HTTP.)
@@ -313,3 +327,38 @@ async def test_a_legacy_client_answers_a_modern_servers_input_required(
         async with http_relay_client(relay.url) as bare:
             r = await bare.call_tool("fx__test_input_required_result_capabilities", {})
             assert text_of(r) == "The client declared none of elicitation, sampling and roots", r
+
+
+# --------------------------------------------------------------------------- legacy HTTP+SSE fallback
+
+
+async def test_a_url_serving_legacy_sse_is_reached_through_it(tmp_path: Path, logs: LogRegistry) -> None:
+    """`type: http` (era auto) at a URL that serves the 2024-11-05 HTTP+SSE transport
+    (server-everything in `sse` mode): the POSTs are refused, so the relay falls back to
+    GET + `endpoint` there, as the spec tells clients to."""
+    log = tmp_path / "everything-sse.log"
+    with open(log, "wb") as f:
+        popen = subprocess.Popen(
+            [node_binary(), "--require", str(LOOPBACK_PRELOAD), str(EVERYTHING_JS), "sse"],
+            stdin=subprocess.DEVNULL,
+            stdout=f,
+            stderr=f,
+            env=dict(os.environ, PORT="0"),
+            cwd=tmp_path,
+            start_new_session=True,
+        )
+    tree = ProcessTree(popen.pid, popen)
+    try:
+        m = wait_for_log(log, r"LOOPBACK_LISTEN 127\.0\.0\.1 (\d+)", tree)
+        url = f"http://127.0.0.1:{m.group(1)}/sse"
+        config = write_config(tmp_path, {"old": {"type": "http", "url": url}})
+        with http_relay(config, logs) as relay:
+            relay.wait_for_tools(["old"])
+            async with http_relay_client(relay.url) as c:
+                status = await c.call_tool("relay__status", {})
+                old = next(s for s in status.structured_content["servers"] if s["name"] == "old")
+                assert old["transport"] == "sse" and old["state"] == "ready", old
+                r = await c.call_tool("old__echo", {"message": "over sse"})
+                assert "over sse" in text_of(r), r
+    finally:
+        tree.kill()
