@@ -83,6 +83,11 @@ pub struct Relay {
     bridge: mrtr::Bridge,
     /// In an upgraded image: carried calls to servers it did not adopt.
     orphaned_calls: Mutex<Vec<(String, backend::CarriedCall)>>,
+    /// What `relay__analyze_prompt` exposed to stateless clients that have an identity
+    /// (the stdio front's one client, or an authenticated HTTP client), so their picks
+    /// outlive the request; and each open stateless request's exposure at its start.
+    stateless_exposure: Mutex<HashMap<String, Option<Vec<String>>>>,
+    exposure_seeds: Mutex<HashMap<String, Option<Vec<String>>>>,
 }
 
 /// What [`Relay::apply`] changed, by server name.
@@ -317,6 +322,8 @@ impl Relay {
             declared,
             bridge: mrtr::Bridge::default(),
             orphaned_calls: Mutex::new(Vec::new()),
+            stateless_exposure: Mutex::new(HashMap::new()),
+            exposure_seeds: Mutex::new(HashMap::new()),
             released: Mutex::new(Instant::now()),
             upgrades: Mutex::new({
                 let (tx, rx) = tokio::sync::mpsc::channel(1);
@@ -890,7 +897,45 @@ impl Relay {
 
     /// The synchronous part of [`Relay::close_session`]: returns the subscriptions the
     /// session held, for the caller to release.
+    /// Whose exposure a stateless request of `client` shares: the stdio front has one
+    /// client; over HTTP only an authenticated client is someone (anonymous requests
+    /// cannot be told apart, so their picks end with the request).
+    fn exposure_key(&self, client: Option<&str>) -> Option<String> {
+        match (client, self.front) {
+            (Some(name), _) => Some(format!("client:{name}")),
+            (None, Front::Stdio) => Some("stdio".to_owned()),
+            (None, Front::Http) => None,
+        }
+    }
+
+    /// A stateless request starts with its client's exposure.
+    fn seed_exposure(&self, s: &Session) {
+        let key = self.exposure_key(s.state().client.as_deref());
+        let Some(key) = key else { return };
+        let exposed = lock(&self.stateless_exposure).get(&key).cloned().flatten();
+        s.state().exposed = exposed.clone();
+        lock(&self.exposure_seeds).insert(s.id.clone(), exposed);
+    }
+
+    /// A stateless request that changed its exposure (`relay__analyze_prompt`) leaves it
+    /// to its client's next requests.
+    fn keep_exposure(&self, s: &Session) {
+        let Some(seed) = lock(&self.exposure_seeds).remove(&s.id) else {
+            return;
+        };
+        let (client, exposed) = {
+            let st = s.state();
+            (st.client.clone(), st.exposed.clone())
+        };
+        if exposed != seed
+            && let Some(key) = self.exposure_key(client.as_deref())
+        {
+            lock(&self.stateless_exposure).insert(key, exposed);
+        }
+    }
+
     fn end_session(&self, s: &Arc<Session>) -> Vec<String> {
+        self.keep_exposure(s);
         s.close();
         lock(&self.sessions).remove(&s.id);
         self.instances.end_session(&s.id);

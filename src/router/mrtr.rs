@@ -324,6 +324,7 @@ impl Relay {
         let args = digest(&msg);
         let (tx, related) = mpsc::unbounded_channel::<String>();
         let session = self.stateless_session(meta, client.clone(), tx.clone());
+        self.seed_exposure(&session);
         let (ask_tx, asks) = mpsc::unbounded_channel();
         session.bridge_to(ask_tx);
         let guard = CloseOnDrop::new(self.clone(), session.clone());

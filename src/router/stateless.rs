@@ -114,6 +114,7 @@ impl Relay {
         }
         let (tx, mut rx) = mpsc::unbounded_channel::<String>();
         let session = self.stateless_session(&meta, client, tx.clone());
+        self.seed_exposure(&session);
         // Closes the session however this future ends (the client may go away mid-call).
         let guard = CloseOnDrop::new(self.clone(), session.clone());
         // Related messages pass through a filter: log messages only at the level the

@@ -11,7 +11,7 @@ import pytest
 
 import mcp_types as types
 
-from conftest import LogRegistry, http_relay, http_relay_client, server_entries
+from conftest import LogRegistry, http_relay, http_relay_client, server_entries, stdio_relay_client
 from test_relay import Notes, text_of
 
 pytestmark = pytest.mark.anyio
@@ -102,3 +102,34 @@ async def test_search_tools_returns_schemas_without_changing_the_list(tmp_path: 
             assert 1 <= len(found) <= 3 and found[0]["name"] == "fs__directory_tree", found
             assert "path" in found[0]["inputSchema"]["properties"], found[0]
             assert await tool_names(c) == before
+
+
+async def test_a_stateless_client_keeps_its_picks_where_it_has_an_identity(tmp_path: Path, logs: LogRegistry) -> None:
+    """A 2026-07-28 client has no session: over stdio (one client) its picks are kept for
+    its next requests; an anonymous HTTP client's end with the request (two such clients
+    cannot be told apart), so it calls through `relay__call_tool`."""
+    config = prompt_config(tmp_path)
+    (tmp_path / "fsroot" / "notes.txt").write_text("kept notes\n")
+    prompt = "Read the text file notes.txt in my project folder and list the other files in that directory"
+    log = tmp_path / "relay-stdio.log"
+    logs.add("relay stderr (stdio, stateless)", log)
+    async with stdio_relay_client(config, log, mode="2026-07-28") as c:
+        initial = await tool_names(c)
+        assert all(n.startswith("relay__") for n in initial), initial
+        r = await c.call_tool("relay__analyze_prompt", {"prompt": prompt})
+        assert not r.is_error, r
+        after = await tool_names(c)
+        assert any(n.startswith("fs__") for n in after), after
+        read = next(n for n in after if n.startswith("fs__read") and "file" in n)
+        r = await c.call_tool(read, {"path": str(tmp_path / "fsroot" / "notes.txt")})
+        assert "kept notes" in text_of(r), r
+        await c.call_tool("relay__analyze_prompt", {"prompt": "x", "reset": True})
+        assert await tool_names(c) == initial
+    with http_relay(config, logs, "relay stderr (prompt mode, stateless http)") as relay:
+        relay.wait_for_tools([])
+        async with http_relay_client(relay.url, mode="2026-07-28") as h:
+            r = await h.call_tool("relay__analyze_prompt", {"prompt": prompt})
+            assert not r.is_error, r
+            assert all(n.startswith("relay__") for n in await tool_names(h))
+            listed = await h.call_tool("relay__call_tool", {"name": "fs__list_allowed_directories", "arguments": {}})
+            assert not listed.is_error, listed
