@@ -388,7 +388,8 @@ fn run(
             });
             match restored {
                 Ok(r) => {
-                    // From here to reading the client, a panic returns to the previous binary.
+                    // From here until it adopts the servers, a panic returns to the
+                    // previous binary.
                     inherited.arm_panic_rollback();
                     carried = Some(r);
                 }
@@ -432,12 +433,15 @@ fn run(
             Some((st, k)) => (Some(st), k),
             None => (None, None),
         };
-        let relay = Relay::start_with(cfg, front, restored.as_ref().map(|st| (st, keeper)));
         if restored.is_some()
             && let Some(e) = crate::upgrade::panic_hook()
         {
             panic!("{e}");
         }
+        // Adopting the servers starts reading them and may stop some: from here on the
+        // handed-over state is no longer the previous image's to take back.
+        crate::upgrade::disarm_panic_rollback();
+        let relay = Relay::start_with(cfg, front, restored.as_ref().map(|st| (st, keeper)));
         let shutdown = CancellationToken::new();
         spawn_signal_handler(shutdown.clone(), relay.clone());
         if let Some(st) = &restored {
@@ -499,11 +503,7 @@ fn run(
                 }
             }
             None => tokio::select! {
-                r = async {
-                    // Taken over: this image reads its client now.
-                    crate::upgrade::disarm_panic_rollback();
-                    frontend::stdio::serve(relay.clone(), restored).await
-                } => r.map_err(|e| format!("stdio failed: {e}")),
+                r = frontend::stdio::serve(relay.clone(), restored) => r.map_err(|e| format!("stdio failed: {e}")),
                 () = shutdown.cancelled() => Ok(()),
             },
         };

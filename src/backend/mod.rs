@@ -1314,7 +1314,7 @@ impl Backend {
             {
                 conn.shutdown().await;
                 tracing::info!(server = %self.name, error = %e, "No Streamable HTTP at this URL; trying the legacy HTTP+SSE transport there.");
-                let sse = sse::Sse::connect(self, url, headers)
+                let sse = sse::Sse::open(self, url, headers, true)
                     .await
                     .map_err(|e2| format!("{e}; and as legacy HTTP+SSE: {e2}"))?;
                 let conn = Conn::Sse(sse);

@@ -27,6 +27,17 @@ impl Sse {
         url: &str,
         headers: &BTreeMap<String, String>,
     ) -> Result<Arc<Sse>, String> {
+        Sse::open(b, url, headers, false).await
+    }
+
+    /// [`Sse::connect`]; `fallback` for a Streamable HTTP URL tried as legacy SSE, whose
+    /// 401/403 does not mark the server as needing credentials (its POSTs were accepted).
+    pub async fn open(
+        b: &Arc<Backend>,
+        url: &str,
+        headers: &BTreeMap<String, String>,
+        fallback: bool,
+    ) -> Result<Arc<Sse>, String> {
         let timeout = b.settings().request_timeout();
         let client = client(timeout, b.config.ca_file.as_deref())?;
         let headers = header_map(headers)?;
@@ -39,7 +50,7 @@ impl Sse {
             .send()
             .await
             .map_err(|e| format!("cannot reach the SSE endpoint: {}", without_url(&e)))?;
-        if matches!(resp.status().as_u16(), 401 | 403) {
+        if matches!(resp.status().as_u16(), 401 | 403) && !fallback {
             b.note_auth_failure();
         }
         if !resp.status().is_success() {

@@ -201,6 +201,7 @@ pub async fn serve_io(
             let s = relay.open_session(r.session_id, tx.clone(), None);
             *s.state() = r.session;
             s.set_next_request_id(r.client_next_id);
+            relay.set_stdio_stateless_picks(r.stateless_picks);
             relay.renew_remote_subscriptions();
             lines.extend(&r.partial);
             (s, r.held)
@@ -341,6 +342,7 @@ impl Front<'_> {
             held,
             partial,
             outgoing: Vec::new(),
+            stateless_picks: self.relay.stdio_stateless_picks(),
         };
         upgrade::State::new(front, carried)
     }

@@ -930,7 +930,26 @@ impl Relay {
         if exposed != seed
             && let Some(key) = self.exposure_key(client.as_deref())
         {
-            lock(&self.stateless_exposure).insert(key, exposed);
+            // Only over what the request started from: a newer pick (or reset) made by
+            // another request meanwhile is not undone by a slower one.
+            let mut kept = lock(&self.stateless_exposure);
+            if kept.get(&key).cloned().flatten() == seed {
+                kept.insert(key, exposed);
+            }
+        }
+    }
+
+    /// The stdio front's stateless client's picks, carried across an in-place upgrade.
+    pub fn stdio_stateless_picks(&self) -> Option<Vec<String>> {
+        lock(&self.stateless_exposure)
+            .get("stdio")
+            .cloned()
+            .flatten()
+    }
+
+    pub fn set_stdio_stateless_picks(&self, picks: Option<Vec<String>>) {
+        if picks.is_some() {
+            lock(&self.stateless_exposure).insert("stdio".to_owned(), picks);
         }
     }
 

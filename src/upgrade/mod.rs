@@ -103,6 +103,9 @@ pub struct FrontState {
     /// Messages for the client queued after the last write (written first by the next image).
     #[serde(default)]
     pub outgoing: Vec<String>,
+    /// What `relay__analyze_prompt` exposed to the client's stateless (2026-07-28) requests.
+    #[serde(default)]
+    pub stateless_picks: Option<Vec<String>>,
 }
 
 impl State {
@@ -322,13 +325,15 @@ impl Inherited {
         let (Some(state), Some(previous)) = (self.state_fd, self.previous_fd) else {
             return format!("{reason}; no previous binary to return to");
         };
+        tracing::error!(error = %reason, "The upgraded relay cannot restore; returning to the previous binary.");
         roll_back_to(state, previous, reason)
     }
 
-    /// Until [`disarm_panic_rollback`]: a panic while this image takes over (restoring the
-    /// servers and the session, before it reads its client) executes the previous binary
-    /// with the same state instead of ending the process, so the client keeps its session.
-    /// (A crash that is not a panic, such as a segfault, still ends it.)
+    /// Until [`disarm_panic_rollback`]: a panic while this image starts (after reading the
+    /// state, before it adopts the servers, so nothing handed over has been touched yet)
+    /// executes the previous binary with the same state instead of ending the process, so
+    /// the client keeps its session. (A crash that is not a panic, such as a segfault, or a
+    /// panic later, still ends it.)
     pub fn arm_panic_rollback(&self) {
         let (Some(state), Some(previous), None) =
             (self.state_fd, self.previous_fd, &self.rolled_back)
@@ -338,12 +343,16 @@ impl Inherited {
         *crate::sync::lock(&ARMED) = Some((state, previous));
         let chained = std::panic::take_hook();
         std::panic::set_hook(Box::new(move |info| {
-            let armed = crate::sync::lock(&ARMED).take();
-            if let Some((state, previous)) = armed {
+            // Held until the exec: disarming (on the main thread) waits for it.
+            let mut armed = crate::sync::lock(&ARMED);
+            if let Some((state, previous)) = armed.take() {
+                // No tracing here: the panic may have come from inside the logger.
                 let reason = format!("the new binary panicked while taking over: {info}");
+                eprintln!("mcp-relay: {reason}; returning to the previous binary");
                 let err = roll_back_to(state, previous, &reason);
                 eprintln!("mcp-relay: {err}");
             }
+            drop(armed);
             chained(info);
         }));
     }
@@ -367,7 +376,9 @@ pub fn panic_hook() -> Option<String> {
 
 /// Executes the `previous` binary with the `state` memfd (see [`Inherited::roll_back`]).
 fn roll_back_to(state: RawFd, previous: RawFd, reason: &str) -> String {
-    tracing::error!(error = %reason, "The upgraded relay cannot restore; returning to the previous binary.");
+    // As for the upgrade's exec: termination and upgrade signals wait for the handlers of
+    // the image that takes over.
+    block_signals();
     // The descriptors named in the state go back to the previous image as they came.
     if let Ok(bytes) = read_fd(state)
         && let Ok(st) = State::decode(&bytes)

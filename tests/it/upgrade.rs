@@ -444,23 +444,29 @@ fn a_broken_new_binary_leaves_the_relay_serving() -> Result {
         version("broken"),
         "{r}"
     );
-    // The new image cannot restore; the previous binary takes the same state back.
-    poll("the rollback in the log", || {
-        let t = std::fs::read_to_string(&log)?;
-        Ok(if t.contains("the previous binary serves on") {
-            Ok(())
-        } else {
-            Err(t.lines().last().unwrap_or_default().to_owned())
-        })
-    })?;
-    let after = status(&mut c, 5)?;
-    assert_eq!(after["version"], version(""));
-    assert_eq!(after["pid"], before["pid"]);
-    assert_eq!(pids(&after), pids(&before));
-    assert_eq!(
-        text(&c.call_tool(6, "a__echo", json!({"message": "y"}))?),
-        "Echo: y"
-    );
+    // The previous binary took the same state back (the `n`th rollback, its log says
+    // `why`), and serves on: same process, same servers.
+    let rolled_back = |c: &mut StdioClient, n: usize, why: &str, id: u64| -> Result {
+        poll("the rollback in the log", || {
+            let t = std::fs::read_to_string(&log)?;
+            Ok(
+                if t.contains(why) && t.matches("the previous binary serves on").count() == n {
+                    Ok(())
+                } else {
+                    Err(t.lines().last().unwrap_or_default().to_owned())
+                },
+            )
+        })?;
+        let after = status(c, id)?;
+        assert_eq!(after["version"], version(""));
+        assert_eq!(after["pid"], before["pid"]);
+        assert_eq!(pids(&after), pids(&before));
+        let r = c.call_tool(id + 1, "a__echo", json!({"message": why}))?;
+        assert_eq!(text(&r), format!("Echo: {why}"));
+        Ok(())
+    };
+    // The new image cannot restore.
+    rolled_back(&mut c, 1, "marked to fail taking over", 5)?;
 
     // One that panics in its own code while taking over (after the exec, restoring the
     // servers): the panic returns to the previous binary with the same state.
@@ -471,26 +477,7 @@ fn a_broken_new_binary_leaves_the_relay_serving() -> Result {
         version("panics"),
         "{r}"
     );
-    poll("the rollback after the panic", || {
-        let t = std::fs::read_to_string(&log)?;
-        Ok(
-            if t.contains("panicked while taking over")
-                && t.matches("the previous binary serves on").count() == 2
-            {
-                Ok(())
-            } else {
-                Err(t.lines().last().unwrap_or_default().to_owned())
-            },
-        )
-    })?;
-    let after = status(&mut c, 8)?;
-    assert_eq!(after["version"], version(""));
-    assert_eq!(after["pid"], before["pid"]);
-    assert_eq!(pids(&after), pids(&before));
-    assert_eq!(
-        text(&c.call_tool(9, "a__echo", json!({"message": "z"}))?),
-        "Echo: z"
-    );
+    rolled_back(&mut c, 2, "panicked while taking over", 8)?;
     Ok(())
 }
 

@@ -234,28 +234,34 @@ def write_config(workdir: Path, servers: dict[str, Any], name: str | None = None
 # --------------------------------------------------------------------------- server-everything over HTTP
 
 
-@pytest.fixture(scope="session")
-def everything_http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
-    """server-everything in Streamable HTTP mode on 127.0.0.1, port from the OS."""
-    workdir = tmp_path_factory.mktemp("everything-http")
-    log = workdir / "everything-http.log"
-    env = dict(os.environ, PORT="0")
+@contextlib.contextmanager
+def everything_listening(workdir: Path, mode: str) -> Iterator[int]:
+    """server-everything in a network `mode` (`streamableHttp`, `sse`) on 127.0.0.1, port
+    from the OS; stopped (process group) on exit."""
+    log = workdir / f"everything-{mode}.log"
     with open(log, "wb") as f:
         popen = subprocess.Popen(
-            [node_binary(), "--require", str(LOOPBACK_PRELOAD), str(EVERYTHING_JS), "streamableHttp"],
+            [node_binary(), "--require", str(LOOPBACK_PRELOAD), str(EVERYTHING_JS), mode],
             stdin=subprocess.DEVNULL,
             stdout=f,
             stderr=f,
-            env=env,
+            env=dict(os.environ, PORT="0"),
             cwd=workdir,
             start_new_session=True,
         )
     tree = ProcessTree(popen.pid, popen)
     try:
         m = wait_for_log(log, r"LOOPBACK_LISTEN 127\.0\.0\.1 (\d+)", tree)
-        yield f"http://127.0.0.1:{m.group(1)}/mcp"
+        yield int(m.group(1))
     finally:
         tree.kill()
+
+
+@pytest.fixture(scope="session")
+def everything_http(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+    """server-everything in Streamable HTTP mode on 127.0.0.1, port from the OS."""
+    with everything_listening(tmp_path_factory.mktemp("everything-http"), "streamableHttp") as port:
+        yield f"http://127.0.0.1:{port}/mcp"
 
 
 # --------------------------------------------------------------------------- the relay over HTTP

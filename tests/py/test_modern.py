@@ -24,16 +24,12 @@ import pytest
 from mcp.shared.exceptions import MCPError
 
 from conftest import (
-    EVERYTHING_JS,
     EXAMPLE,
-    LOOPBACK_PRELOAD,
     LogRegistry,
-    ProcessTree,
     RelayUnderTest,
+    everything_listening,
     http_relay,
     http_relay_client,
-    node_binary,
-    wait_for_log,
     write_config,
 )
 
@@ -336,21 +332,8 @@ async def test_a_url_serving_legacy_sse_is_reached_through_it(tmp_path: Path, lo
     """`type: http` (era auto) at a URL that serves the 2024-11-05 HTTP+SSE transport
     (server-everything in `sse` mode): the POSTs are refused, so the relay falls back to
     GET + `endpoint` there, as the spec tells clients to."""
-    log = tmp_path / "everything-sse.log"
-    with open(log, "wb") as f:
-        popen = subprocess.Popen(
-            [node_binary(), "--require", str(LOOPBACK_PRELOAD), str(EVERYTHING_JS), "sse"],
-            stdin=subprocess.DEVNULL,
-            stdout=f,
-            stderr=f,
-            env=dict(os.environ, PORT="0"),
-            cwd=tmp_path,
-            start_new_session=True,
-        )
-    tree = ProcessTree(popen.pid, popen)
-    try:
-        m = wait_for_log(log, r"LOOPBACK_LISTEN 127\.0\.0\.1 (\d+)", tree)
-        url = f"http://127.0.0.1:{m.group(1)}/sse"
+    with everything_listening(tmp_path, "sse") as port:
+        url = f"http://127.0.0.1:{port}/sse"
         config = write_config(tmp_path, {"old": {"type": "http", "url": url}})
         with http_relay(config, logs) as relay:
             relay.wait_for_tools(["old"])
@@ -360,5 +343,3 @@ async def test_a_url_serving_legacy_sse_is_reached_through_it(tmp_path: Path, lo
                 assert old["transport"] == "sse" and old["state"] == "ready", old
                 r = await c.call_tool("old__echo", {"message": "over sse"})
                 assert "over sse" in text_of(r), r
-    finally:
-        tree.kill()

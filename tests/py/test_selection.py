@@ -120,7 +120,7 @@ async def test_a_stateless_client_keeps_its_picks_where_it_has_an_identity(tmp_p
         assert not r.is_error, r
         after = await tool_names(c)
         assert any(n.startswith("fs__") for n in after), after
-        read = next(n for n in after if n.startswith("fs__read") and "file" in n)
+        read = next(n for n in ("fs__read_text_file", "fs__read_file") if n in after)
         r = await c.call_tool(read, {"path": str(tmp_path / "fsroot" / "notes.txt")})
         assert "kept notes" in text_of(r), r
         await c.call_tool("relay__analyze_prompt", {"prompt": "x", "reset": True})
