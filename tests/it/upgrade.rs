@@ -107,6 +107,19 @@ fn zombies(pid: i64) -> Result<Vec<i64>> {
     Ok(out)
 }
 
+/// Waits until process `pid` runs the newly installed binary (the one it was started from
+/// was replaced, so until the exec its executable shows as deleted).
+fn exec_done(pid: i64) -> Result {
+    poll("the exec", || {
+        let exe = std::fs::read_link(format!("/proc/{pid}/exe"))?;
+        Ok(if exe.to_string_lossy().ends_with("(deleted)") {
+            Err(exe.display().to_string())
+        } else {
+            Ok(())
+        })
+    })
+}
+
 fn sigusr2(c: &StdioClient) -> Result {
     let pid = i32::try_from(c.proc.child.id())?;
     nix::sys::signal::kill(
@@ -181,14 +194,7 @@ fn stdio_relay_upgrades_in_place_under_load() -> Result {
             let (first, rest) = line.split_at(line.len() / 2);
             c.send_raw_partial(first)?;
             sigusr2(&c)?;
-            poll("the exec", || {
-                let exe = std::fs::read_link(format!("/proc/{relay_pid}/exe"))?;
-                Ok(if exe.to_string_lossy().ends_with("(deleted)") {
-                    Err(exe.display().to_string())
-                } else {
-                    Ok(())
-                })
-            })?;
+            exec_done(relay_pid)?;
             c.send_raw(rest)?;
             sent.insert(next, "Echo: split".into());
         }
@@ -322,14 +328,7 @@ fn an_upgrade_carries_calls_in_flight_to_a_stdio_server() -> Result {
     c.recv_until(is_progress, &mut before)?;
     install(&build(builds.path(), "v2")?, &bin)?;
     sigusr2(&c)?;
-    poll("the exec", || {
-        let exe = std::fs::read_link(format!("/proc/{relay_pid}/exe"))?;
-        Ok(if exe.to_string_lossy().ends_with("(deleted)") {
-            Err(exe.display().to_string())
-        } else {
-            Ok(())
-        })
-    })?;
+    exec_done(relay_pid)?;
     // The new image answers at once while the calls run on: they were carried, not waited
     // for (a relay that waited would have answered them before its exec).
     c.send(&json!({"jsonrpc": "2.0", "id": 22, "method": "ping"}))?;
