@@ -147,8 +147,8 @@ impl Http {
             true => match b.modernize(&msg, related.as_ref()) {
                 Some((m, method, name)) => {
                     // Arguments the tool mirrors into headers (`x-mcp-header`).
-                    let params = match method.as_str() {
-                        crate::protocol::method::TOOLS_CALL => b.param_headers(&m),
+                    let params = match (method.as_str(), &name) {
+                        (crate::protocol::method::TOOLS_CALL, Some(n)) => b.param_headers(n, &m),
                         _ => Vec::new(),
                     };
                     (m, Some((method, name, params)))

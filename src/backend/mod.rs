@@ -361,7 +361,7 @@ struct Pending {
 /// A client's request still waiting for a stdio server's answer when an in-place upgrade
 /// executes the next image, which answers it: the server's answer goes to the client
 /// as it is, under the client's id (only calls whose answer the relay passes on unchanged:
-/// `tools/call` without a task, `prompts/get`, `resources/read`).
+/// those of [`mrtr::METHODS`] without a task).
 #[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct CarriedCall {
@@ -376,13 +376,6 @@ pub struct CarriedCall {
     /// What is left of its `requestTimeoutMs`.
     pub remaining_ms: u64,
 }
-
-/// Methods whose answer the relay passes on as the server gave it.
-const CARRYABLE: &[&str] = &[
-    method::TOOLS_CALL,
-    method::PROMPTS_GET,
-    method::RESOURCES_READ,
-];
 
 /// A call is carried only with this much of its timeout left: the old image's own timeout
 /// must not fire between the hand-over and the exec (the output flush takes up to 5 s).
@@ -635,7 +628,7 @@ impl Backend {
         if !self.state().is_up() {
             return None;
         }
-        Some(s.hand_over().await.map(|stdio| self.adopted(stdio)))
+        Some(s.hand_over().await.map(|stdio| self.adopted(stdio, true)))
     }
 
     /// What [`Backend::hand_over`] would carry, without its descriptors (-1): the copy of
@@ -645,28 +638,36 @@ impl Backend {
         let Some(Conn::Stdio(s)) = conn else {
             return None;
         };
-        Some(self.adopted(stdio::Handover {
-            pid: s.pid(),
-            stdin: -1,
-            stdout: -1,
-            stderr: -1,
-            unread: Vec::new(),
-        }))
+        Some(self.adopted(
+            stdio::Handover {
+                pid: s.pid(),
+                stdin: -1,
+                stdout: -1,
+                stderr: -1,
+                unread: Vec::new(),
+            },
+            // The check reads the state's shape; calls are carried only to a binary whose
+            // check says it reads them.
+            false,
+        ))
     }
 
     /// This server as the next image adopts it, with `stdio`'s process and pipes.
-    fn adopted(&self, stdio: stdio::Handover) -> Adopted {
+    fn adopted(&self, stdio: stdio::Handover, with_calls: bool) -> Adopted {
         Adopted {
             name: self.name.clone(),
             stdio,
             info: self.info(),
             next_id: self.next_id.load(Ordering::Relaxed),
             restarts: self.restarts(),
-            lists: CarriedLists::from_lists(&self.lists()),
+            lists: self.carried_lists(),
             fingerprint: launch_fingerprint(&self.config.transport),
             listening: lock(&self.listening).clone(),
             listened: lock(&self.listened).clone(),
-            calls: self.calls_in_flight(),
+            calls: match with_calls {
+                true => self.calls_in_flight(),
+                false => Vec::new(),
+            },
         }
     }
 
@@ -844,9 +845,7 @@ impl Backend {
     /// The upgrade was abandoned after [`Backend::hand_over`]: the kept pipes close and the
     /// server's output is read on.
     pub fn take_back(&self, a: Adopted) {
-        for fd in [a.stdio.stdin, a.stdio.stdout, a.stdio.stderr] {
-            crate::upgrade::close(fd);
-        }
+        a.stdio.close_fds();
         if let Some(Conn::Stdio(s)) = read(&self.conn).clone() {
             s.resume(Some(a.stdio.unread));
         }
@@ -1370,7 +1369,8 @@ impl Backend {
                 });
             }
         }
-        if self.is_modern() && matches!(conn, Conn::Stdio(_)) {
+        // Only stdio servers are adopted.
+        if self.is_modern() {
             self.listen_stdio(closed);
         }
         tracing::info!(server = %self.name, "Backend adopted from the previous relay image.");
@@ -1583,25 +1583,13 @@ impl Backend {
         tools
     }
 
-    /// The `Mcp-Param-*` headers of a `tools/call` to a stateless-era server.
-    pub(crate) fn param_headers(&self, msg: &str) -> Vec<(String, String)> {
-        let Ok(m) = Message::parse_str(msg) else {
-            return Vec::new();
-        };
-        let Some(params) = m
-            .params
-            .as_deref()
-            .and_then(|p| serde_json::from_str::<serde_json::Value>(p.get()).ok())
-        else {
-            return Vec::new();
-        };
-        let Some(name) = params.get("name").and_then(|n| n.as_str()) else {
-            return Vec::new();
-        };
+    /// The `Mcp-Param-*` headers of a `tools/call` of tool `name` (message `msg`) to a
+    /// stateless-era server. Only a tool that annotates arguments costs any parsing.
+    pub(crate) fn param_headers(&self, name: &str, msg: &str) -> Vec<(String, String)> {
         let tool = read(&self.lists)
             .tools
             .iter()
-            .find(|t| t.key == name)
+            .find(|t| t.key == name && t.raw.get().contains("x-mcp-header"))
             .and_then(|t| serde_json::from_str::<serde_json::Value>(t.raw.get()).ok());
         let mirrored = tool
             .as_ref()
@@ -1610,7 +1598,12 @@ impl Backend {
         if mirrored.is_empty() {
             return Vec::new();
         }
-        let args = params.get("arguments").cloned().unwrap_or_default();
+        let args = Message::parse_str(msg)
+            .ok()
+            .and_then(|m| m.params_map().ok())
+            .and_then(|p| p.get("arguments").map(|a| a.get().to_owned()))
+            .and_then(|a| serde_json::from_str::<serde_json::Value>(&a).ok())
+            .unwrap_or_default();
         protocol::modern::param_headers(&mirrored, &args)
     }
 
@@ -1750,22 +1743,22 @@ impl Backend {
     ) -> Result<Message, Failure> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let mut progress = None;
+        let mut has_task = false;
         let body = params.map(|mut p| {
             if let Some(t) = protocol::progress_token(&p) {
                 progress = Some(t);
                 protocol::set_progress_token(&mut p, protocol::raw(&id.to_string()));
             }
+            has_task = p.get("task").is_some();
             p.to_raw()
         });
         // A client request whose answer passes on unchanged can be carried across an
         // in-place upgrade (handshake-era servers: a stateless one's may need bridging).
         let call = (ctx.as_ref().is_some_and(|c| c.request.is_some())
-            && CARRYABLE.contains(&m)
+            && mrtr::METHODS.contains(&m)
             && !self.is_modern()
-            && !body
-                .as_deref()
-                .is_some_and(|b| RawMap::parse(b.get()).is_ok_and(|p| p.get("task").is_some())))
-        .then(|| (m.to_owned(), deadline));
+            && !has_task)
+            .then(|| (m.to_owned(), deadline));
         let (tx, rx) = oneshot::channel();
         let related = ctx.clone();
         lock(&self.pending).insert(
@@ -2059,8 +2052,7 @@ impl Backend {
     async fn abandon(self: &Arc<Self>, id: u64, reason: &str) {
         // The stateless era over HTTP cancels by closing the request's stream (dropping its
         // future); over stdio, as before, with notifications/cancelled.
-        let by_stream =
-            self.is_modern() && !matches!(read(&self.conn).as_ref(), Some(Conn::Stdio(_)));
+        let by_stream = self.is_modern() && !self.has_process();
         if lock(&self.pending).remove(&id).is_some() && !by_stream {
             let params = format!(
                 r#"{{"requestId":{id},"reason":{}}}"#,

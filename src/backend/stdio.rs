@@ -61,6 +61,21 @@ pub struct Handover {
     pub unread: Vec<u8>,
 }
 
+impl Handover {
+    /// Its three pipes.
+    pub fn fds(&self) -> [RawFd; 3] {
+        [self.stdin, self.stdout, self.stderr]
+    }
+
+    /// Closes this image's handles on its pipes (the upgrade did not carry them, or the
+    /// server is not kept).
+    pub fn close_fds(&self) {
+        for fd in self.fds() {
+            crate::upgrade::close(fd);
+        }
+    }
+}
+
 impl Stdio {
     pub fn spawn(
         backend: &Arc<Backend>,
@@ -430,8 +445,6 @@ fn spawn_writer(
     });
 }
 
-/// Writes queued messages to the child's stdin; returns the pipe once the queue has closed
-/// and everything in it is written (`None` after a write error).
 /// Stops a server an upgrade handed over that the new image does not keep: SIGTERM to its
 /// group, SIGKILL after 2 s, and the process reaped (it is this process's child).
 pub fn stop_adopted(pid: i32, keeper: Option<Arc<super::keeper::Keeper>>) {
@@ -439,12 +452,9 @@ pub fn stop_adopted(pid: i32, keeper: Option<Arc<super::keeper::Keeper>>) {
     tokio::spawn(async move {
         let reaped =
             tokio::task::spawn_blocking(move || nix::sys::wait::waitpid(Pid::from_raw(pid), None));
-        if tokio::time::timeout(Duration::from_secs(2), reaped)
-            .await
-            .is_err()
-        {
-            let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
-        }
+        let _ = tokio::time::timeout(Duration::from_secs(2), reaped).await;
+        // Whatever of its group is left (the leader still running after 2 s, or children
+        // it left behind).
         let _ = killpg(Pid::from_raw(pid), Signal::SIGKILL);
         if let Some(k) = keeper {
             k.release(pid);
@@ -452,6 +462,8 @@ pub fn stop_adopted(pid: i32, keeper: Option<Arc<super::keeper::Keeper>>) {
     });
 }
 
+/// Writes queued messages to the child's stdin; returns the pipe once the queue has closed
+/// and everything in it is written (`None` after a write error).
 async fn write_loop(
     mut pipe: pipe::Sender,
     mut rx: mpsc::UnboundedReceiver<String>,

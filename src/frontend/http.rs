@@ -860,11 +860,7 @@ fn header_mismatch(headers: &HeaderMap, msg: &Message) -> Option<String> {
             "MCP-Protocol-Version header `{h}` does not match `_meta` version `{v}`"
         ));
     }
-    let field = match method {
-        protocol::method::TOOLS_CALL | protocol::method::PROMPTS_GET => "name",
-        protocol::method::RESOURCES_READ => "uri",
-        _ => return None,
-    };
+    let field = protocol::modern::name_field(method)?;
     let want = params.get_str(field)?;
     // Names that HTTP cannot carry as they are come in the era's base64 sentinel.
     match header_value(headers, "mcp-name") {
@@ -1580,12 +1576,12 @@ pub async fn serve(
                         continue;
                     }
                 },
-                Some(req) = async { match upgrades.as_mut() { Some(u) => u.recv().await, None => None } }, if checking.is_none() && starting.is_none() => {
+                Some(req) = upgrade::next_request(&mut upgrades), if checking.is_none() && starting.is_none() => {
                     let preview = upgrade::State::new(upgrade::FrontState::default(), upgrade::Carried::default());
                     checking = Some(req.check(relay.config().path.clone(), preview));
                     continue;
                 }
-                (checked, reply) = async { match checking.as_mut() { Some(c) => c.await, None => std::future::pending().await } } => {
+                (checked, reply) = upgrade::checked(&mut checking) => {
                     checking = None;
                     let plan = match checked {
                         Ok(p) => p,

@@ -243,7 +243,7 @@ pub async fn serve_io(
                     front.frame(frame, max, |line| front.dispatch(line));
                 }
             }
-            Some(req) = async { match upgrades.as_mut() { Some(u) => u.recv().await, None => None } }, if checking.is_none() => {
+            Some(req) = upgrade::next_request(&mut upgrades), if checking.is_none() => {
                 if !upgradable {
                     relay.upgrade_not_done(
                         "refused",
@@ -255,7 +255,7 @@ pub async fn serve_io(
                 let preview = front.state(Vec::new(), Vec::new(), relay.preview_hand_over());
                 checking = Some(req.check(relay.config().path.clone(), preview));
             }
-            (checked, reply) = async { match checking.as_mut() { Some(c) => c.await, None => std::future::pending().await } } => {
+            (checked, reply) = upgrade::checked(&mut checking) => {
                 checking = None;
                 let plan = match checked {
                     Ok(p) => p,

@@ -280,17 +280,23 @@ pub fn attach(
         meta.set_str(META_LOG_LEVEL, l);
     }
     params.set_raw("_meta", meta.to_raw());
-    let name = match method.as_str() {
-        super::method::TOOLS_CALL | super::method::PROMPTS_GET => params.get_str("name"),
-        super::method::RESOURCES_READ => params.get_str("uri"),
-        _ => None,
-    };
+    let name = name_field(&method).and_then(|f| params.get_str(f));
     let body = params.to_raw();
     let out = match m.kind() {
         super::Kind::Request => super::request(m.id_text(), &method, Some(&body)),
         _ => super::notification(&method, Some(&body)),
     };
     Some((out, method, name))
+}
+
+/// The field of a request's params that its `Mcp-Name` header carries: the tool or prompt
+/// name, or the resource URI; `None` for methods without one.
+pub fn name_field(method: &str) -> Option<&'static str> {
+    match method {
+        super::method::TOOLS_CALL | super::method::PROMPTS_GET => Some("name"),
+        super::method::RESOURCES_READ => Some("uri"),
+        _ => None,
+    }
 }
 
 /// The message with the era's reserved `_meta` keys removed (other `_meta`, such as a

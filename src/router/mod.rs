@@ -368,9 +368,7 @@ impl Relay {
         for a in adopted_gone {
             lock(&relay.orphaned_calls).extend(a.calls.iter().map(|c| (a.name.clone(), c.clone())));
             tracing::info!(server = %a.name, "Handed-over server is no longer configured as it was; stopping it.");
-            for fd in [a.stdio.stdin, a.stdio.stdout, a.stdio.stderr] {
-                crate::upgrade::close(fd);
-            }
+            a.stdio.close_fds();
             backend::stdio::stop_adopted(a.stdio.pid, relay.settings.keeper.clone());
         }
         // The filtering rules are in force before any server reports its lists.
@@ -620,12 +618,7 @@ impl Relay {
         let mut lists = std::collections::BTreeMap::new();
         for b in self.backends() {
             match b.preview() {
-                // The check reads the state's shape; calls are carried only to a binary
-                // whose check says it reads them.
-                Some(mut a) => {
-                    a.calls.clear();
-                    backends.push(a)
-                }
+                Some(a) => backends.push(a),
                 None => {
                     lists.insert(b.name.clone(), b.carried_lists());
                 }
@@ -647,11 +640,7 @@ impl Relay {
         for a in adopted {
             match self.backend(&a.name) {
                 Some(b) => b.take_back(a),
-                None => {
-                    for fd in [a.stdio.stdin, a.stdio.stdout, a.stdio.stderr] {
-                        crate::upgrade::close(fd);
-                    }
-                }
+                None => a.stdio.close_fds(),
             }
         }
         if let Some(k) = keeper {

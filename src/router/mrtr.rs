@@ -14,7 +14,7 @@
 
 use super::Relay;
 use super::stateless::{CloseOnDrop, Reply, Status, log_wanted};
-use crate::protocol::{self, Message, RawMap, code, method, modern};
+use crate::protocol::{self, Message, RawMap, code, modern};
 use crate::session::{Ask, Outbox, Session};
 use crate::sync::lock;
 use base64::Engine as _;
@@ -157,11 +157,7 @@ pub fn can_answer(meta: &modern::Meta) -> bool {
 
 /// The name a call is bound to: the tool or prompt name, or the resource URI.
 fn name_of(m: &str, msg: &Message) -> Option<String> {
-    let p = msg.params_map().ok()?;
-    match m {
-        method::RESOURCES_READ => p.get_str("uri"),
-        _ => p.get_str("name"),
-    }
+    msg.params_map().ok()?.get_str(modern::name_field(m)?)
 }
 
 fn now_ms() -> u64 {

@@ -147,11 +147,7 @@ impl State {
 
     /// Every descriptor the state hands over (the servers' pipes, the keeper's pipe).
     pub fn handed_fds(&self) -> Vec<RawFd> {
-        let mut fds: Vec<RawFd> = self
-            .backends
-            .iter()
-            .flat_map(|a| [a.stdio.stdin, a.stdio.stdout, a.stdio.stderr])
-            .collect();
+        let mut fds: Vec<RawFd> = self.backends.iter().flat_map(|a| a.stdio.fds()).collect();
         fds.extend(self.keeper.as_ref().map(|k| k.fd));
         fds.retain(|fd| *fd > 2);
         fds
@@ -186,6 +182,24 @@ impl Request {
     pub fn check(self, config: Option<PathBuf>, preview: State) -> Checking {
         let Request { binary, reply } = self;
         Box::pin(async move { (check(binary, config.as_deref(), &preview).await, reply) })
+    }
+}
+
+/// The next upgrade request, for a front's `select!`: never, if the front takes none.
+pub async fn next_request(
+    upgrades: &mut Option<tokio::sync::mpsc::Receiver<Request>>,
+) -> Option<Request> {
+    match upgrades.as_mut() {
+        Some(u) => u.recv().await,
+        None => None,
+    }
+}
+
+/// The outcome of the check under way, for a front's `select!`: never, if none is.
+pub async fn checked(checking: &mut Option<Checking>) -> (Result<Plan, String>, Reply) {
+    match checking.as_mut() {
+        Some(c) => c.await,
+        None => std::future::pending().await,
     }
 }
 
@@ -287,13 +301,8 @@ impl Inherited {
             let _ = set_cloexec(p, true);
         }
         set_cloexec(fd, true).map_err(|e| format!("the upgrade state is unusable: {e}"))?;
-        // SAFETY: the previous image passed this memfd; it is open (fcntl succeeded). The
-        // File is never dropped (ManuallyDrop): the descriptor stays open for a rollback.
-        let file = std::mem::ManuallyDrop::new(unsafe { std::fs::File::from_raw_fd(fd) });
-        let mut bytes = Vec::new();
-        let read = (&*file).read_to_end(&mut bytes);
-        let _ = (&*file).rewind();
-        read.map_err(|e| format!("cannot read the upgrade state: {e}"))?;
+        // The memfd stays open for a rollback.
+        let bytes = read_fd(fd).map_err(|e| format!("cannot read the upgrade state: {e}"))?;
         let state = State::decode(&bytes)?;
         for fd in state.handed_fds() {
             set_cloexec(fd, true)
@@ -303,16 +312,12 @@ impl Inherited {
             return Err(e);
         }
         if let Some(p) = &state.started_from {
-            *crate::sync::lock(&STARTED_FROM) = Some(p.clone());
+            set_started_from(p.clone());
         }
-        GENERATION.store(
-            if self.rolled_back.is_some() {
-                state.generation
-            } else {
-                state.generation + 1
-            },
-            Ordering::Relaxed,
-        );
+        set_generation(match self.rolled_back {
+            Some(_) => state.generation,
+            None => state.generation + 1,
+        });
         Ok(state)
     }
 

@@ -120,6 +120,16 @@ fn exec_done(pid: i64) -> Result {
     })
 }
 
+/// A relay installed at a path of its own (where new builds get installed), and a
+/// directory for those builds: (the relay's dir, the builds' dir, the relay's path).
+fn installed_relay() -> Result<(tempfile::TempDir, tempfile::TempDir, PathBuf)> {
+    let dir = tempfile::tempdir()?;
+    let builds = tempfile::tempdir()?;
+    let bin = dir.path().join("mcp-relay");
+    install(&relay_bin(), &bin)?;
+    Ok((dir, builds, bin))
+}
+
 fn sigusr2(c: &StdioClient) -> Result {
     let pid = i32::try_from(c.proc.child.id())?;
     nix::sys::signal::kill(
@@ -131,11 +141,7 @@ fn sigusr2(c: &StdioClient) -> Result {
 
 #[test]
 fn stdio_relay_upgrades_in_place_under_load() -> Result {
-    let dir = tempfile::tempdir()?;
-    let builds = tempfile::tempdir()?;
-    // The relay runs from a path of its own, where new builds get installed.
-    let bin = dir.path().join("mcp-relay");
-    install(&relay_bin(), &bin)?;
+    let (dir, builds, bin) = installed_relay()?;
     let (_web, url) = example_http("web")?;
     let cfg = json!({"mcpServers": {
         "a": example("a"),
@@ -304,18 +310,16 @@ fn stdio_relay_upgrades_in_place_under_load() -> Result {
 
 #[test]
 fn an_upgrade_carries_calls_in_flight_to_a_stdio_server() -> Result {
-    let dir = tempfile::tempdir()?;
-    let builds = tempfile::tempdir()?;
-    let bin = dir.path().join("mcp-relay");
-    install(&relay_bin(), &bin)?;
+    let (dir, builds, bin) = installed_relay()?;
     let cfg = json!({"mcpServers": {"a": example("a")}});
     let mut c = StdioClient::start_from(dir, cfg, &bin, &[], Stdio::null())?;
     c.initialize(json!({}))?;
     let relay_pid = i64::from(c.proc.child.id());
     let servers = pids(&status(&mut c, 10)?);
-    // Two long calls (60 steps of 100 ms), one with progress; both running at the exec.
+    // Two long calls (50 steps of 300 ms: long enough to outlast the new binary's check on a
+    // loaded machine), one with progress; both running at the exec.
     let slow = |id: u64, token: Option<&str>| {
-        let mut params = json!({"name": "a__slow", "arguments": {"steps": 60, "ms": 100}});
+        let mut params = json!({"name": "a__slow", "arguments": {"steps": 50, "ms": 300}});
         if let Some(t) = token {
             params["_meta"] = json!({"progressToken": t});
         }
@@ -351,7 +355,7 @@ fn an_upgrade_carries_calls_in_flight_to_a_stdio_server() -> Result {
     // Progress goes on from the new image under the client's token, then the answer.
     let done = c.recv_until(|l| is_response(l, &json!(20)), &mut seen)?;
     let v: Value = serde_json::from_str(&done)?;
-    assert_eq!(text(&v), "done after 60 steps", "{done}");
+    assert_eq!(text(&v), "done after 50 steps", "{done}");
     assert!(
         seen.iter().any(|l| is_progress(l)),
         "no progress after the exec: {seen:?}"
@@ -843,10 +847,7 @@ fn stop_pid(pid: i64) -> Result {
 async fn an_rmcp_client_does_not_notice_three_upgrades() -> Result {
     use rmcp::ServiceExt;
     use rmcp::model::CallToolRequestParams;
-    let dir = tempfile::tempdir()?;
-    let builds = tempfile::tempdir()?;
-    let bin = dir.path().join("mcp-relay");
-    install(&relay_bin(), &bin)?;
+    let (dir, builds, bin) = installed_relay()?;
     let (_web, url) = example_http("web")?;
     let cfg = json!({"mcpServers": {
         "a": example("a"),
