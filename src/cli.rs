@@ -126,7 +126,25 @@ enum ToolsCommand {
         /// Tools ranked per query.
         #[arg(long, default_value_t = 10)]
         top: usize,
+        /// Also print each ranked tool's score (`"scores"`, in the order of `"ranked"`).
+        #[arg(long)]
+        scores: bool,
+        /// Mix in a sentence-embedding model's similarities, as `toolFiltering.embeddings`
+        /// does: the model's directory (sentence-transformers layout).
+        #[arg(long, value_name = "DIR")]
+        embeddings: Option<PathBuf>,
+        /// The embeddings' share of the score, 0 to 1.
+        #[arg(long, default_value_t = 0.6, requires = "embeddings", value_parser = share)]
+        embedding_weight: f64,
     },
+}
+
+/// A number from 0 to 1.
+fn share(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(x) if (0.0..=1.0).contains(&x) => Ok(x),
+        _ => Err(format!("`{s}` is not a number from 0 to 1")),
+    }
 }
 
 #[derive(Subcommand)]
@@ -232,8 +250,19 @@ pub fn main() -> ExitCode {
                     catalog,
                     queries,
                     top,
+                    scores,
+                    embeddings,
+                    embedding_weight,
                 },
-        } => tools::rank(&catalog, &queries, top),
+        } => tools::rank(tools::RankArgs {
+            catalog: &catalog,
+            queries: &queries,
+            top,
+            scores,
+            embeddings: embeddings
+                .as_deref()
+                .map(|d| (d, embedding_weight.clamp(0.0, 1.0))),
+        }),
         Command::Serve {
             listen,
             allow_unauthenticated,

@@ -399,6 +399,22 @@ fn tool_selection(relay: &Relay, cfg: &Config) -> Value {
             stats["baseUrl"] = json!(redact::url(&llm.base_url));
             v["llm"] = stats;
         }
+        if let (Some(e), Some(state)) = (&f.embeddings, relay.view().semantic_state()) {
+            use crate::selection::SemanticState;
+            let mut s = json!({"model": e.model, "weight": e.weight});
+            match state {
+                SemanticState::Embedding => s["state"] = json!("embedding"),
+                SemanticState::Ready { tools } => {
+                    s["state"] = json!("ready");
+                    s["embeddedTools"] = json!(tools);
+                }
+                SemanticState::Unusable(why) => {
+                    s["state"] = json!("unusable");
+                    s["error"] = json!(why);
+                }
+            }
+            v["embeddings"] = s;
+        }
     }
     v
 }

@@ -864,7 +864,7 @@ fn bench_rank(root: &Path) -> Res<()> {
     for _ in 0..3 {
         for q in &queries {
             let t = Instant::now();
-            let hits = selection::rank_index(&index, q, 10);
+            let hits = selection::rank_index(&index, None, q, 10);
             lat.push(t.elapsed().as_secs_f64() * 1e3);
             std::hint::black_box(hits);
         }
@@ -886,6 +886,56 @@ fn bench_rank(root: &Path) -> Res<()> {
         percentile(&mut lat, 1.0),
     );
     println!("| rank one prompt, p50 / p99 / max | {p50:.3} / {p99:.3} / {max:.3} ms |");
+
+    // With the embedding model (toolFiltering.embeddings), when scripts/setup-test-deps.sh
+    // installed it (or BENCH_MODEL names another): the real 527-tool catalog.
+    let model_dir = std::env::var_os("BENCH_MODEL")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root.join(".models/all-MiniLM-L6-v2"));
+    if !model_dir.join("model.safetensors").is_file() {
+        println!("\n(no embedding model at {}: skipped)", model_dir.display());
+        return Ok(());
+    }
+    let t = Instant::now();
+    let model = selection::embed::shared(&model_dir)?;
+    let load_ms = t.elapsed().as_secs_f64() * 1e3;
+    let docs: Vec<rank::ToolDoc> = tools
+        .iter()
+        .filter_map(rank::ToolDoc::from_catalog_line)
+        .collect();
+    let small = docs.len();
+    let index = selection::build_index(docs);
+    let t = Instant::now();
+    let semantic = selection::Semantic::build(model, 0.6, &index);
+    let embed_s = t.elapsed().as_secs_f64();
+    let mut lat = Vec::with_capacity(queries.len());
+    for q in &queries {
+        let t = Instant::now();
+        let hits = selection::rank_index(&index, Some(&semantic), q, 10);
+        lat.push(t.elapsed().as_secs_f64() * 1e3);
+        std::hint::black_box(hits);
+    }
+    println!(
+        "\n## With the embedding model {} over {small} tools ({} prompts)\n",
+        model_dir.display(),
+        queries.len()
+    );
+    println!("| step | figure |");
+    println!("|---|---|");
+    println!("| load the model | {load_ms:.0} ms |");
+    println!(
+        "| embed every tool ({} threads) | {embed_s:.1} s ({:.1} ms per tool) |",
+        std::thread::available_parallelism().map_or(1, |n| n.get()),
+        embed_s * 1e3 / small.max(1) as f64
+    );
+    let (p50, p99, max) = (
+        percentile(&mut lat, 0.5),
+        percentile(&mut lat, 0.99),
+        percentile(&mut lat, 1.0),
+    );
+    println!(
+        "| rank one prompt (embed it + mix), p50 / p99 / max | {p50:.1} / {p99:.1} / {max:.1} ms |"
+    );
     Ok(())
 }
 

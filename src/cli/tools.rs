@@ -27,22 +27,72 @@ fn text<'a>(v: &'a Value, key: &str) -> &'a str {
     v.get(key).and_then(Value::as_str).unwrap_or_default()
 }
 
-pub fn rank(catalog: &Path, queries: &Path, top: usize) -> ExitCode {
+/// What `tools rank` is asked to do.
+pub struct RankArgs<'a> {
+    pub catalog: &'a Path,
+    pub queries: &'a Path,
+    pub top: usize,
+    pub scores: bool,
+    /// An embedding model directory and its weight (`toolFiltering.embeddings`).
+    pub embeddings: Option<(&'a Path, f64)>,
+}
+
+pub fn rank(args: RankArgs<'_>) -> ExitCode {
+    let RankArgs {
+        catalog,
+        queries,
+        top,
+        scores,
+        embeddings,
+    } = args;
     let run = || -> Result<(), String> {
         let docs: Vec<ToolDoc> = lines(catalog)?
             .iter()
             .filter_map(ToolDoc::from_catalog_line)
             .collect();
         let index = selection::build_index(docs);
+        let semantic = match embeddings {
+            Some((dir, weight)) => {
+                let model = selection::embed::shared(dir).map_err(|e| e.to_string())?;
+                Some(selection::Semantic::build(model, weight, &index))
+            }
+            None => None,
+        };
         let stdout = std::io::stdout();
         let mut out = std::io::BufWriter::new(stdout.lock());
-        for q in lines(queries)? {
-            let hits = selection::rank_index(&index, text(&q, "query"), top);
+        let queries = lines(queries)?;
+        // Rankings are independent: with a model (milliseconds per prompt) they are spread
+        // over the cores; the output keeps the queries' order.
+        let rank =
+            |q: &Value| selection::rank_index(&index, semantic.as_ref(), text(q, "query"), top);
+        let threads = if semantic.is_some() {
+            std::thread::available_parallelism().map_or(1, |n| n.get())
+        } else {
+            1
+        };
+        let chunk = queries.len().div_ceil(threads).max(1);
+        let ranked: Vec<Vec<selection::rank::Hit>> = std::thread::scope(|scope| {
+            let parts: Vec<_> = queries
+                .chunks(chunk)
+                .map(|part| scope.spawn(move || part.iter().map(rank).collect::<Vec<_>>()))
+                .collect();
+            parts
+                .into_iter()
+                .flat_map(|p| p.join().unwrap_or_default())
+                .collect()
+        });
+        if ranked.len() != queries.len() {
+            return Err("a ranking thread failed".into());
+        }
+        for (q, hits) in queries.iter().zip(ranked) {
             let ranked: Vec<&str> = hits
                 .iter()
                 .filter_map(|h| index.doc(h.doc).map(|d| d.id.as_str()))
                 .collect();
-            let line = serde_json::json!({"id": q.get("id").cloned().unwrap_or(Value::Null), "ranked": ranked});
+            let mut line = serde_json::json!({"id": q.get("id").cloned().unwrap_or(Value::Null), "ranked": ranked});
+            if scores {
+                line["scores"] = hits.iter().map(|h| h.score).collect::<Vec<_>>().into();
+            }
             writeln!(out, "{line}").map_err(|e| format!("cannot write: {e}"))?;
         }
         out.flush().map_err(|e| format!("cannot write: {e}"))

@@ -82,6 +82,18 @@ impl std::fmt::Debug for LlmSettings {
     }
 }
 
+/// A sentence-embedding model on disk that re-ranks the local ranking by meaning
+/// (`toolFiltering.embeddings`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct EmbeddingSettings {
+    /// A directory in the sentence-transformers layout (`config.json`, `tokenizer.json`,
+    /// `model.safetensors`) of a BERT-family encoder, e.g. all-MiniLM-L6-v2.
+    pub model: std::path::PathBuf,
+    /// The share of the meaning in a tool's score, 0 to 1 (default 0.6); the rest is the
+    /// local ranker's. Both are standardized over the catalog before they are mixed.
+    pub weight: f64,
+}
+
 /// The whole `toolFiltering` section.
 #[derive(Debug, Clone, PartialEq)]
 pub struct ToolFiltering {
@@ -95,6 +107,7 @@ pub struct ToolFiltering {
     /// Per server name.
     pub servers: BTreeMap<String, ToolRules>,
     pub llm: Option<LlmSettings>,
+    pub embeddings: Option<EmbeddingSettings>,
 }
 
 impl Default for ToolFiltering {
@@ -106,6 +119,7 @@ impl Default for ToolFiltering {
             max_exposed: 30,
             servers: BTreeMap::new(),
             llm: None,
+            embeddings: None,
         }
     }
 }
@@ -124,6 +138,7 @@ const KEYS: &[&str] = &[
     "maxExposed",
     "servers",
     "llmCategorization",
+    "embeddings",
 ];
 const LLM_KEYS: &[&str] = &[
     "provider",
@@ -231,6 +246,9 @@ impl Validator<'_> {
         if let Some(l) = map.get("llmCategorization") {
             f.llm = self.llm(l);
         }
+        if let Some(e) = map.get("embeddings") {
+            f.embeddings = self.embeddings(e);
+        }
         if f.mode == Mode::All && !f.servers.is_empty() {
             self.warnings.push(format!(
                 "{}: {at}.servers: allow/deny rules apply only in mode \"static\" or \"prompt\"; mode is \"all\"",
@@ -262,6 +280,54 @@ impl Validator<'_> {
             }
         }
         out
+    }
+
+    fn embeddings(&mut self, v: &Value) -> Option<EmbeddingSettings> {
+        let at = "toolFiltering.embeddings";
+        let Some(map) = v.as_object() else {
+            self.problem(
+                at,
+                "must be an object with `model` (a directory) and optional `weight`".into(),
+            );
+            return None;
+        };
+        self.unknown_keys(map, at, &["model", "weight"], "setting");
+        let Some(model) = self.opt_string(map, at, "model") else {
+            self.problem(
+                at,
+                "needs `model`: the directory of a sentence-transformers model (config.json, tokenizer.json, model.safetensors)".into(),
+            );
+            return None;
+        };
+        let model = std::path::PathBuf::from(model);
+        let missing: Vec<&str> = ["config.json", "tokenizer.json", "model.safetensors"]
+            .into_iter()
+            .filter(|f| !model.join(f).is_file())
+            .collect();
+        if !missing.is_empty() {
+            self.problem(
+                &format!("{at}.model"),
+                format!(
+                    "{} has no {} (a sentence-transformers model directory is needed; nothing is downloaded)",
+                    model.display(),
+                    missing.join(", ")
+                ),
+            );
+        }
+        let weight = match map.get("weight") {
+            None => 0.6,
+            Some(Value::Number(n)) if n.as_f64().is_some_and(|x| (0.0..=1.0).contains(&x)) => {
+                n.as_f64().unwrap_or(0.6)
+            }
+            Some(_) => {
+                self.problem(
+                    &format!("{at}.weight"),
+                    "must be a number from 0 to 1".into(),
+                );
+                0.6
+            }
+        };
+        Some(EmbeddingSettings { model, weight })
     }
 
     fn llm(&mut self, v: &Value) -> Option<LlmSettings> {
@@ -351,6 +417,40 @@ mod tests {
         assert!(f.permits("mem", "create_entities"));
         assert!(!f.permits("mem", "delete_entities"));
         assert!(f.permits("other", "anything"));
+        Ok(())
+    }
+
+    #[test]
+    fn embeddings_need_a_model_directory() -> Result<(), Vec<String>> {
+        let Err(problems) = parse(
+            r#"{"mcpServers": {}, "toolFiltering": {"mode": "prompt",
+                "embeddings": {"model": "/nonexistent/model", "weight": 1.5, "x": 1}}}"#,
+        ) else {
+            panic!("a missing model directory was accepted");
+        };
+        let all = problems.join("\n");
+        for needle in [
+            "toolFiltering.embeddings.model: /nonexistent/model has no config.json, tokenizer.json, model.safetensors",
+            "toolFiltering.embeddings.weight: must be a number from 0 to 1",
+            "toolFiltering.embeddings.x: unknown setting",
+        ] {
+            assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
+        }
+        let dir = std::env::temp_dir().join(format!("mcp-relay-model-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).map_err(|e| vec![e.to_string()])?;
+        for f in ["config.json", "tokenizer.json", "model.safetensors"] {
+            std::fs::write(dir.join(f), "{}").map_err(|e| vec![e.to_string()])?;
+        }
+        let text = format!(
+            r#"{{"mcpServers": {{}}, "toolFiltering": {{"mode": "prompt", "embeddings": {{"model": "{}"}}}}}}"#,
+            dir.display()
+        );
+        let parsed = parse(&text);
+        let _ = std::fs::remove_dir_all(&dir);
+        let e = parsed?
+            .embeddings
+            .ok_or_else(|| vec!["no embeddings".to_owned()])?;
+        assert_eq!((e.model, e.weight), (dir, 0.6));
         Ok(())
     }
 

@@ -54,6 +54,8 @@ pub struct Relay {
     view: RwLock<Arc<View>>,
     /// Serializes catalog rebuilds; holds the analyzed tool texts between them.
     rebuild: Mutex<selection::DocCache>,
+    /// Embeds each new view's tools in the background (`toolFiltering.embeddings`).
+    warmer: selection::Warmer,
     /// Client for the optional LLM of `relay__analyze_prompt`.
     pub(crate) llm_client: reqwest::Client,
     pub(crate) llm_stats: selection::llm::Stats,
@@ -310,6 +312,7 @@ impl Relay {
             catalog: RwLock::new(Arc::new(Catalog::default())),
             view: RwLock::new(Arc::new(View::default())),
             rebuild: Mutex::new(selection::DocCache::default()),
+            warmer: selection::Warmer::default(),
             llm_client: reqwest::Client::new(),
             llm_stats: selection::llm::Stats::default(),
             sessions: Mutex::new(HashMap::new()),
@@ -993,6 +996,9 @@ impl Relay {
             &servers,
             &mut cache,
         ));
+        // Embedding the catalog takes seconds: done off the request path (rankings are local
+        // until it is ready).
+        self.warmer.warm(&view);
         let old = std::mem::replace(&mut *write(&self.catalog), new.clone());
         let old_view = std::mem::replace(&mut *write(&self.view), view.clone());
         let same = |a: &[Arc<serde_json::value::RawValue>],

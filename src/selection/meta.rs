@@ -133,14 +133,15 @@ async fn analyze(relay: &Arc<Relay>, ctx: &ReqCtx, args: &Value) -> Box<RawValue
     let mut source = "local";
     let picks: Vec<Pick> = match &filtering.llm {
         Some(settings) => {
-            let candidates: Vec<(Pick, String)> =
+            let candidates: Vec<(Pick, String)> = heavy(&view, || {
                 super::rank(&view, prompt, settings.candidates.max(limit), sees)
-                    .into_iter()
-                    .map(|p| {
-                        let d = view.description(&p.name).to_owned();
-                        (p, d)
-                    })
-                    .collect();
+            })
+            .into_iter()
+            .map(|p| {
+                let d = view.description(&p.name).to_owned();
+                (p, d)
+            })
+            .collect();
             if candidates.is_empty() {
                 Vec::new()
             } else {
@@ -171,8 +172,21 @@ async fn analyze(relay: &Arc<Relay>, ctx: &ReqCtx, args: &Value) -> Box<RawValue
                 }
             }
         }
-        None => super::cut(super::rank(&view, prompt, limit, sees), limit),
+        None => super::cut(
+            heavy(&view, || super::rank(&view, prompt, limit, sees)),
+            limit,
+        ),
     };
+    match view.semantic_state() {
+        Some(super::SemanticState::Unusable(e)) => {
+            notes.push(format!("the embedding model is not used ({e})"));
+        }
+        Some(super::SemanticState::Embedding) => notes.push(
+            "the embedding model is still embedding the tools; this prompt was ranked locally"
+                .into(),
+        ),
+        _ => {}
+    }
     if picks.is_empty() {
         return success(
             "No tool matched this prompt; the tool list is unchanged. Try relay__search_tools with other words.".into(),
@@ -229,7 +243,7 @@ fn search(relay: &Arc<Relay>, ctx: &ReqCtx, args: &Value) -> Box<RawValue> {
     let grant = relay.grant(&ctx.session);
     let sees = |server: &str| grant.sees(server);
     let sees: super::Sees<'_> = grant.restricted().then_some(&sees);
-    let picks = super::rank(&view, query, limit, sees);
+    let picks = heavy(&view, || super::rank(&view, query, limit, sees));
     let mut text = if picks.is_empty() {
         "No tool matched.".to_owned()
     } else {
@@ -297,4 +311,19 @@ async fn call_by_name(
         }
     }
     relay.call_tool(name, params, ctx, cancel).await
+}
+
+/// Runs a ranking that uses the embedding model (tens of milliseconds per prompt) without
+/// stalling the other tasks of the runtime's worker.
+fn heavy<T>(view: &super::View, rank: impl FnOnce() -> T) -> T {
+    use tokio::runtime::{Handle, RuntimeFlavor};
+    match Handle::try_current() {
+        Ok(h)
+            if view.semantic_ready().is_some()
+                && h.runtime_flavor() == RuntimeFlavor::MultiThread =>
+        {
+            tokio::task::block_in_place(rank)
+        }
+        _ => rank(),
+    }
 }

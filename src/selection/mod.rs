@@ -6,6 +6,7 @@
 //! lives in its `SessionState::exposed` (names only, so it survives an upgrade). This module
 //! decides and ranks; the router sends the notifications and forwards calls.
 
+pub mod embed;
 pub mod llm;
 pub mod meta;
 pub mod rank;
@@ -91,12 +92,16 @@ pub struct View {
     position: HashMap<String, usize>,
     docs: Vec<Arc<Analyzed>>,
     index: OnceLock<Index>,
+    semantic: OnceLock<Result<Semantic, String>>,
 }
 
-/// Per-tool analyzed text kept across catalog snapshots, so that a change re-analyzes only
-/// the tools that changed.
+/// Per-tool analyzed text (and embedding) kept across catalog snapshots, so that a change
+/// re-analyzes only the tools that changed; emptied when the embedding model changes.
 #[derive(Default)]
-pub struct DocCache(HashMap<String, Arc<Analyzed>>);
+pub struct DocCache {
+    docs: HashMap<String, Arc<Analyzed>>,
+    model: Option<std::path::PathBuf>,
+}
 
 impl View {
     /// The view of `catalog` under `filtering`; `servers` gives each server's description.
@@ -114,6 +119,11 @@ impl View {
             filtering: filtering.clone(),
             ..View::default()
         };
+        let model = filtering.embeddings.as_ref().map(|e| e.model.clone());
+        if cache.model != model {
+            cache.docs.clear();
+            cache.model = model;
+        }
         let mut fresh = HashMap::with_capacity(catalog.tools.len());
         for (raw, name) in catalog.tools.iter().zip(&catalog.tool_names) {
             let Some(target) = catalog.tool(name) else {
@@ -129,7 +139,7 @@ impl View {
                     .copied()
                     .unwrap_or_default();
                 let key = format!("{name}\n{stext}\n{}", raw.get());
-                let doc = cache.0.remove(&key).unwrap_or_else(|| {
+                let doc = cache.docs.remove(&key).unwrap_or_else(|| {
                     let tool: Value = serde_json::from_str(raw.get()).unwrap_or(Value::Null);
                     let mut doc = ToolDoc::from_tool(name.clone(), &target.server, stext, &tool);
                     // Rank on the tool's own name; the exposed one only adds the prefix.
@@ -143,7 +153,7 @@ impl View {
             v.tools.push(raw.clone());
             v.targets.push(target.clone());
         }
-        cache.0 = fresh;
+        cache.docs = fresh;
         v
     }
 
@@ -160,6 +170,57 @@ impl View {
     /// The ranking index (empty outside prompt mode), built on first use.
     pub fn index(&self) -> &Index {
         self.index.get_or_init(|| index_of(self.docs.clone()))
+    }
+
+    /// Whether rankings of this view use an embedding model (`toolFiltering.embeddings` in
+    /// prompt mode).
+    pub fn wants_semantic(&self) -> bool {
+        self.filtering.mode == Mode::Prompt && self.filtering.embeddings.is_some()
+    }
+
+    /// What the embedding model is doing, without waiting for it (`None`: no model in use).
+    pub fn semantic_state(&self) -> Option<SemanticState<'_>> {
+        if !self.wants_semantic() {
+            return None;
+        }
+        Some(match self.semantic.get() {
+            None => SemanticState::Embedding,
+            Some(Ok(s)) => SemanticState::Ready {
+                tools: s.vectors.iter().filter(|v| v.is_some()).count(),
+            },
+            Some(Err(e)) => SemanticState::Unusable(e),
+        })
+    }
+
+    /// The embedding side of the ranking if it is ready (rankings do not wait for it).
+    pub fn semantic_ready(&self) -> Option<&Semantic> {
+        self.semantic.get().and_then(|s| s.as_ref().ok())
+    }
+
+    /// The embedding side of the ranking, loaded and computed on first use (seconds for a
+    /// large catalog: [`Warmer`] does it on its own thread after each rebuild); `Err` says
+    /// why the model cannot be used (the local ranking is used alone then).
+    pub fn semantic(&self) -> Option<Result<&Semantic, &str>> {
+        let settings = self.filtering.embeddings.as_ref()?;
+        if self.filtering.mode != Mode::Prompt {
+            return None;
+        }
+        let built = self.semantic.get_or_init(|| {
+            let started = std::time::Instant::now();
+            let model = embed::shared(&settings.model).map_err(|e| {
+                tracing::warn!(error = %e, "The embedding model cannot be used; tools are ranked locally alone.");
+                e.to_string()
+            })?;
+            let s = Semantic::build(model, settings.weight, self.index());
+            tracing::info!(
+                model = %settings.model.display(),
+                tools = s.vectors.len(),
+                ms = started.elapsed().as_millis() as u64,
+                "Tool embeddings ready."
+            );
+            Ok(s)
+        });
+        Some(built.as_ref().map_err(String::as_str))
     }
 
     /// A tool's description as the ranker saw it (prompt mode).
@@ -183,9 +244,198 @@ pub fn build_index(docs: Vec<ToolDoc>) -> Index {
     )
 }
 
-/// The ranking `relay__analyze_prompt` uses: the best `limit` tools for `prompt`.
-pub fn rank_index(index: &Index, prompt: &str, limit: usize) -> Vec<rank::Hit> {
-    index.rank(truncate(prompt, MAX_PROMPT_BYTES), limit)
+/// The ranking `relay__analyze_prompt` uses: the best `limit` tools for `prompt`, by the
+/// local ranker alone or mixed with an embedding model's similarities.
+pub fn rank_index(
+    index: &Index,
+    semantic: Option<&Semantic>,
+    prompt: &str,
+    limit: usize,
+) -> Vec<rank::Hit> {
+    let prompt = truncate(prompt, MAX_PROMPT_BYTES);
+    match semantic {
+        Some(s) => s.rank(index, prompt, limit),
+        None => index.rank(prompt, limit),
+    }
+}
+
+/// With an embedding model, a tool is ranked only when its mixed score stands this many
+/// standard deviations above the catalog's mean (the rest are unrelated to the prompt).
+const MIN_FUSED: f64 = 1.0;
+
+/// Catalogs smaller than this are ranked whole with an embedding model.
+const SMALL_CATALOG: usize = 8;
+
+/// Embeds the newest view's tools on one background thread: `rebuild_catalog` hands it
+/// every new view; a view superseded before its turn is skipped (its tools' vectors, kept
+/// with their analyses, serve the next view anyway).
+#[derive(Default)]
+pub struct Warmer(Arc<std::sync::Mutex<WarmerState>>);
+
+#[derive(Default)]
+struct WarmerState {
+    next: Option<std::sync::Weak<View>>,
+    running: bool,
+}
+
+impl Warmer {
+    pub fn warm(&self, view: &Arc<View>) {
+        if !view.wants_semantic() {
+            return;
+        }
+        let mut st = crate::sync::lock(&self.0);
+        st.next = Some(Arc::downgrade(view));
+        if st.running {
+            return;
+        }
+        st.running = true;
+        drop(st);
+        let shared = self.0.clone();
+        let spawned = std::thread::Builder::new()
+            .name("tool-embeddings".into())
+            .spawn(move || {
+                loop {
+                    let next = {
+                        let mut st = crate::sync::lock(&shared);
+                        match st.next.take() {
+                            Some(w) => w,
+                            None => {
+                                st.running = false;
+                                return;
+                            }
+                        }
+                    };
+                    if let Some(view) = next.upgrade() {
+                        view.semantic();
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            crate::sync::lock(&self.0).running = false;
+            tracing::warn!(error = %e, "Cannot start embedding the tools; rankings stay local until the next catalog change.");
+        }
+    }
+}
+
+/// The embedding model's state (`relay__status`).
+#[derive(Debug, Clone, PartialEq)]
+pub enum SemanticState<'a> {
+    /// Loading the model or embedding the catalog.
+    Embedding,
+    /// In use; `tools` of the catalog's tools have a vector.
+    Ready { tools: usize },
+    /// Not usable (why); the local ranking is used alone.
+    Unusable(&'a str),
+}
+
+/// The embedding side of a ranking: the model and one vector per tool of an index.
+pub struct Semantic {
+    model: Arc<embed::Model>,
+    weight: f64,
+    vectors: Vec<Option<Arc<[f32]>>>,
+}
+
+impl Semantic {
+    /// Embeds the index's tools; each tool's vector is kept with its analysis, so a catalog
+    /// change embeds only the tools that changed.
+    pub fn build(model: Arc<embed::Model>, weight: f64, index: &Index) -> Semantic {
+        let docs = index.analyzed();
+        let embed_one = |a: &Arc<Analyzed>| {
+            a.vector
+                .get_or_init(|| {
+                    model
+                        .embed(&a.doc.embedding_text())
+                        .map_err(
+                            |e| tracing::debug!(tool = %a.doc.id, error = %e, "Tool not embedded."),
+                        )
+                        .ok()
+                        .map(Arc::from)
+                })
+                .clone()
+        };
+        // Tools not embedded yet are spread over the cores (each is independent).
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let missing: Vec<&Arc<Analyzed>> =
+            docs.iter().filter(|a| a.vector.get().is_none()).collect();
+        if threads > 1 && missing.len() > 16 {
+            let chunk = missing.len().div_ceil(threads);
+            std::thread::scope(|scope| {
+                for part in missing.chunks(chunk) {
+                    scope.spawn(|| part.iter().for_each(|a| drop(embed_one(a))));
+                }
+            });
+        }
+        let vectors = docs.iter().map(embed_one).collect();
+        Semantic {
+            model,
+            weight,
+            vectors,
+        }
+    }
+
+    /// The local ranker's scores and the prompt's cosine similarity to each tool, each
+    /// standardized over the catalog (so neither scale dominates), mixed by `weight`.
+    fn rank(&self, index: &Index, prompt: &str, limit: usize) -> Vec<rank::Hit> {
+        let query = match self.model.embed(prompt) {
+            Ok(q) => q,
+            Err(e) => {
+                tracing::warn!(error = %e, "Prompt not embedded; ranked locally alone.");
+                return index.rank(prompt, limit);
+            }
+        };
+        let n = index.len().min(self.vectors.len());
+        let mut lexical = vec![0f64; n];
+        let mut matched = vec![Vec::new(); n];
+        for h in index.rank(prompt, n) {
+            if h.doc < n {
+                lexical[h.doc] = h.score;
+                matched[h.doc] = h.matched;
+            }
+        }
+        let similarity: Vec<f64> = self.vectors[..n]
+            .iter()
+            .map(|v| {
+                v.as_deref()
+                    .map_or(0.0, |v| f64::from(embed::cosine(&query, v)))
+            })
+            .collect();
+        let (zl, zs) = (standardize(&lexical), standardize(&similarity));
+        let fused: Vec<f64> = (0..n)
+            .map(|i| (1.0 - self.weight) * zl[i] + self.weight * zs[i])
+            .collect();
+        // Standard deviations mean little over a handful of tools: all of them are ranked
+        // then. Tools the local ranker found are kept whatever the model says.
+        let small = n < SMALL_CATALOG;
+        let mut hits: Vec<usize> = (0..n)
+            .filter(|&i| small || fused[i] >= MIN_FUSED || lexical[i] > 0.0)
+            .collect();
+        let id = |i: usize| index.doc(i).map_or("", |d| d.id.as_str());
+        hits.sort_by(|a, b| {
+            fused[*b]
+                .total_cmp(&fused[*a])
+                .then_with(|| id(*a).cmp(id(*b)))
+        });
+        hits.truncate(limit);
+        hits.into_iter()
+            .map(|i| rank::Hit {
+                doc: i,
+                score: fused[i],
+                matched: std::mem::take(&mut matched[i]),
+                similarity: Some(similarity[i]),
+            })
+            .collect()
+    }
+}
+
+/// `(x - mean) / standard deviation` (all zeros when the values do not vary).
+fn standardize(x: &[f64]) -> Vec<f64> {
+    let n = x.len().max(1) as f64;
+    let mean = x.iter().sum::<f64>() / n;
+    let sd = (x.iter().map(|v| (v - mean) * (v - mean)).sum::<f64>() / n).sqrt();
+    if sd < 1e-12 {
+        return vec![0.0; x.len()];
+    }
+    x.iter().map(|v| (v - mean) / sd).collect()
 }
 
 /// Which servers a session may see (`None`: all); from its client's `servers` globs.
@@ -250,7 +500,7 @@ pub fn rank(view: &View, prompt: &str, limit: usize, sees: Sees<'_>) -> Vec<Pick
     } else {
         limit
     };
-    rank_index(index, prompt, depth)
+    rank_index(index, view.semantic_ready(), prompt, depth)
         .into_iter()
         .filter_map(|h| {
             let doc = index.doc(h.doc)?;
@@ -258,11 +508,18 @@ pub fn rank(view: &View, prompt: &str, limit: usize, sees: Sees<'_>) -> Vec<Pick
                 return None;
             }
             let terms: Vec<&str> = h.matched.iter().take(5).map(String::as_str).collect();
-            let reason = if terms.is_empty() {
+            let mut reason = if terms.is_empty() {
                 format!("another tool of server {} matches", doc.server)
             } else {
                 format!("matches {}", terms.join(", "))
             };
+            if let Some(s) = h.similarity {
+                reason = if terms.is_empty() {
+                    format!("close in meaning ({s:.2})")
+                } else {
+                    format!("{reason}; close in meaning ({s:.2})")
+                };
+            }
             Some(Pick {
                 name: doc.id.clone(),
                 server: doc.server.clone(),
@@ -357,6 +614,14 @@ mod tests {
         let picks = vec![pick("a", 10.0), pick("b", 5.0), pick("c", 1.0)];
         assert_eq!(cut(picks.clone(), 10).len(), 2);
         assert_eq!(cut(picks, 1).len(), 1);
+    }
+
+    #[test]
+    fn standardize_centres_and_scales() {
+        let z = standardize(&[1.0, 2.0, 3.0]);
+        assert!((z[0] + 1.2247).abs() < 1e-3 && z[1].abs() < 1e-12 && (z[2] - 1.2247).abs() < 1e-3);
+        assert_eq!(standardize(&[5.0, 5.0]), [0.0, 0.0]);
+        assert!(standardize(&[]).is_empty());
     }
 
     #[test]

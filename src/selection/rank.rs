@@ -6,7 +6,7 @@
 use super::text;
 use serde_json::Value;
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 
 /// The text of one tool, split into the fields the ranker weighs.
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -22,6 +22,8 @@ pub struct ToolDoc {
     pub params: String,
     /// The server's name, title and description.
     pub server_text: String,
+    /// How the server calls itself in a few words (its title, else its name).
+    pub server_label: String,
 }
 
 impl ToolDoc {
@@ -42,7 +44,17 @@ impl ToolDoc {
             description: s(tool.get("description")),
             params: schema_text(tool.get("inputSchema").or_else(|| tool.get("input_schema"))),
             server_text: format!("{server} {server_text}"),
+            server_label: server.to_owned(),
         }
+    }
+
+    /// The text an embedding model reads for this tool: `name: description (server)`.
+    pub fn embedding_text(&self) -> String {
+        let mut out = format!("{}: {}", self.name, self.description);
+        if !self.server_label.is_empty() {
+            out.push_str(&format!(" ({})", self.server_label));
+        }
+        out
     }
 }
 
@@ -59,12 +71,11 @@ impl ToolDoc {
             return None;
         }
         let server_text = format!("{} {}", text("server_title"), text("server_description"));
-        Some(ToolDoc::from_tool(
-            id.to_owned(),
-            text("server"),
-            server_text.trim(),
-            line,
-        ))
+        let mut doc = ToolDoc::from_tool(id.to_owned(), text("server"), server_text.trim(), line);
+        if !text("server_title").is_empty() {
+            doc.server_label = text("server_title").to_owned();
+        }
+        Some(doc)
     }
 }
 
@@ -135,6 +146,9 @@ impl Default for Params {
 pub struct Analyzed {
     pub doc: ToolDoc,
     fields: [Vec<String>; FIELDS],
+    /// The tool's embedding under the configured model, computed on first use (`None`: the
+    /// model could not read the text).
+    pub vector: OnceLock<Option<Arc<[f32]>>>,
 }
 
 impl Analyzed {
@@ -146,7 +160,11 @@ impl Analyzed {
             text::tokenize(&doc.params),
             text::tokenize(&doc.server_text),
         ];
-        Analyzed { doc, fields }
+        Analyzed {
+            doc,
+            fields,
+            vector: OnceLock::new(),
+        }
     }
 }
 
@@ -158,6 +176,8 @@ pub struct Hit {
     pub score: f64,
     /// The query terms it matched, best first (for the one-line reason).
     pub matched: Vec<String>,
+    /// Cosine similarity of the prompt and the tool under the embedding model, if one ranked.
+    pub similarity: Option<f64>,
 }
 
 /// An immutable BM25F index over a catalog's tools.
@@ -228,6 +248,20 @@ impl Index {
         }
     }
 
+    /// How many tools the index holds.
+    pub fn len(&self) -> usize {
+        self.docs.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.docs.is_empty()
+    }
+
+    /// The analyzed tools, in index order.
+    pub fn analyzed(&self) -> &[Arc<Analyzed>] {
+        &self.docs
+    }
+
     pub fn doc(&self, i: usize) -> Option<&ToolDoc> {
         self.docs.get(i).map(|d| &d.doc)
     }
@@ -290,6 +324,7 @@ impl Index {
                     doc: d,
                     score: scores[d],
                     matched: c.into_iter().map(|(_, qi)| q[qi].clone()).collect(),
+                    similarity: None,
                 }
             })
             .collect()
