@@ -282,6 +282,23 @@ impl Validator<'_> {
         out
     }
 
+    /// A number from 0 to 1 (`default` when absent or wrong, the latter reported).
+    fn opt_share(&mut self, map: &Map<String, Value>, at: &str, key: &str, default: f64) -> f64 {
+        match map.get(key) {
+            None => default,
+            Some(Value::Number(n)) if n.as_f64().is_some_and(|x| (0.0..=1.0).contains(&x)) => {
+                n.as_f64().unwrap_or(default)
+            }
+            Some(_) => {
+                self.problem(
+                    &format!("{at}.{key}"),
+                    "must be a number from 0 to 1".into(),
+                );
+                default
+            }
+        }
+    }
+
     fn embeddings(&mut self, v: &Value) -> Option<EmbeddingSettings> {
         let at = "toolFiltering.embeddings";
         let Some(map) = v.as_object() else {
@@ -314,19 +331,7 @@ impl Validator<'_> {
                 ),
             );
         }
-        let weight = match map.get("weight") {
-            None => 0.6,
-            Some(Value::Number(n)) if n.as_f64().is_some_and(|x| (0.0..=1.0).contains(&x)) => {
-                n.as_f64().unwrap_or(0.6)
-            }
-            Some(_) => {
-                self.problem(
-                    &format!("{at}.weight"),
-                    "must be a number from 0 to 1".into(),
-                );
-                0.6
-            }
-        };
+        let weight = self.opt_share(map, at, "weight", 0.6);
         Some(EmbeddingSettings { model, weight })
     }
 
@@ -357,19 +362,7 @@ impl Validator<'_> {
                 "must be an http:// or https:// URL".into(),
             );
         }
-        let threshold = match map.get("confidenceThreshold") {
-            None => 0.5,
-            Some(Value::Number(n)) if n.as_f64().is_some_and(|x| (0.0..=1.0).contains(&x)) => {
-                n.as_f64().unwrap_or(0.5)
-            }
-            Some(_) => {
-                self.problem(
-                    &format!("{at}.confidenceThreshold"),
-                    "must be a number from 0 to 1".into(),
-                );
-                0.5
-            }
-        };
+        let threshold = self.opt_share(map, at, "confidenceThreshold", 0.5);
         Some(LlmSettings {
             base_url: base_url.trim_end_matches('/').to_owned(),
             model,

@@ -7,11 +7,12 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import anyio
 import pytest
 
 import mcp_types as types
 
-from conftest import LogRegistry, http_relay, http_relay_client, server_entries, stdio_relay_client
+from conftest import ROOT, LogRegistry, http_relay, http_relay_client, server_entries, stdio_relay_client
 from test_relay import Notes, text_of
 
 pytestmark = pytest.mark.anyio
@@ -102,6 +103,57 @@ async def test_search_tools_returns_schemas_without_changing_the_list(tmp_path: 
             assert 1 <= len(found) <= 3 and found[0]["name"] == "fs__directory_tree", found
             assert "path" in found[0]["inputSchema"]["properties"], found[0]
             assert await tool_names(c) == before
+
+
+MODEL = ROOT / ".models" / "all-MiniLM-L6-v2"
+
+
+async def test_embeddings_pick_tools_by_meaning(tmp_path: Path, logs: LogRegistry) -> None:
+    """toolFiltering.embeddings with the real model over the real servers: a prompt that shares
+    no word with the memory server's tools (the local ranker alone finds nothing for it) gets
+    the knowledge-graph tools, and the session uses them."""
+    assert (MODEL / "model.safetensors").is_file(), f"{MODEL} missing: run scripts/setup-test-deps.sh"
+    prompt = "Remember that Alice leads the Berlin office and that she knows Bob."
+    with http_relay(prompt_config(tmp_path), logs, "relay stderr (prompt mode, local)") as relay:
+        relay.wait_for_tools([])
+        async with http_relay_client(relay.url) as c:
+            r = await c.call_tool("relay__search_tools", {"query": prompt})
+            assert (r.structured_content or {})["tools"] == [], r
+    config = prompt_config(tmp_path, embeddings={"model": str(MODEL)})
+    with http_relay(config, logs, "relay stderr (prompt mode, embeddings)") as relay:
+        relay.wait_for_tools([])
+        async with http_relay_client(relay.url) as c:
+            sel: dict = {}
+            for _ in range(600):  # the catalog is embedded in the background (bounded wait)
+                status = await c.call_tool("relay__status", {})
+                sel = (status.structured_content or {})["toolSelection"]
+                emb = sel["embeddings"]
+                if emb["state"] == "ready" and emb["embeddedTools"] == sel["visibleTools"] > 40:
+                    break
+                await anyio.sleep(0.1)
+            assert sel["embeddings"]["state"] == "ready", sel
+            r = await c.call_tool("relay__analyze_prompt", {"prompt": prompt, "maxTools": 5})
+            assert not r.is_error, r
+            tools = (r.structured_content or {})["tools"]
+            picked = [t["name"] for t in tools]
+            assert picked and all(p.startswith("memory__") for p in picked[:2]), picked
+            assert "memory__create_relations" in picked, picked
+            assert "close in meaning" in tools[0]["reason"], tools[0]
+            assert "memory__create_relations" in await tool_names(c)
+            await c.call_tool(
+                "memory__create_entities",
+                {
+                    "entities": [
+                        {"name": "Alice", "entityType": "person", "observations": ["leads the Berlin office"]},
+                        {"name": "Bob", "entityType": "person", "observations": []},
+                    ]
+                },
+            )
+            await c.call_tool(
+                "memory__create_relations", {"relations": [{"from": "Alice", "to": "Bob", "relationType": "knows"}]}
+            )
+            graph = text_of(await c.call_tool("memory__read_graph", {}))
+            assert "Berlin" in graph and "knows" in graph, graph
 
 
 async def test_a_stateless_client_keeps_its_picks_where_it_has_an_identity(tmp_path: Path, logs: LogRegistry) -> None:
