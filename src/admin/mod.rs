@@ -387,9 +387,10 @@ pub fn status(relay: &Relay) -> Value {
 fn tool_selection(relay: &Relay, cfg: &Config) -> Value {
     use crate::config::filtering::Mode;
     let f = &cfg.tool_filtering;
+    let view = relay.view();
     let mut v = json!({
         "mode": f.mode.label(),
-        "visibleTools": relay.view().tools.len(),
+        "visibleTools": view.tools.len(),
     });
     if f.mode == Mode::Prompt {
         v["defaultExposure"] = json!(f.default_exposure.label());
@@ -399,7 +400,7 @@ fn tool_selection(relay: &Relay, cfg: &Config) -> Value {
             stats["baseUrl"] = json!(redact::url(&llm.base_url));
             v["llm"] = stats;
         }
-        if let (Some(e), Some(state)) = (&f.embeddings, relay.view().semantic_state()) {
+        if let (Some(e), Some(state)) = (&f.embeddings, view.semantic_state()) {
             use crate::selection::SemanticState;
             let mut s = json!({"model": e.model, "weight": e.weight});
             match state {

@@ -906,7 +906,8 @@ fn bench_rank(root: &Path) -> Res<()> {
     let small = docs.len();
     let index = selection::build_index(docs);
     let t = Instant::now();
-    let semantic = selection::Semantic::build(model, 0.6, &index);
+    let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+    let semantic = selection::Semantic::build(model, 0.6, &index, threads);
     let embed_s = t.elapsed().as_secs_f64();
     let mut lat = Vec::with_capacity(queries.len());
     for q in &queries {

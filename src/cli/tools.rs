@@ -54,7 +54,8 @@ pub fn rank(args: RankArgs<'_>) -> ExitCode {
         let semantic = match embeddings {
             Some((dir, weight)) => {
                 let model = selection::embed::shared(dir).map_err(|e| e.to_string())?;
-                Some(selection::Semantic::build(model, weight, &index))
+                let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+                Some(selection::Semantic::build(model, weight, &index, threads))
             }
             None => None,
         };
@@ -72,13 +73,21 @@ pub fn rank(args: RankArgs<'_>) -> ExitCode {
         };
         let chunk = queries.len().div_ceil(threads).max(1);
         let ranked: Vec<Vec<selection::rank::Hit>> = std::thread::scope(|scope| {
+            // A thread the OS refuses: that part is ranked here instead.
             let parts: Vec<_> = queries
                 .chunks(chunk)
-                .map(|part| scope.spawn(move || part.iter().map(rank).collect::<Vec<_>>()))
+                .map(|part| {
+                    std::thread::Builder::new()
+                        .spawn_scoped(scope, move || part.iter().map(rank).collect::<Vec<_>>())
+                        .map_err(|_| part)
+                })
                 .collect();
             parts
                 .into_iter()
-                .flat_map(|p| p.join().unwrap_or_default())
+                .flat_map(|p| match p {
+                    Ok(handle) => handle.join().unwrap_or_default(),
+                    Err(part) => part.iter().map(rank).collect(),
+                })
                 .collect()
         });
         if ranked.len() != queries.len() {

@@ -157,6 +157,15 @@ fn pooling(dir: &Path) -> Result<Pooling, EmbedError> {
 /// Loaded models by directory: sessions, snapshots and reloads share one copy.
 static LOADED: Mutex<Option<HashMap<PathBuf, Arc<Model>>>> = Mutex::new(None);
 
+/// Whether the model in `dir` is loaded already.
+pub fn is_loaded(dir: &Path) -> bool {
+    LOADED
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .as_ref()
+        .is_some_and(|m| m.contains_key(dir))
+}
+
 /// The model in `dir`, loaded once per process (a failed load is retried on the next call).
 ///
 /// The lock is held while a model loads (rare, ~150 ms), so concurrent first uses read the
@@ -168,6 +177,8 @@ pub fn shared(dir: &Path) -> Result<Arc<Model>, EmbedError> {
         return Ok(m.clone());
     }
     let model = Arc::new(Model::load(dir)?);
+    // Models nothing uses any more (the config now names another) are let go.
+    loaded.retain(|_, m| Arc::strong_count(m) > 1);
     loaded.insert(dir.to_owned(), model.clone());
     Ok(model)
 }
@@ -251,7 +262,10 @@ impl Model {
             .map_err(|e| bad(&tokenizer_path, e.to_string()))?;
         tokenizer.with_padding(None);
         // Truncation keeps room for the special tokens; too small a length cannot.
-        if max_len < 8 {
+        let special = tokenizer
+            .get_post_processor()
+            .map_or(0, |p| tokenizers::PostProcessor::added_tokens(p, false));
+        if max_len < 8 || special >= max_len {
             return Err(bad(
                 &config_path,
                 format!("max_seq_length {max_len} is too small (at least 8 tokens)"),

@@ -131,10 +131,18 @@ async fn analyze(relay: &Arc<Relay>, ctx: &ReqCtx, args: &Value) -> Box<RawValue
         );
     }
     let mut source = "local";
+    // One reading of the embedding side for this prompt (the note below says what it was).
+    let semantic = view.semantic_ready();
     let picks: Vec<Pick> = match &filtering.llm {
         Some(settings) => {
-            let candidates: Vec<(Pick, String)> = heavy(&view, || {
-                super::rank(&view, prompt, settings.candidates.max(limit), sees)
+            let candidates: Vec<(Pick, String)> = heavy(semantic.is_some(), || {
+                super::rank(
+                    &view,
+                    semantic,
+                    prompt,
+                    settings.candidates.max(limit),
+                    sees,
+                )
             })
             .into_iter()
             .map(|p| {
@@ -173,19 +181,23 @@ async fn analyze(relay: &Arc<Relay>, ctx: &ReqCtx, args: &Value) -> Box<RawValue
             }
         }
         None => super::cut(
-            heavy(&view, || super::rank(&view, prompt, limit, sees)),
+            heavy(semantic.is_some(), || {
+                super::rank(&view, semantic, prompt, limit, sees)
+            }),
             limit,
         ),
     };
-    match view.semantic_state() {
-        Some(super::SemanticState::Unusable(e)) => {
-            notes.push(format!("the embedding model is not used ({e})"));
+    if semantic.is_none() {
+        match view.semantic_state() {
+            Some(super::SemanticState::Unusable(e)) => {
+                notes.push(format!("the embedding model is not used ({e})"));
+            }
+            Some(_) => notes.push(
+                "the embedding model is still embedding the tools; this prompt was ranked locally"
+                    .into(),
+            ),
+            None => {}
         }
-        Some(super::SemanticState::Embedding) => notes.push(
-            "the embedding model is still embedding the tools; this prompt was ranked locally"
-                .into(),
-        ),
-        _ => {}
     }
     if picks.is_empty() {
         return success(
@@ -243,7 +255,10 @@ fn search(relay: &Arc<Relay>, ctx: &ReqCtx, args: &Value) -> Box<RawValue> {
     let grant = relay.grant(&ctx.session);
     let sees = |server: &str| grant.sees(server);
     let sees: super::Sees<'_> = grant.restricted().then_some(&sees);
-    let picks = heavy(&view, || super::rank(&view, query, limit, sees));
+    let semantic = view.semantic_ready();
+    let picks = heavy(semantic.is_some(), || {
+        super::rank(&view, semantic, query, limit, sees)
+    });
     let mut text = if picks.is_empty() {
         "No tool matched.".to_owned()
     } else {
@@ -315,13 +330,10 @@ async fn call_by_name(
 
 /// Runs a ranking that uses the embedding model (tens of milliseconds per prompt) without
 /// stalling the other tasks of the runtime's worker.
-fn heavy<T>(view: &super::View, rank: impl FnOnce() -> T) -> T {
+fn heavy<T>(with_model: bool, rank: impl FnOnce() -> T) -> T {
     use tokio::runtime::{Handle, RuntimeFlavor};
     match Handle::try_current() {
-        Ok(h)
-            if view.semantic_ready().is_some()
-                && h.runtime_flavor() == RuntimeFlavor::MultiThread =>
-        {
+        Ok(h) if with_model && h.runtime_flavor() == RuntimeFlavor::MultiThread => {
             tokio::task::block_in_place(rank)
         }
         _ => rank(),

@@ -186,10 +186,20 @@ impl View {
         Some(match self.semantic.get() {
             None => SemanticState::Embedding,
             Some(Ok(s)) => SemanticState::Ready {
-                tools: s.vectors.iter().filter(|v| v.is_some()).count(),
+                tools: s.embedded(),
             },
             Some(Err(e)) => SemanticState::Unusable(e),
         })
+    }
+
+    /// Whether [`View::semantic`] would be quick: the model is loaded and every tool already
+    /// has its vector.
+    fn semantic_is_cheap(&self) -> bool {
+        self.filtering
+            .embeddings
+            .as_ref()
+            .is_some_and(|e| embed::is_loaded(&e.model))
+            && self.docs.iter().all(|d| d.vector.get().is_some())
     }
 
     /// The embedding side of the ranking if it is ready (rankings do not wait for it).
@@ -207,18 +217,30 @@ impl View {
         }
         let built = self.semantic.get_or_init(|| {
             let started = std::time::Instant::now();
-            let model = embed::shared(&settings.model).map_err(|e| {
-                tracing::warn!(error = %e, "The embedding model cannot be used; tools are ranked locally alone.");
-                e.to_string()
-            })?;
-            let s = Semantic::build(model, settings.weight, self.index());
-            tracing::info!(
-                model = %settings.model.display(),
-                tools = s.vectors.len(),
-                ms = started.elapsed().as_millis() as u64,
-                "Tool embeddings ready."
-            );
-            Ok(s)
+            let build = || -> Result<Semantic, String> {
+                let model = embed::shared(&settings.model).map_err(|e| e.to_string())?;
+                let threads = std::thread::available_parallelism().map_or(1, |n| n.get() / 2);
+                let s = Semantic::build(model, settings.weight, self.index(), threads.max(1));
+                if s.embedded() == 0 && !s.vectors.is_empty() {
+                    return Err(
+                        "no tool could be embedded (the model's weights may be corrupt)".into(),
+                    );
+                }
+                Ok(s)
+            };
+            // A panic must not leave the view "embedding" for ever.
+            let built = std::panic::catch_unwind(std::panic::AssertUnwindSafe(build))
+                .unwrap_or_else(|_| Err("embedding the tools failed (a panic; see the log)".into()));
+            match &built {
+                Ok(s) => tracing::info!(
+                    model = %settings.model.display(),
+                    tools = s.embedded(),
+                    ms = started.elapsed().as_millis() as u64,
+                    "Tool embeddings ready."
+                ),
+                Err(e) => tracing::warn!(error = %e, "The embedding model cannot be used; tools are ranked locally alone."),
+            }
+            built
         });
         Some(built.as_ref().map_err(String::as_str))
     }
@@ -283,6 +305,12 @@ impl Warmer {
         if !view.wants_semantic() {
             return;
         }
+        // A change that added no tool (a prompt or resource list, a restart) finds every
+        // vector ready: the view is done at once, with no moment of local-only rankings.
+        if view.semantic_is_cheap() {
+            view.semantic();
+            return;
+        }
         let mut st = crate::sync::lock(&self.0);
         st.next = Some(Arc::downgrade(view));
         if st.running {
@@ -294,6 +322,14 @@ impl Warmer {
         let spawned = std::thread::Builder::new()
             .name("tool-embeddings".into())
             .spawn(move || {
+                // Whatever happens below, the next warm() can start a thread again.
+                struct Idle(Arc<std::sync::Mutex<WarmerState>>);
+                impl Drop for Idle {
+                    fn drop(&mut self) {
+                        crate::sync::lock(&self.0).running = false;
+                    }
+                }
+                let _idle = Idle(shared.clone());
                 loop {
                     let next = {
                         let mut st = crate::sync::lock(&shared);
@@ -336,9 +372,9 @@ pub struct Semantic {
 }
 
 impl Semantic {
-    /// Embeds the index's tools; each tool's vector is kept with its analysis, so a catalog
-    /// change embeds only the tools that changed.
-    pub fn build(model: Arc<embed::Model>, weight: f64, index: &Index) -> Semantic {
+    /// Embeds the index's tools on up to `threads` threads; each tool's vector is kept with
+    /// its analysis, so a catalog change embeds only the tools that changed.
+    pub fn build(model: Arc<embed::Model>, weight: f64, index: &Index, threads: usize) -> Semantic {
         let docs = index.analyzed();
         let embed_one = |a: &Arc<Analyzed>| {
             a.vector
@@ -353,15 +389,16 @@ impl Semantic {
                 })
                 .clone()
         };
-        // Tools not embedded yet are spread over the cores (each is independent).
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        // Tools not embedded yet are spread over the threads (each is independent); a
+        // thread the OS refuses leaves its share to the loop below.
         let missing: Vec<&Arc<Analyzed>> =
             docs.iter().filter(|a| a.vector.get().is_none()).collect();
         if threads > 1 && missing.len() > 16 {
             let chunk = missing.len().div_ceil(threads);
             std::thread::scope(|scope| {
                 for part in missing.chunks(chunk) {
-                    scope.spawn(|| part.iter().for_each(|a| drop(embed_one(a))));
+                    let _ = std::thread::Builder::new()
+                        .spawn_scoped(scope, || part.iter().for_each(|a| drop(embed_one(a))));
                 }
             });
         }
@@ -371,6 +408,11 @@ impl Semantic {
             weight,
             vectors,
         }
+    }
+
+    /// How many tools have a vector.
+    pub fn embedded(&self) -> usize {
+        self.vectors.iter().filter(|v| v.is_some()).count()
     }
 
     /// The local ranker's scores and the prompt's cosine similarity to each tool, each
@@ -488,11 +530,19 @@ pub struct Pick {
     pub server: String,
     pub score: f64,
     pub reason: String,
+    /// The prompt's cosine similarity to the tool, when an embedding model ranked.
+    pub similarity: Option<f64>,
 }
 
-/// Ranks the view for `prompt`: the best `limit` tools of the servers `sees` lets through,
-/// best first.
-pub fn rank(view: &View, prompt: &str, limit: usize, sees: Sees<'_>) -> Vec<Pick> {
+/// Ranks the view for `prompt` (with `semantic`, normally [`View::semantic_ready`]): the
+/// best `limit` tools of the servers `sees` lets through, best first.
+pub fn rank(
+    view: &View,
+    semantic: Option<&Semantic>,
+    prompt: &str,
+    limit: usize,
+    sees: Sees<'_>,
+) -> Vec<Pick> {
     let index = view.index();
     // A client that sees only some servers: rank everything, keep its servers' tools.
     let depth = if sees.is_some() {
@@ -500,7 +550,7 @@ pub fn rank(view: &View, prompt: &str, limit: usize, sees: Sees<'_>) -> Vec<Pick
     } else {
         limit
     };
-    rank_index(index, view.semantic_ready(), prompt, depth)
+    rank_index(index, semantic, prompt, depth)
         .into_iter()
         .filter_map(|h| {
             let doc = index.doc(h.doc)?;
@@ -525,16 +575,20 @@ pub fn rank(view: &View, prompt: &str, limit: usize, sees: Sees<'_>) -> Vec<Pick
                 server: doc.server.clone(),
                 score: h.score,
                 reason,
+                similarity: h.similarity,
             })
         })
         .take(limit)
         .collect()
 }
 
-/// Keeps the picks that score at least [`RELATIVE_CUTOFF`] of the best one.
+/// Keeps the picks that score at least [`RELATIVE_CUTOFF`] of the best one (local scores;
+/// an embedding model's standardized scores were already cut at [`MIN_FUSED`]).
 pub fn cut(mut picks: Vec<Pick>, max: usize) -> Vec<Pick> {
-    let best = picks.first().map_or(0.0, |p| p.score);
-    picks.retain(|p| p.score >= best * RELATIVE_CUTOFF);
+    if picks.first().is_some_and(|p| p.similarity.is_none()) {
+        let best = picks[0].score;
+        picks.retain(|p| p.score >= best * RELATIVE_CUTOFF);
+    }
     picks.truncate(max);
     picks
 }
@@ -597,6 +651,7 @@ mod tests {
             server: "s".into(),
             score,
             reason: String::new(),
+            similarity: None,
         }
     }
 
@@ -614,6 +669,20 @@ mod tests {
         let picks = vec![pick("a", 10.0), pick("b", 5.0), pick("c", 1.0)];
         assert_eq!(cut(picks.clone(), 10).len(), 2);
         assert_eq!(cut(picks, 1).len(), 1);
+    }
+
+    #[test]
+    fn cut_leaves_model_scores_to_their_own_threshold() {
+        // Standardized scores can be negative (a session restricted to some servers): the
+        // relative rule would drop even the best pick.
+        let picks: Vec<Pick> = [-0.5, -0.8, -2.0]
+            .iter()
+            .map(|s| Pick {
+                similarity: Some(0.4),
+                ..pick("x", *s)
+            })
+            .collect();
+        assert_eq!(cut(picks, 2).len(), 2);
     }
 
     #[test]
