@@ -322,11 +322,14 @@ impl Warmer {
         let spawned = std::thread::Builder::new()
             .name("tool-embeddings".into())
             .spawn(move || {
-                // Whatever happens below, the next warm() can start a thread again.
+                // If a panic ends this thread, the next warm() can start one again (a normal
+                // end clears the flag under the lock that found nothing left to do).
                 struct Idle(Arc<std::sync::Mutex<WarmerState>>);
                 impl Drop for Idle {
                     fn drop(&mut self) {
-                        crate::sync::lock(&self.0).running = false;
+                        if std::thread::panicking() {
+                            crate::sync::lock(&self.0).running = false;
+                        }
                     }
                 }
                 let _idle = Idle(shared.clone());
