@@ -71,28 +71,8 @@ pub fn rank(args: RankArgs<'_>) -> ExitCode {
         } else {
             1
         };
-        let chunk = queries.len().div_ceil(threads).max(1);
-        let ranked: Vec<Vec<selection::rank::Hit>> = std::thread::scope(|scope| {
-            // A thread the OS refuses: that part is ranked here instead.
-            let parts: Vec<_> = queries
-                .chunks(chunk)
-                .map(|part| {
-                    std::thread::Builder::new()
-                        .spawn_scoped(scope, move || part.iter().map(rank).collect::<Vec<_>>())
-                        .map_err(|_| part)
-                })
-                .collect();
-            parts
-                .into_iter()
-                .flat_map(|p| match p {
-                    Ok(handle) => handle.join().unwrap_or_default(),
-                    Err(part) => part.iter().map(rank).collect(),
-                })
-                .collect()
-        });
-        if ranked.len() != queries.len() {
-            return Err("a ranking thread failed".into());
-        }
+        let ranked = selection::spread(&queries, threads, rank)
+            .ok_or_else(|| "a ranking thread failed".to_owned())?;
         for (q, hits) in queries.iter().zip(ranked) {
             let ranked: Vec<&str> = hits
                 .iter()

@@ -429,8 +429,8 @@ mod tests {
         ] {
             assert!(all.contains(needle), "missing {needle:?} in:\n{all}");
         }
-        let dir = std::env::temp_dir().join(format!("mcp-relay-model-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).map_err(|e| vec![e.to_string()])?;
+        let tmp = tempfile::tempdir().map_err(|e| vec![e.to_string()])?;
+        let dir = tmp.path().to_owned();
         for f in ["config.json", "tokenizer.json", "model.safetensors"] {
             std::fs::write(dir.join(f), "{}").map_err(|e| vec![e.to_string()])?;
         }
@@ -438,9 +438,7 @@ mod tests {
             r#"{{"mcpServers": {{}}, "toolFiltering": {{"mode": "prompt", "embeddings": {{"model": "{}"}}}}}}"#,
             dir.display()
         );
-        let parsed = parse(&text);
-        let _ = std::fs::remove_dir_all(&dir);
-        let e = parsed?
+        let e = parse(&text)?
             .embeddings
             .ok_or_else(|| vec!["no embeddings".to_owned()])?;
         assert_eq!((e.model, e.weight), (dir, 0.6));

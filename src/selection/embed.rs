@@ -11,11 +11,12 @@
 //! pulled in with a general ML framework, which would cost minutes of build time for the
 //! 100 lines used.
 
+use crate::sync::lock;
 use ndarray::{Array1, Array2, ArrayView2, Axis, s};
 use serde_json::Value;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, LazyLock, Mutex};
 
 /// Why a model directory cannot be used.
 #[derive(Debug, thiserror::Error)]
@@ -27,8 +28,8 @@ pub enum EmbedError {
     },
     #[error("{path} is not a usable embedding model: {what}")]
     Model { path: PathBuf, what: String },
-    #[error("cannot tokenize the text for the embedding model: {0}")]
-    Tokenize(String),
+    #[error("the embedding model cannot embed the text: {0}")]
+    Text(String),
 }
 
 /// How token vectors become one sentence vector.
@@ -155,15 +156,11 @@ fn pooling(dir: &Path) -> Result<Pooling, EmbedError> {
 }
 
 /// Loaded models by directory: sessions, snapshots and reloads share one copy.
-static LOADED: Mutex<Option<HashMap<PathBuf, Arc<Model>>>> = Mutex::new(None);
+static LOADED: LazyLock<Mutex<HashMap<PathBuf, Arc<Model>>>> = LazyLock::new(Mutex::default);
 
 /// Whether the model in `dir` is loaded already.
 pub fn is_loaded(dir: &Path) -> bool {
-    LOADED
-        .lock()
-        .unwrap_or_else(|e| e.into_inner())
-        .as_ref()
-        .is_some_and(|m| m.contains_key(dir))
+    lock(&LOADED).contains_key(dir)
 }
 
 /// The model in `dir`, loaded once per process (a failed load is retried on the next call).
@@ -171,8 +168,7 @@ pub fn is_loaded(dir: &Path) -> bool {
 /// The lock is held while a model loads (rare, ~150 ms), so concurrent first uses read the
 /// files once.
 pub fn shared(dir: &Path) -> Result<Arc<Model>, EmbedError> {
-    let mut loaded = LOADED.lock().unwrap_or_else(|e| e.into_inner());
-    let loaded = loaded.get_or_insert_default();
+    let mut loaded = lock(&LOADED);
     if let Some(m) = loaded.get(dir) {
         return Ok(m.clone());
     }
@@ -422,11 +418,11 @@ impl Model {
         let encoding = self
             .tokenizer
             .encode(text, true)
-            .map_err(|e| EmbedError::Tokenize(e.to_string()))?;
+            .map_err(|e| EmbedError::Text(e.to_string()))?;
         let ids = encoding.get_ids();
         let n = ids.len().min(self.positions.nrows());
         if n == 0 {
-            return Err(EmbedError::Tokenize("the text has no tokens".into()));
+            return Err(EmbedError::Text("the text has no tokens".into()));
         }
         let ids = &ids[..n];
         let dim = self.dim();
@@ -473,7 +469,7 @@ impl Model {
         };
         let norm = pooled.dot(&pooled).sqrt();
         if !norm.is_finite() || norm < 1e-12 {
-            return Err(EmbedError::Tokenize(
+            return Err(EmbedError::Text(
                 "the model gave no usable vector (its weights may be corrupt)".into(),
             ));
         }

@@ -192,7 +192,7 @@ impl View {
         })
     }
 
-    /// Whether [`View::semantic`] would be quick: the model is loaded and every tool already
+    /// Whether [`View::prepare_semantic`] would be quick: the model is loaded and every tool already
     /// has its vector.
     fn semantic_is_cheap(&self) -> bool {
         self.filtering
@@ -207,15 +207,17 @@ impl View {
         self.semantic.get().and_then(|s| s.as_ref().ok())
     }
 
-    /// The embedding side of the ranking, loaded and computed on first use (seconds for a
-    /// large catalog: [`Warmer`] does it on its own thread after each rebuild); `Err` says
-    /// why the model cannot be used (the local ranking is used alone then).
-    pub fn semantic(&self) -> Option<Result<&Semantic, &str>> {
-        let settings = self.filtering.embeddings.as_ref()?;
-        if self.filtering.mode != Mode::Prompt {
-            return None;
+    /// Loads the model and embeds the tools (seconds for a large catalog: [`Warmer`] does it
+    /// on its own thread after each rebuild); what came of it is [`View::semantic_ready`] and
+    /// [`View::semantic_state`].
+    fn prepare_semantic(&self) {
+        let Some(settings) = self.filtering.embeddings.as_ref() else {
+            return;
+        };
+        if !self.wants_semantic() {
+            return;
         }
-        let built = self.semantic.get_or_init(|| {
+        self.semantic.get_or_init(|| {
             let started = std::time::Instant::now();
             let build = || -> Result<Semantic, String> {
                 let model = embed::shared(&settings.model).map_err(|e| e.to_string())?;
@@ -242,7 +244,6 @@ impl View {
             }
             built
         });
-        Some(built.as_ref().map_err(String::as_str))
     }
 
     /// A tool's description as the ranker saw it (prompt mode).
@@ -308,7 +309,7 @@ impl Warmer {
         // A change that added no tool (a prompt or resource list, a restart) finds every
         // vector ready: the view is done at once, with no moment of local-only rankings.
         if view.semantic_is_cheap() {
-            view.semantic();
+            view.prepare_semantic();
             return;
         }
         let mut st = crate::sync::lock(&self.0);
@@ -345,7 +346,7 @@ impl Warmer {
                         }
                     };
                     if let Some(view) = next.upgrade() {
-                        view.semantic();
+                        view.prepare_semantic();
                     }
                 }
             });
@@ -392,18 +393,12 @@ impl Semantic {
                 })
                 .clone()
         };
-        // Tools not embedded yet are spread over the threads (each is independent); a
-        // thread the OS refuses leaves its share to the loop below.
+        // Tools not embedded yet are spread over the threads (each is independent); what a
+        // failed thread left is embedded by the loop below.
         let missing: Vec<&Arc<Analyzed>> =
             docs.iter().filter(|a| a.vector.get().is_none()).collect();
-        if threads > 1 && missing.len() > 16 {
-            let chunk = missing.len().div_ceil(threads);
-            std::thread::scope(|scope| {
-                for part in missing.chunks(chunk) {
-                    let _ = std::thread::Builder::new()
-                        .spawn_scoped(scope, || part.iter().for_each(|a| drop(embed_one(a))));
-                }
-            });
+        if missing.len() > 16 {
+            spread(&missing, threads, |a| drop(embed_one(a)));
         }
         let vectors = docs.iter().map(embed_one).collect();
         Semantic {
@@ -470,6 +465,38 @@ impl Semantic {
             })
             .collect()
     }
+}
+
+/// `f` over `items` on up to `threads` scoped threads, results in the items' order; a part
+/// whose thread the OS refuses runs on the caller's thread. `None` if `f` panicked.
+pub fn spread<T: Sync, R: Send>(
+    items: &[T],
+    threads: usize,
+    f: impl Fn(&T) -> R + Sync,
+) -> Option<Vec<R>> {
+    if threads <= 1 || items.len() < 2 {
+        return Some(items.iter().map(&f).collect());
+    }
+    let f = &f;
+    let chunk = items.len().div_ceil(threads);
+    std::thread::scope(|scope| {
+        let parts: Vec<_> = items
+            .chunks(chunk)
+            .map(|part| {
+                std::thread::Builder::new()
+                    .spawn_scoped(scope, move || part.iter().map(f).collect::<Vec<_>>())
+                    .map_err(|_| part)
+            })
+            .collect();
+        let mut out = Vec::with_capacity(items.len());
+        for p in parts {
+            match p {
+                Ok(handle) => out.extend(handle.join().ok()?),
+                Err(part) => out.extend(part.iter().map(f)),
+            }
+        }
+        Some(out)
+    })
 }
 
 /// `(x - mean) / standard deviation` (all zeros when the values do not vary).
@@ -686,6 +713,16 @@ mod tests {
             })
             .collect();
         assert_eq!(cut(picks, 2).len(), 2);
+    }
+
+    #[test]
+    fn spread_keeps_the_order() {
+        let items: Vec<u32> = (0..101).collect();
+        for threads in [1, 2, 7] {
+            let out = spread(&items, threads, |x| x * 2);
+            assert_eq!(out, Some(items.iter().map(|x| x * 2).collect()));
+        }
+        assert_eq!(spread(&[] as &[u32], 4, |x| *x), Some(vec![]));
     }
 
     #[test]

@@ -276,7 +276,8 @@ fn llm_client(fake: &FakeLlm) -> Result<StdioClient> {
     Ok(c)
 }
 
-fn analyze_llm(c: &mut StdioClient, id: u64, prompt: &str) -> Result<Value> {
+/// `relay__analyze_prompt`'s structured answer.
+fn analyze(c: &mut StdioClient, id: u64, prompt: &str) -> Result<Value> {
     let r = c.call_tool(id, "relay__analyze_prompt", json!({"prompt": prompt}))?;
     Ok(r["result"]["structuredContent"].clone())
 }
@@ -294,7 +295,7 @@ fn llm_picks_among_local_candidates() -> Result {
         (Duration::ZERO, content.to_owned())
     })?;
     let mut c = llm_client(&fake)?;
-    let out = analyze_llm(&mut c, 1, "echo a message and add numbers")?;
+    let out = analyze(&mut c, 1, "echo a message and add numbers")?;
     assert_eq!(out["source"], "llm", "{out}");
     assert_eq!(out["tools"][0]["name"], "ex__add", "{out}");
     assert_eq!(out["tools"].as_array().map_or(0, Vec::len), 1, "{out}");
@@ -327,7 +328,7 @@ fn llm_timeout_and_low_confidence_fall_back_to_local() -> Result {
     })?;
     let mut c = llm_client(&fake)?;
     let started = std::time::Instant::now();
-    let out = analyze_llm(&mut c, 1, "echo the message back slowly")?;
+    let out = analyze(&mut c, 1, "echo the message back slowly")?;
     assert!(
         started.elapsed() < Duration::from_secs(4),
         "waited past the timeout"
@@ -346,7 +347,7 @@ fn llm_timeout_and_low_confidence_fall_back_to_local() -> Result {
             .ends_with("__echo"),
         "{out}"
     );
-    let out = analyze_llm(&mut c, 2, "echo the message back")?;
+    let out = analyze(&mut c, 2, "echo the message back")?;
     assert_eq!(out["source"], "local", "{out}");
     assert!(
         out["notes"]
@@ -526,11 +527,6 @@ fn embeddings_settled(c: &mut StdioClient, first_id: u64) -> Result<Value> {
             },
         )
     })
-}
-
-fn analyze(c: &mut StdioClient, id: u64, prompt: &str) -> Result<Value> {
-    let r = c.call_tool(id, "relay__analyze_prompt", json!({ "prompt": prompt }))?;
-    Ok(r["result"]["structuredContent"].clone())
 }
 
 /// A prompt that shares no word with any tool: the local ranker alone finds nothing, the

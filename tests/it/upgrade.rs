@@ -139,15 +139,22 @@ fn sigusr2(c: &StdioClient) -> Result {
     Ok(())
 }
 
-#[test]
-fn stdio_relay_upgrades_in_place_under_load() -> Result {
-    let (dir, builds, bin) = installed_relay()?;
-    let (_web, url) = example_http("web")?;
+/// Two stdio servers (`a`, `b`) and one over HTTP (`web`, kept alive by the returned
+/// process): the config of the upgrade-under-load tests.
+fn two_stdio_one_http() -> Result<(crate::support::Proc, Value)> {
+    let (web, url) = example_http("web")?;
     let cfg = json!({"mcpServers": {
         "a": example("a"),
         "b": example("b"),
         "web": {"type": "http", "url": url},
     }});
+    Ok((web, cfg))
+}
+
+#[test]
+fn stdio_relay_upgrades_in_place_under_load() -> Result {
+    let (dir, builds, bin) = installed_relay()?;
+    let (_web, cfg) = two_stdio_one_http()?;
     let run = runtime_dir(dir.path());
     let mut c = StdioClient::start_from(dir, cfg, &bin, &[], Stdio::null())?;
     c.initialize(json!({}))?;
@@ -848,12 +855,7 @@ async fn an_rmcp_client_does_not_notice_three_upgrades() -> Result {
     use rmcp::ServiceExt;
     use rmcp::model::CallToolRequestParams;
     let (dir, builds, bin) = installed_relay()?;
-    let (_web, url) = example_http("web")?;
-    let cfg = json!({"mcpServers": {
-        "a": example("a"),
-        "b": example("b"),
-        "web": {"type": "http", "url": url},
-    }});
+    let (_web, cfg) = two_stdio_one_http()?;
     let path = crate::support::write_config(dir.path(), &cfg)?;
     let mut cmd = tokio::process::Command::new(&bin);
     cmd.arg("stdio")
